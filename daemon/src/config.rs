@@ -1,0 +1,351 @@
+//! `tesserad.toml`: parsed strictly (an unknown key is an error naming the key), with
+//! defaults that match the packaged layout. `--dev` builds a config in code instead.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::keystore::tpm::DEFAULT_MAX_LOADED;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// A duration written like `5m`, `90s`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"90s\", \"5m\", \"1h\""))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_agents_dir")]
+    pub agents_dir: PathBuf,
+    /// Host name used in ids; defaults to the kernel's host name.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_id_template")]
+    pub id_template: String,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub dbus: DbusConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    Tpm {
+        #[serde(default = "default_tcti")]
+        tcti: String,
+        #[serde(default = "default_max_loaded")]
+        max_loaded_keys: usize,
+    },
+    Pkcs11 {
+        #[serde(default = "default_module")]
+        module: PathBuf,
+        #[serde(default = "default_token_label")]
+        token_label: String,
+        pin_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    #[serde(default = "default_ttl")]
+    pub default_ttl: Dur,
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: Dur,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            default_ttl: default_ttl(),
+            max_ttl: default_max_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body accepted, bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Time a client has to send its request headers.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout: Dur,
+    /// Open connections served at once; more wait in the kernel backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Default per-agent rate (tokens per minute) when an agent's policy sets none.
+    #[serde(default = "default_rate")]
+    pub default_rate: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: default_max_body(),
+            header_read_timeout: default_header_timeout(),
+            max_connections: default_max_connections(),
+            default_rate: default_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Rotate the audit file once it grows past this many bytes.
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            rotate_bytes: default_rotate_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbusConfig {
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
+}
+
+impl Default for DbusConfig {
+    fn default() -> Self {
+        DbusConfig {
+            bus: default_bus(),
+            admin_group: default_admin_group(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "tessera.local".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/tessera".into()
+}
+fn default_socket() -> PathBuf {
+    "/run/tessera/agent.sock".into()
+}
+fn default_agents_dir() -> PathBuf {
+    "/etc/tessera/agents.d".into()
+}
+fn default_id_template() -> String {
+    "spiffe://{trust_domain}/host/{host}/agent/{name}".into()
+}
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_max_loaded() -> usize {
+    DEFAULT_MAX_LOADED
+}
+fn default_module() -> PathBuf {
+    "/usr/lib/softhsm/libsofthsm2.so".into()
+}
+fn default_token_label() -> String {
+    "tessera".into()
+}
+fn default_ttl() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_max_ttl() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+fn default_max_body() -> usize {
+    16 * 1024
+}
+fn default_header_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_max_connections() -> usize {
+    512
+}
+fn default_rate() -> u32 {
+    600
+}
+fn default_rotate_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_bus() -> String {
+    "system".into()
+}
+fn default_admin_group() -> String {
+    "tessera-admin".into()
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tessera/tesserad.toml";
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        };
+        if self.tokens.default_ttl.0 > self.tokens.max_ttl.0 {
+            return Err(invalid(format!(
+                "tokens.default_ttl ({}) is above tokens.max_ttl ({})",
+                format_duration(self.tokens.default_ttl.0),
+                format_duration(self.tokens.max_ttl.0)
+            )));
+        }
+        if self.tokens.default_ttl.0 < Duration::from_secs(1) {
+            return Err(invalid("tokens.default_ttl must be at least 1s".into()));
+        }
+        if !self.id_template.contains("{name}") {
+            return Err(invalid("id_template must contain {name}".into()));
+        }
+        if self.trust_domain.is_empty()
+            || !self
+                .trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        {
+            return Err(invalid(format!(
+                "trust_domain {:?} is not a valid SPIFFE trust domain",
+                self.trust_domain
+            )));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The host name used in ids.
+    pub fn host_name(&self) -> String {
+        self.host.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    /// The issuer (`iss`) of every token from this host.
+    pub fn host_id(&self) -> String {
+        format!("spiffe://{}/host/{}", self.trust_domain, self.host_name())
+    }
+
+    pub fn agent_id(&self, name: &str) -> String {
+        self.id_template
+            .replace("{trust_domain}", &self.trust_domain)
+            .replace("{host}", &self.host_name())
+            .replace("{name}", name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse(
+            "trust_domain = \"x\"\nsokcet = \"/tmp/s\"\n[backend]\nkind = \"tpm\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sokcet"), "{err}");
+        let err = Config::parse("[backend]\nkind = \"tpm\"\ntcit = \"x\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tcit"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_durations() {
+        let c = Config::parse(
+            "[backend]\nkind = \"pkcs11\"\npin_file = \"/p\"\n[tokens]\ndefault_ttl = \"2m\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.tokens.default_ttl.0, Duration::from_secs(120));
+        assert_eq!(c.tokens.max_ttl.0, Duration::from_secs(3600));
+        assert_eq!(c.socket, PathBuf::from("/run/tessera/agent.sock"));
+        assert!(Config::parse(
+            "[backend]\nkind = \"tpm\"\n[tokens]\ndefault_ttl = \"2h\"\n",
+            "t"
+        )
+        .is_err());
+        assert!(Config::parse(
+            "[backend]\nkind = \"tpm\"\n[tokens]\nmax_ttl = \"soon\"\n",
+            "t"
+        )
+        .is_err());
+    }
+}

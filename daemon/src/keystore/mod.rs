@@ -1,0 +1,187 @@
+//! Hardware key stores: where agent keys are born, sign, and die.
+//!
+//! Guarantees: private keys never leave the device (TPM keys are fixedTPM|fixedParent|
+//! sensitiveDataOrigin|sign; PKCS#11 keys are CKA_SENSITIVE, never extractable, sign only).
+//! Every operation is blocking and must run on the one thread that owns the device
+//! ([`owner::KeyStoreHandle`] does that); nothing here is called from the async reactor.
+//!
+//! Key references are opaque ids chosen by the caller (`agent-<hex>`), so a record can be
+//! written *before* the key exists and a restart can find out whether the key was made.
+
+pub mod ecdsa;
+pub mod owner;
+pub mod pkcs11;
+pub mod tpm;
+
+use p256::ecdsa::{Signature, VerifyingKey};
+
+/// Which kind of device backs the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Tpm,
+    Pkcs11,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Tpm => "tpm",
+            BackendKind::Pkcs11 => "pkcs11",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors a key store reports, in words an admin can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("key store device unavailable: {0}")]
+    DeviceUnavailable(String),
+    #[error("key store busy, try again: {0}")]
+    Busy(String),
+    #[error("wrong PIN for the PKCS#11 token")]
+    WrongPin,
+    #[error("PKCS#11 token with label {0:?} not found (check token_label and SOFTHSM2_CONF)")]
+    TokenNotFound(String),
+    #[error("key {0} not found in the key store")]
+    KeyNotFound(String),
+    #[error("key {0} already exists in the key store")]
+    KeyExists(String),
+    #[error("invalid key id {0:?}")]
+    InvalidKeyId(String),
+    #[error("key store state at {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device error in {op}: {detail}")]
+    Device { op: &'static str, detail: String },
+    #[error("key store thread has stopped")]
+    Stopped,
+}
+
+impl KeyStoreError {
+    /// Stable short name of the error kind (for logs, tests and problem details).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeyStoreError::DeviceUnavailable(_) => "device-unavailable",
+            KeyStoreError::Busy(_) => "busy",
+            KeyStoreError::WrongPin => "wrong-pin",
+            KeyStoreError::TokenNotFound(_) => "token-not-found",
+            KeyStoreError::KeyNotFound(_) => "key-not-found",
+            KeyStoreError::KeyExists(_) => "key-exists",
+            KeyStoreError::InvalidKeyId(_) => "invalid-key-id",
+            KeyStoreError::State { .. } => "state",
+            KeyStoreError::Device { .. } => "device",
+            KeyStoreError::Stopped => "stopped",
+        }
+    }
+
+    /// True when a retry later may succeed (maps to 503 with Retry-After).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            KeyStoreError::Busy(_) | KeyStoreError::DeviceUnavailable(_) | KeyStoreError::Stopped
+        )
+    }
+}
+
+/// A freshly created key: its id and public half.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub id: String,
+    pub public: VerifyingKey,
+}
+
+/// One backend. Implementations own their device handle and are driven from one thread.
+pub trait KeyStore {
+    fn backend(&self) -> BackendKind;
+    /// Create a non-exportable P-256 signing key under `id`. Fails with `KeyExists` if `id` is taken.
+    fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError>;
+    fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError>;
+    /// ECDSA P-256 over a SHA-256 digest; the signature is normalised to low-S.
+    fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError>;
+    /// Destroy the key in the device. Destroying a key that does not exist is `KeyNotFound`.
+    fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError>;
+    /// Ids of every key this store holds (for reconciliation at start).
+    fn list(&mut self) -> Result<Vec<String>, KeyStoreError>;
+}
+
+/// Key ids become file names and labels: keep them to a safe alphabet.
+pub fn validate_key_id(id: &str) -> Result<(), KeyStoreError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyStoreError::InvalidKeyId(id.to_string()))
+    }
+}
+
+/// A fresh random key id with the given prefix (`agent`, `hostca`, ...).
+pub fn new_key_id(prefix: &str) -> String {
+    let bytes: [u8; 12] = rand::random();
+    format!("{prefix}-{}", hex::encode(bytes))
+}
+
+/// Open the backend a config names. Runs on the key store thread (see [`owner`]).
+pub fn open(
+    backend: &crate::config::BackendConfig,
+    state_dir: &std::path::Path,
+) -> Result<Box<dyn KeyStore>, KeyStoreError> {
+    use crate::config::BackendConfig;
+    match backend {
+        BackendConfig::Tpm {
+            tcti,
+            max_loaded_keys,
+        } => Ok(Box::new(tpm::TpmKeyStore::open(
+            tcti,
+            state_dir,
+            *max_loaded_keys,
+        )?)),
+        BackendConfig::Pkcs11 {
+            module,
+            token_label,
+            pin_file,
+        } => {
+            let pin = read_pin(pin_file)?;
+            Ok(Box::new(pkcs11::Pkcs11KeyStore::open(
+                module,
+                token_label,
+                &pin,
+            )?))
+        }
+    }
+}
+
+/// A PIN file holds the PIN and maybe a trailing newline.
+pub fn read_pin(path: &std::path::Path) -> Result<String, KeyStoreError> {
+    let pin = std::fs::read_to_string(path).map_err(|source| KeyStoreError::State {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(pin.trim_end_matches(['\n', '\r']).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_are_checked() {
+        assert!(validate_key_id(&new_key_id("agent")).is_ok());
+        assert!(validate_key_id("../etc/passwd").is_err());
+        assert!(validate_key_id("").is_err());
+        assert!(validate_key_id("Agent").is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! The one owner of the device. A TPM context is neither Send nor Sync and a PKCS#11 session
+//! is not Sync, so the store lives on a dedicated thread and everything else talks to it
+//! through a bounded queue. A full queue is reported as `Busy` (the API answers 503 +
+//! Retry-After) instead of queueing without bound.
+
+use std::thread;
+
+use p256::ecdsa::{Signature, VerifyingKey};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BackendKind, CreatedKey, KeyStore, KeyStoreError};
+
+/// Requests waiting for the device at most; beyond that callers get `Busy`.
+pub const QUEUE_DEPTH: usize = 256;
+
+type Reply<T> = oneshot::Sender<Result<T, KeyStoreError>>;
+
+enum Request {
+    Create(String, Reply<CreatedKey>),
+    Public(String, Reply<VerifyingKey>),
+    Sign(String, [u8; 32], Reply<Signature>),
+    Destroy(String, Reply<()>),
+    List(Reply<Vec<String>>),
+}
+
+/// Cheap to clone; every clone feeds the same device thread.
+#[derive(Clone)]
+pub struct KeyStoreHandle {
+    tx: mpsc::Sender<Request>,
+    backend: BackendKind,
+}
+
+impl KeyStoreHandle {
+    /// Start the owner thread; `open` runs on it (so a non-Send context never moves) and its
+    /// error is returned here, so a bad setup fails at start with the device's own reason.
+    pub fn spawn<F>(open: F) -> Result<Self, KeyStoreError>
+    where
+        F: FnOnce() -> Result<Box<dyn KeyStore>, KeyStoreError> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("keystore".into())
+            .spawn(move || {
+                let mut store = match open() {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(s.backend()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(req) = rx.blocking_recv() {
+                    serve(store.as_mut(), req);
+                }
+            })
+            .map_err(|e| KeyStoreError::Device {
+                op: "spawn key store thread",
+                detail: e.to_string(),
+            })?;
+        let backend = ready_rx.recv().map_err(|_| KeyStoreError::Stopped)??;
+        Ok(KeyStoreHandle { tx, backend })
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, KeyStoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                KeyStoreError::Busy("too many requests queued for the device".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => KeyStoreError::Stopped,
+        })?;
+        rx.await.map_err(|_| KeyStoreError::Stopped)?
+    }
+
+    pub async fn create(&self, id: &str) -> Result<CreatedKey, KeyStoreError> {
+        let id = id.to_string();
+        self.call(|r| Request::Create(id, r)).await
+    }
+    pub async fn public_key(&self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
+        let id = id.to_string();
+        self.call(|r| Request::Public(id, r)).await
+    }
+    pub async fn sign(&self, id: &str, digest: [u8; 32]) -> Result<Signature, KeyStoreError> {
+        let id = id.to_string();
+        self.call(|r| Request::Sign(id, digest, r)).await
+    }
+    pub async fn destroy(&self, id: &str) -> Result<(), KeyStoreError> {
+        let id = id.to_string();
+        self.call(|r| Request::Destroy(id, r)).await
+    }
+    pub async fn list(&self) -> Result<Vec<String>, KeyStoreError> {
+        self.call(Request::List).await
+    }
+}
+
+fn serve(store: &mut dyn KeyStore, req: Request) {
+    // A caller that went away (dropped receiver) is not an error for the device thread.
+    match req {
+        Request::Create(id, r) => {
+            let _ = r.send(store.create(&id));
+        }
+        Request::Public(id, r) => {
+            let _ = r.send(store.public_key(&id));
+        }
+        Request::Sign(id, d, r) => {
+            let _ = r.send(store.sign(&id, &d));
+        }
+        Request::Destroy(id, r) => {
+            let _ = r.send(store.destroy(&id));
+        }
+        Request::List(r) => {
+            let _ = r.send(store.list());
+        }
+    }
+}

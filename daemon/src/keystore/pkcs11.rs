@@ -1,0 +1,313 @@
+//! PKCS#11 key store (cryptoki 0.12), e.g. SoftHSM or a network HSM.
+//!
+//! The token is found by label, never by slot number (slot ids change when tokens are
+//! initialised). Agent keys are token objects with CKA_PRIVATE, CKA_SENSITIVE,
+//! CKA_EXTRACTABLE=false, sign only; both halves carry `CKA_ID = <id>` and
+//! `CKA_LABEL = "tessera:<id>"` so they are told apart from anything else on the token.
+
+use std::path::Path;
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    error::{Error as CkError, RvError},
+    mechanism::Mechanism,
+    object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
+    session::{Session, UserType},
+    slot::Slot,
+    types::AuthPin,
+};
+use p256::ecdsa::{Signature, VerifyingKey};
+
+use super::{ecdsa, validate_key_id, BackendKind, CreatedKey, KeyStore, KeyStoreError};
+
+/// DER OID of prime256v1 (CKA_EC_PARAMS).
+const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+pub const LABEL_PREFIX: &str = "tessera:";
+
+pub struct Pkcs11KeyStore {
+    // Field order matters: the session must close before the library is finalised.
+    session: Session,
+    _ctx: Pkcs11,
+}
+
+fn ck_err(op: &'static str, e: CkError) -> KeyStoreError {
+    match e {
+        CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => KeyStoreError::WrongPin,
+        CkError::Pkcs11(RvError::PinLocked, _) => {
+            KeyStoreError::DeviceUnavailable("the token's user PIN is locked".into())
+        }
+        CkError::Pkcs11(
+            rv @ (RvError::DeviceError
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::SessionHandleInvalid
+            | RvError::SessionClosed),
+            f,
+        ) => KeyStoreError::DeviceUnavailable(format!("{op}: {f}: {rv}")),
+        CkError::Pkcs11(rv @ (RvError::DeviceMemory | RvError::HostMemory), f) => {
+            KeyStoreError::Busy(format!("{op}: {f}: {rv}"))
+        }
+        CkError::LibraryLoading(e) => {
+            KeyStoreError::DeviceUnavailable(format!("cannot load PKCS#11 module: {e}"))
+        }
+        other => KeyStoreError::Device {
+            op,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn load_module(module: &Path) -> Result<Pkcs11, KeyStoreError> {
+    if !module.exists() {
+        return Err(KeyStoreError::DeviceUnavailable(format!(
+            "PKCS#11 module {} does not exist",
+            module.display()
+        )));
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| ck_err("load module", e))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(|e| ck_err("C_Initialize", e))?;
+    Ok(ctx)
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, KeyStoreError> {
+    for slot in ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| ck_err("C_GetSlotList", e))?
+    {
+        let info = ctx
+            .get_token_info(slot)
+            .map_err(|e| ck_err("C_GetTokenInfo", e))?;
+        if info.label().trim_end() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+/// Create and initialise a token with `label` (used by `--dev`): SO PIN and user PIN as given.
+pub fn provision_token(
+    module: &Path,
+    label: &str,
+    so_pin: &str,
+    user_pin: &str,
+) -> Result<(), KeyStoreError> {
+    let ctx = load_module(module)?;
+    if find_slot(&ctx, label)?.is_some() {
+        return Ok(());
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .map_err(|e| ck_err("C_GetSlotList", e))?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| !i.token_initialized())
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| {
+            KeyStoreError::TokenNotFound(format!("{label} (no free slot to create it)"))
+        })?;
+    let so = AuthPin::new(so_pin.into());
+    ctx.init_token(slot, &so, label)
+        .map_err(|e| ck_err("C_InitToken", e))?;
+    let slot = find_slot(&ctx, label)?.ok_or_else(|| KeyStoreError::TokenNotFound(label.into()))?;
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| ck_err("C_OpenSession", e))?;
+    session
+        .login(UserType::So, Some(&so))
+        .map_err(|e| ck_err("C_Login(SO)", e))?;
+    session
+        .init_pin(&AuthPin::new(user_pin.into()))
+        .map_err(|e| ck_err("C_InitPIN", e))?;
+    Ok(())
+}
+
+impl Pkcs11KeyStore {
+    pub fn open(module: &Path, token_label: &str, pin: &str) -> Result<Self, KeyStoreError> {
+        let ctx = load_module(module)?;
+        let slot = find_slot(&ctx, token_label)?
+            .ok_or_else(|| KeyStoreError::TokenNotFound(token_label.to_string()))?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| ck_err("C_OpenSession", e))?;
+        match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(ck_err("C_Login", e)),
+        }
+        Ok(Pkcs11KeyStore { session, _ctx: ctx })
+    }
+
+    fn find(&self, id: &str, class: ObjectClass) -> Result<Vec<ObjectHandle>, KeyStoreError> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Id(id.as_bytes().to_vec()),
+                Attribute::Label(format!("{LABEL_PREFIX}{id}").into_bytes()),
+            ])
+            .map_err(|e| ck_err("C_FindObjects", e))
+    }
+
+    fn private_handle(&self, id: &str) -> Result<ObjectHandle, KeyStoreError> {
+        self.find(id, ObjectClass::PRIVATE_KEY)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))
+    }
+
+    fn read_public(&self, handle: ObjectHandle) -> Result<VerifyingKey, KeyStoreError> {
+        let attrs = self
+            .session
+            .get_attributes(handle, &[AttributeType::EcPoint])
+            .map_err(|e| ck_err("C_GetAttributeValue(CKA_EC_POINT)", e))?;
+        for a in attrs {
+            if let Attribute::EcPoint(der) = a {
+                // DER OCTET STRING (04 41) around the SEC1 point (04 || X || Y).
+                let point = match der.as_slice() {
+                    [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,
+                    raw if raw.len() == 65 => raw,
+                    _ => {
+                        return Err(KeyStoreError::Device {
+                            op: "read CKA_EC_POINT",
+                            detail: format!("unexpected {}-byte encoding", der.len()),
+                        })
+                    }
+                };
+                return ecdsa::public_from_sec1(point);
+            }
+        }
+        Err(KeyStoreError::Device {
+            op: "read CKA_EC_POINT",
+            detail: "token returned no EC point".into(),
+        })
+    }
+}
+
+impl KeyStore for Pkcs11KeyStore {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Pkcs11
+    }
+
+    fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
+        validate_key_id(id)?;
+        if !self.find(id, ObjectClass::PRIVATE_KEY)?.is_empty()
+            || !self.find(id, ObjectClass::PUBLIC_KEY)?.is_empty()
+        {
+            return Err(KeyStoreError::KeyExists(id.to_string()));
+        }
+        let label = format!("{LABEL_PREFIX}{id}").into_bytes();
+        let common = [
+            Attribute::Token(true),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label),
+        ];
+        let mut pub_t = common.to_vec();
+        pub_t.extend([
+            Attribute::Private(false),
+            Attribute::EcParams(P256_OID_DER.to_vec()),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Derive(false),
+        ]);
+        let mut priv_t = common.to_vec();
+        priv_t.extend([
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ]);
+        let (pubh, _privh) = self
+            .session
+            .generate_key_pair(&Mechanism::EccKeyPairGen, &pub_t, &priv_t)
+            .map_err(|e| ck_err("C_GenerateKeyPair", e))?;
+        let public = self.read_public(pubh)?;
+        Ok(CreatedKey {
+            id: id.to_string(),
+            public,
+        })
+    }
+
+    fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
+        validate_key_id(id)?;
+        self.private_handle(id)?;
+        let pubh = self
+            .find(id, ObjectClass::PUBLIC_KEY)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))?;
+        self.read_public(pubh)
+    }
+
+    fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
+        validate_key_id(id)?;
+        let h = self.private_handle(id)?;
+        let raw = self
+            .session
+            .sign(&Mechanism::Ecdsa, h, digest)
+            .map_err(|e| ck_err("C_Sign", e))?;
+        if raw.len() != 64 {
+            return Err(KeyStoreError::Device {
+                op: "C_Sign",
+                detail: format!("expected a 64-byte r||s signature, got {} bytes", raw.len()),
+            });
+        }
+        ecdsa::signature_from_r_s(&raw[..32], &raw[32..])
+    }
+
+    fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
+        validate_key_id(id)?;
+        let mut handles = self.find(id, ObjectClass::PRIVATE_KEY)?;
+        handles.extend(self.find(id, ObjectClass::PUBLIC_KEY)?);
+        if handles.is_empty() {
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+        }
+        // Private half first: it is the part that can sign.
+        for h in handles {
+            self.session
+                .destroy_object(h)
+                .map_err(|e| ck_err("C_DestroyObject", e))?;
+        }
+        let left = self.find(id, ObjectClass::PRIVATE_KEY)?.len()
+            + self.find(id, ObjectClass::PUBLIC_KEY)?.len();
+        if left != 0 {
+            return Err(KeyStoreError::Device {
+                op: "C_DestroyObject",
+                detail: format!("{left} object(s) of key {id} still on the token after destroy"),
+            });
+        }
+        Ok(())
+    }
+
+    fn list(&mut self) -> Result<Vec<String>, KeyStoreError> {
+        let mut ids = Vec::new();
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let handles = self
+                .session
+                .find_objects(&[Attribute::Class(class), Attribute::KeyType(KeyType::EC)])
+                .map_err(|e| ck_err("C_FindObjects", e))?;
+            for h in handles {
+                let attrs = self
+                    .session
+                    .get_attributes(h, &[AttributeType::Label])
+                    .map_err(|e| ck_err("C_GetAttributeValue(CKA_LABEL)", e))?;
+                for a in attrs {
+                    if let Attribute::Label(l) = a {
+                        if let Some(id) = String::from_utf8_lossy(&l).strip_prefix(LABEL_PREFIX) {
+                            if validate_key_id(id).is_ok() && !ids.iter().any(|x| x == id) {
+                                ids.push(id.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}

@@ -1,0 +1,415 @@
+//! TPM 2.0 key store (tss-esapi 7.7).
+//!
+//! Keys are children of an ECC P-256 storage primary made from a fixed template in the owner
+//! hierarchy, so the same primary comes back after every start without persisting it. Each
+//! agent key is kept as two files under `<state>/tpm/keys/`: `<id>.pub` (TPM2B_PUBLIC) and
+//! `<id>.priv` (TPM2B_PRIVATE, wrapped by the primary: useless outside this TPM). Both are the
+//! formats `tpm2_load`/`tpm2_print` read.
+//!
+//! The TPM has few transient slots (3 on swtpm, no resource manager), so agent keys are loaded
+//! on demand and flushed by an LRU that never holds more than `max_loaded` at once (the primary
+//! takes one more slot).
+//!
+//! Crash safety: a key's files are written to a temp name, fsynced and renamed, so a key either
+//! exists whole or not at all; destroy removes `.priv` first (the part that makes it usable).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use p256::ecdsa::{Signature, VerifyingKey};
+use tss_esapi::{
+    attributes::ObjectAttributesBuilder,
+    constants::response_code::Tss2ResponseCodeKind,
+    constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK},
+    handles::KeyHandle,
+    interface_types::{
+        algorithm::{HashingAlgorithm, PublicAlgorithm},
+        ecc::EccCurve,
+        resource_handles::Hierarchy,
+        session_handles::AuthSession,
+    },
+    structures::{
+        Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyDerivationFunctionScheme,
+        Private, Public, PublicBuilder, PublicEccParametersBuilder, Signature as TpmSignature,
+        SignatureScheme, SymmetricDefinitionObject,
+    },
+    traits::{Marshall, UnMarshall},
+    tss2_esys::TPMT_TK_HASHCHECK,
+    Context, TctiNameConf,
+};
+
+use super::{ecdsa, validate_key_id, BackendKind, CreatedKey, KeyStore, KeyStoreError};
+
+/// Loaded agent keys kept at most; with the primary this fills swtpm's 3 slots.
+pub const DEFAULT_MAX_LOADED: usize = 2;
+
+pub struct TpmKeyStore {
+    ctx: Context,
+    primary: KeyHandle,
+    keys_dir: PathBuf,
+    max_loaded: usize,
+    /// Most recently used last.
+    loaded: Vec<(String, KeyHandle)>,
+}
+
+fn tpm_err(op: &'static str, e: tss_esapi::Error) -> KeyStoreError {
+    if let tss_esapi::Error::Tss2Error(rc) = e {
+        match rc.kind() {
+            Some(
+                Tss2ResponseCodeKind::Retry
+                | Tss2ResponseCodeKind::Yielded
+                | Tss2ResponseCodeKind::Testing
+                | Tss2ResponseCodeKind::ObjectMemory,
+            ) => return KeyStoreError::Busy(format!("{op}: {e}")),
+            None => {
+                // Not a TPM response code: the TCTI (transport) or a library layer failed.
+                return KeyStoreError::DeviceUnavailable(format!("{op}: {e}"));
+            }
+            _ => {}
+        }
+    }
+    KeyStoreError::Device {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+fn state_err(path: &Path, source: std::io::Error) -> KeyStoreError {
+    KeyStoreError::State {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The storage primary's fixed template: same template + same owner seed = same key.
+fn primary_template() -> Result<Public, tss_esapi::Error> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .with_sign_encrypt(false)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new()
+                .with_symmetric(SymmetricDefinitionObject::AES_128_CFB)
+                .with_ecc_scheme(EccScheme::Null)
+                .with_curve(EccCurve::NistP256)
+                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+                .with_is_signing_key(false)
+                .with_is_decryption_key(true)
+                .with_restricted(true)
+                .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+/// Agent keys: fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign only.
+pub fn agent_key_template() -> Result<Public, tss_esapi::Error> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_decrypt(false)
+        .with_sign_encrypt(true)
+        .with_restricted(false)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+fn verifying_key_of(public: &Public) -> Result<VerifyingKey, KeyStoreError> {
+    match public {
+        Public::Ecc { unique, .. } => {
+            ecdsa::public_from_x_y(unique.x().value(), unique.y().value())
+        }
+        _ => Err(KeyStoreError::Device {
+            op: "public key",
+            detail: "TPM object is not an ECC key".into(),
+        }),
+    }
+}
+
+/// TPM2B_* framing: a big-endian u16 size, then the bytes.
+fn tpm2b(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn un_tpm2b<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], KeyStoreError> {
+    let bad = || {
+        state_err(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated TPM2B blob"),
+        )
+    };
+    let len = u16::from_be_bytes([
+        *bytes.first().ok_or_else(bad)?,
+        *bytes.get(1).ok_or_else(bad)?,
+    ]);
+    bytes.get(2..2 + len as usize).ok_or_else(bad)
+}
+
+/// Write a file so that it exists whole or not at all.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), KeyStoreError> {
+    let tmp = path.with_extension("tmp");
+    let res = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    res.map_err(|e| state_err(path, e))
+}
+
+impl TpmKeyStore {
+    /// Open the TPM through `tcti` and recreate the storage primary. `state_dir` holds the key blobs.
+    pub fn open(tcti: &str, state_dir: &Path, max_loaded: usize) -> Result<Self, KeyStoreError> {
+        let keys_dir = state_dir.join("tpm").join("keys");
+        fs::create_dir_all(&keys_dir).map_err(|e| state_err(&keys_dir, e))?;
+        let conf = TctiNameConf::from_str(tcti)
+            .map_err(|e| KeyStoreError::DeviceUnavailable(format!("invalid TCTI {tcti:?}: {e}")))?;
+        let mut ctx = Context::new(conf).map_err(|e| {
+            KeyStoreError::DeviceUnavailable(format!("cannot open TPM at {tcti:?}: {e}"))
+        })?;
+        ctx.set_sessions((Some(AuthSession::Password), None, None));
+        let template = primary_template().map_err(|e| tpm_err("primary template", e))?;
+        let primary = ctx
+            .create_primary(Hierarchy::Owner, template, None, None, None, None)
+            .map_err(|e| match tpm_err("create storage primary", e) {
+                // A TPM that does not answer at all shows up here first.
+                KeyStoreError::Device { detail, .. } => {
+                    KeyStoreError::DeviceUnavailable(format!("TPM at {tcti:?}: {detail}"))
+                }
+                other => other,
+            })?
+            .key_handle;
+        Ok(TpmKeyStore {
+            ctx,
+            primary,
+            keys_dir,
+            max_loaded: max_loaded.max(1),
+            loaded: Vec::new(),
+        })
+    }
+
+    fn pub_path(&self, id: &str) -> PathBuf {
+        self.keys_dir.join(format!("{id}.pub"))
+    }
+    fn priv_path(&self, id: &str) -> PathBuf {
+        self.keys_dir.join(format!("{id}.priv"))
+    }
+
+    fn read_public(&self, id: &str) -> Result<Public, KeyStoreError> {
+        let path = self.pub_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyStoreError::KeyNotFound(id.to_string()))
+            }
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        Public::unmarshall(un_tpm2b(&bytes, &path)?).map_err(|e| tpm_err("read public blob", e))
+    }
+
+    fn read_private(&self, id: &str) -> Result<Private, KeyStoreError> {
+        let path = self.priv_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyStoreError::KeyNotFound(id.to_string()))
+            }
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        Private::try_from(un_tpm2b(&bytes, &path)?.to_vec())
+            .map_err(|e| tpm_err("read private blob", e))
+    }
+
+    /// Handle of a loaded key, loading it (and evicting the least recently used) if needed.
+    fn handle(&mut self, id: &str) -> Result<KeyHandle, KeyStoreError> {
+        if let Some(pos) = self.loaded.iter().position(|(k, _)| k == id) {
+            let entry = self.loaded.remove(pos);
+            let h = entry.1;
+            self.loaded.push(entry);
+            return Ok(h);
+        }
+        let public = self.read_public(id)?;
+        let private = self.read_private(id)?;
+        while self.loaded.len() >= self.max_loaded {
+            let (_, old) = self.loaded.remove(0);
+            self.ctx
+                .flush_context(old.into())
+                .map_err(|e| tpm_err("flush key", e))?;
+        }
+        let h = self
+            .ctx
+            .load(self.primary, private, public)
+            .map_err(|e| tpm_err("load key", e))?;
+        self.loaded.push((id.to_string(), h));
+        Ok(h)
+    }
+
+    fn unload(&mut self, id: &str) -> Result<(), KeyStoreError> {
+        if let Some(pos) = self.loaded.iter().position(|(k, _)| k == id) {
+            let (_, h) = self.loaded.remove(pos);
+            self.ctx
+                .flush_context(h.into())
+                .map_err(|e| tpm_err("flush key", e))?;
+        }
+        Ok(())
+    }
+
+    /// Directory holding the key blobs (tests read them with tpm2-tools).
+    pub fn keys_dir(&self) -> &Path {
+        &self.keys_dir
+    }
+}
+
+impl Drop for TpmKeyStore {
+    fn drop(&mut self) {
+        // Without a resource manager transient objects outlive us: give the slots back.
+        for (_, h) in std::mem::take(&mut self.loaded) {
+            let _ = self.ctx.flush_context(h.into());
+        }
+        let _ = self.ctx.flush_context(self.primary.into());
+    }
+}
+
+impl KeyStore for TpmKeyStore {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Tpm
+    }
+
+    fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
+        validate_key_id(id)?;
+        if self.pub_path(id).exists() || self.priv_path(id).exists() {
+            return Err(KeyStoreError::KeyExists(id.to_string()));
+        }
+        let template = agent_key_template().map_err(|e| tpm_err("key template", e))?;
+        let created = self
+            .ctx
+            .create(self.primary, template, None, None, None, None)
+            .map_err(|e| tpm_err("create key", e))?;
+        let public = verifying_key_of(&created.out_public)?;
+        let pub_bytes = created
+            .out_public
+            .marshall()
+            .map_err(|e| tpm_err("marshal public", e))?;
+        // .pub first: a lone .pub is harmless and listed, so reconciliation can clear it.
+        write_atomic(&self.pub_path(id), &tpm2b(&pub_bytes))?;
+        write_atomic(&self.priv_path(id), &tpm2b(created.out_private.value()))?;
+        Ok(CreatedKey {
+            id: id.to_string(),
+            public,
+        })
+    }
+
+    fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
+        validate_key_id(id)?;
+        if !self.priv_path(id).exists() {
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+        }
+        verifying_key_of(&self.read_public(id)?)
+    }
+
+    fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
+        validate_key_id(id)?;
+        let h = self.handle(id)?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(|e| tpm_err("hashcheck ticket", e))?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let sig = self
+            .ctx
+            .sign(h, digest, scheme, ticket)
+            .map_err(|e| tpm_err("sign", e))?;
+        match sig {
+            TpmSignature::EcDsa(s) => {
+                ecdsa::signature_from_r_s(s.signature_r().value(), s.signature_s().value())
+            }
+            _ => Err(KeyStoreError::Device {
+                op: "sign",
+                detail: "TPM returned a non-ECDSA signature".into(),
+            }),
+        }
+    }
+
+    fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
+        validate_key_id(id)?;
+        let priv_path = self.priv_path(id);
+        let pub_path = self.pub_path(id);
+        if !priv_path.exists() && !pub_path.exists() {
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+        }
+        self.unload(id)?;
+        for path in [&priv_path, &pub_path] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(path, e)),
+            }
+        }
+        fs::File::open(&self.keys_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| state_err(&self.keys_dir, e))?;
+        Ok(())
+    }
+
+    fn list(&mut self) -> Result<Vec<String>, KeyStoreError> {
+        let mut ids = Vec::new();
+        let rd = fs::read_dir(&self.keys_dir).map_err(|e| state_err(&self.keys_dir, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| state_err(&self.keys_dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name
+                .strip_suffix(".pub")
+                .or_else(|| name.strip_suffix(".priv"))
+            {
+                if validate_key_id(id).is_ok() && !ids.iter().any(|x| x == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}

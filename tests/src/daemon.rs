@@ -1,0 +1,2 @@
+//! The real tesserad process (filled in by the daemon tests).
+pub struct Daemon;

@@ -1,0 +1,51 @@
+//! Harness for end-to-end tests: every test starts its own real devices and daemon.
+//!
+//! - [`Swtpm`]: a private swtpm on a free loopback port pair (retried when taken).
+//! - [`SoftHsm`]: a private SoftHSM token directory (`SOFTHSM2_CONF` per process).
+//! - [`Daemon`]: the real `tesserad` binary on that device, with its own state dir and socket.
+//!
+//! Everything started is stopped by pid when its guard drops.
+
+pub mod daemon;
+pub mod devices;
+pub mod http;
+
+pub use daemon::Daemon;
+pub use devices::{Backend, SoftHsm, Swtpm};
+
+use std::path::PathBuf;
+
+/// Directory holding the workspace's built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("TESSERA_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --all-targets` first",
+        p.display()
+    );
+    p
+}
+
+/// A temp dir that other users can traverse (for tests that run clients as another uid).
+pub fn shared_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::Builder::new()
+        .prefix("tessera-test-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
