@@ -1,1 +1,22 @@
+//! tessera agent SDK.
+//!
+//! - [`Client`]: ask the local `tesserad` for credentials over its Unix socket
+//!   (`TESSERA_SOCKET`, default `/run/tessera/agent.sock`). The daemon identifies the caller
+//!   from the kernel; nothing here claims an identity.
+//! - [`verify`]: check an agent token as a relying party, against the daemon's JWKS.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tessera::Error> {
+//! let client = tessera::Client::from_env();
+//! let t = client.token(&tessera::TokenOptions::new("https://api.example.com").scope("read")).await?;
+//! println!("Authorization: Bearer {}", t.token);
+//! # Ok(()) }
+//! ```
 
+mod client;
+mod error;
+pub mod verify;
+
+pub use client::{Client, Health, TokenOptions, TokenResponse, WhoAmI, DEFAULT_SOCKET};
+pub use error::{Error, Problem, ProblemType};
+pub use hyper::Method;

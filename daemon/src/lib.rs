@@ -4,5 +4,19 @@
 //! (which agent, what policy?) → `issuer` (build the credential) → `keystore` (sign in
 //! hardware) → `audit` (record) → reply.
 
+pub mod agents_dir;
+pub mod api;
+pub mod audit;
+pub mod caller;
 pub mod config;
+pub mod daemon;
+pub mod dev;
+pub mod fault;
+pub mod issuer;
 pub mod keystore;
+pub mod lifecycle;
+pub mod logging;
+pub mod policy;
+pub mod problem;
+pub mod registry;
+pub mod service;

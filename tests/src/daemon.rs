@@ -1,2 +1,225 @@
-//! The real tesserad process (filled in by the daemon tests).
-pub struct Daemon;
+//! The real `tesserad` binary on a real device, with its own state dir and socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::devices::{write_config, Backend};
+use crate::{bin, shared_tempdir};
+
+pub struct Daemon {
+    pub backend: Backend,
+    pub state: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    envs: Vec<(String, String)>,
+}
+
+pub struct Options {
+    /// Extra top-level TOML (tables like `[limits]` go here).
+    pub extra_config: String,
+    /// D-Bus `bus` value.
+    pub bus: String,
+    /// `(name, toml)` agent files written before start.
+    pub agents: Vec<(String, String)>,
+    pub envs: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            extra_config: String::new(),
+            bus: "none".into(),
+            agents: vec![],
+            envs: vec![],
+        }
+    }
+}
+
+impl Daemon {
+    pub fn start(backend: Backend) -> Daemon {
+        Self::start_with(backend, Options::default())
+    }
+
+    pub fn start_with(backend: Backend, opts: Options) -> Daemon {
+        let state = shared_tempdir();
+        let config = write_config(&backend, state.path(), &opts.extra_config);
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("bus = \"none\"", &format!("bus = \"{}\"", opts.bus));
+        std::fs::write(&config, text).unwrap();
+        std::fs::create_dir_all(state.path().join("agents.d")).unwrap();
+        let mut d = Daemon {
+            socket: state.path().join("agent.sock"),
+            log: state.path().join("tesserad.log"),
+            config,
+            state,
+            backend,
+            child: None,
+            envs: opts.envs,
+        };
+        for (name, toml) in &opts.agents {
+            d.write_agent(name, toml);
+        }
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn agents_dir(&self) -> PathBuf {
+        self.state.path().join("agents.d")
+    }
+
+    pub fn write_agent(&self, name: &str, toml: &str) {
+        std::fs::write(self.agents_dir().join(format!("{name}.toml")), toml).unwrap();
+    }
+
+    /// Start the process without waiting (for fault-point tests).
+    pub fn spawn_with_env(&mut self, extra: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("tesserad"))
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.backend.envs())
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tesserad");
+        self.child = Some(child);
+    }
+
+    pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Wait until the socket answers health, or panic with the daemon's log.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("tesserad exited ({st}) before ready:\n{}", self.log_text());
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tesserad not ready after 30s:\n{}", self.log_text());
+    }
+
+    /// Wait for the process to exit by itself (e.g. a fault point's SIGKILL).
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let c = self.child.as_mut().expect("running");
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tesserad did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn();
+        self.wait_ready();
+    }
+
+    pub fn client(&self) -> tessera::Client {
+        tessera::Client::with_socket(&self.socket)
+    }
+
+    /// Run the `tessera` CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("tessera"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tessera")
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.state.path().join("audit")
+    }
+
+    /// Every audit record so far, in order.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let mut out = vec![];
+        for f in tesserad::audit::files_in_order(&self.audit_dir()).unwrap() {
+            for line in std::fs::read_to_string(f).unwrap().lines() {
+                out.push(serde_json::from_str(line).unwrap());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,1 +1,394 @@
-fn main() {}
+//! `tessera`: the command line for agents (token, whoami), relying parties (verify) and
+//! admins (audit; agent administration over D-Bus).
+//!
+//! Exit codes: 0 ok; 1 error; 2 usage; 3 refused by the daemon (policy, unknown caller,
+//! revoked, ...); 4 daemon unreachable or unavailable; 5 verification failed.
+
+use std::io::{BufRead, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use tessera::{Client, Error, TokenOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "tessera: hardware-backed identities for local AI agents"
+)]
+struct Cli {
+    /// Agent socket of tesserad.
+    #[arg(long, global = true, env = "TESSERA_SOCKET", default_value = tessera::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Is the daemon up, and on which backend?
+    Health,
+    /// Which agent am I (as the daemon sees this process)?
+    Whoami {
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Get a token for this process's agent; prints the token (the whole answer with --json).
+    Token {
+        #[arg(long)]
+        audience: String,
+        /// Repeat for several scopes.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// e.g. 90s, 5m, 1h
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Which agent, when this process matches several.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Verify an agent token (relying party); exit 5 when it does not verify.
+    Verify {
+        token: String,
+        #[arg(long)]
+        audience: String,
+        /// JWKS file; default: fetched from the daemon.
+        #[arg(long)]
+        jwks: Option<PathBuf>,
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+    /// The audit trail.
+    Audit(AuditCmd),
+}
+
+#[derive(Args)]
+struct AuditCmd {
+    #[command(subcommand)]
+    cmd: AuditSub,
+}
+
+#[derive(Subcommand)]
+enum AuditSub {
+    /// Check the hash chain; names the first bad seq.
+    Verify {
+        /// Audit directory or file.
+        #[arg(default_value = "/var/lib/tessera/audit")]
+        path: PathBuf,
+    },
+    /// Show the last records.
+    Tail {
+        #[arg(default_value = "/var/lib/tessera/audit")]
+        path: PathBuf,
+        #[arg(short = 'n', default_value_t = 20)]
+        lines: usize,
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        event: Option<String>,
+        /// Only records with this jti (answers "which process got token X?").
+        #[arg(long)]
+        jti: Option<String>,
+    },
+}
+
+const EXIT_REFUSED: u8 = 3;
+const EXIT_UNAVAILABLE: u8 = 4;
+const EXIT_UNVERIFIED: u8 = 5;
+
+fn client_error(e: &Error) -> ExitCode {
+    eprintln!("tessera: {e}");
+    match e {
+        Error::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+        Error::Problem(p) if p.status == 503 => ExitCode::from(EXIT_UNAVAILABLE),
+        Error::Problem(_) => ExitCode::from(EXIT_REFUSED),
+        Error::Protocol(_) => ExitCode::FAILURE,
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let client = Client::with_socket(&cli.socket);
+    match cli.cmd {
+        Cmd::Health => match client.health().await {
+            Ok(h) if cli.json => {
+                print_json(&h);
+                ExitCode::SUCCESS
+            }
+            Ok(h) => {
+                println!("{} (backend {})", h.status, h.backend);
+                ExitCode::SUCCESS
+            }
+            Err(e) => client_error(&e),
+        },
+        Cmd::Whoami { agent } => {
+            let res = match &agent {
+                None => client.whoami().await,
+                Some(a) => {
+                    let path = format!("/v1/whoami?agent={a}");
+                    match client.request(hyper::Method::GET, &path, None).await {
+                        Ok((200, _, b)) => {
+                            serde_json::from_slice(&b).map_err(|e| Error::Protocol(e.to_string()))
+                        }
+                        Ok((_, _, b)) => Err(serde_json::from_slice(&b)
+                            .map(Error::Problem)
+                            .unwrap_or_else(|e| Error::Protocol(e.to_string()))),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match res {
+                Ok(w) if cli.json => {
+                    print_json(&w);
+                    ExitCode::SUCCESS
+                }
+                Ok(w) => {
+                    println!("name:     {}", w.name);
+                    println!("id:       {}", w.id);
+                    println!("status:   {}", w.status);
+                    println!("key:      {}", w.key_id.unwrap_or_default());
+                    println!("policy:   {}", w.policy);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Token {
+            audience,
+            scopes,
+            ttl,
+            agent,
+        } => {
+            let mut opts = TokenOptions::new(audience);
+            opts.scopes = scopes;
+            opts.ttl = ttl;
+            opts.agent = agent;
+            match client.token(&opts).await {
+                Ok(t) if cli.json => {
+                    print_json(&t);
+                    ExitCode::SUCCESS
+                }
+                Ok(t) => {
+                    println!("{}", t.token);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Verify {
+            token,
+            audience,
+            jwks,
+            issuer,
+        } => {
+            let set: Value = match jwks {
+                Some(p) => match std::fs::read(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("tessera: cannot read JWKS {}: {e}", p.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => match client.jwks().await {
+                    Ok(v) => v,
+                    Err(e) => return client_error(&e),
+                },
+            };
+            let mut opts = tessera::verify::Options::new(audience);
+            opts.issuer = issuer;
+            match tessera::verify::verify(token.trim(), &set, &opts) {
+                Ok(c) if cli.json => {
+                    print_json(&json!({"valid": true, "claims": c}));
+                    ExitCode::SUCCESS
+                }
+                Ok(c) => {
+                    println!(
+                        "valid: {} for {} (jti {}, expires {})",
+                        c.sub, c.aud, c.jti, c.exp
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    if cli.json {
+                        print_json(&json!({"valid": false, "error": e.to_string()}));
+                    }
+                    eprintln!("tessera: {e}");
+                    ExitCode::from(EXIT_UNVERIFIED)
+                }
+            }
+        }
+        Cmd::Audit(a) => audit(a.cmd, cli.json).await,
+    }
+}
+
+async fn audit(cmd: AuditSub, as_json: bool) -> ExitCode {
+    match cmd {
+        AuditSub::Verify { path } => match tesserad::audit::verify(&path) {
+            Ok(Ok(s)) => {
+                if as_json {
+                    print_json(&json!({"intact": true, "summary": s}));
+                } else {
+                    println!(
+                        "intact: {} records in {} file(s), seq {}..{}, last hash {}",
+                        s.records,
+                        s.files,
+                        s.first_seq.unwrap_or(0),
+                        s.last_seq.unwrap_or(0),
+                        s.last_hash
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(Err(b)) => {
+                if as_json {
+                    print_json(&json!({"intact": false, "broken": b}));
+                }
+                eprintln!(
+                    "tessera: audit trail broken at seq {} ({}:{}): {}",
+                    b.seq, b.file, b.line, b.reason
+                );
+                ExitCode::from(EXIT_UNVERIFIED)
+            }
+            Err(e) => {
+                eprintln!("tessera: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        AuditSub::Tail {
+            path,
+            lines,
+            follow,
+            agent,
+            event,
+            jti,
+        } => {
+            let keep = |v: &Value| {
+                agent
+                    .as_ref()
+                    .is_none_or(|a| v["agent"]["name"].as_str() == Some(a))
+                    && event
+                        .as_ref()
+                        .is_none_or(|e| v["event"].as_str() == Some(e))
+                    && jti
+                        .as_ref()
+                        .is_none_or(|j| v["details"]["jti"].as_str() == Some(j))
+            };
+            let show = |v: &Value| {
+                if as_json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{:>6} {} {:<18} {:<16} pid={} uid={} {}",
+                        v["seq"],
+                        v["time"].as_str().unwrap_or(""),
+                        v["event"].as_str().unwrap_or(""),
+                        v["agent"]["name"].as_str().unwrap_or("-"),
+                        v["caller"]["pid"],
+                        v["caller"]["uid"],
+                        v["details"]
+                    );
+                }
+            };
+            let files = if path.is_dir() {
+                match tesserad::audit::files_in_order(&path) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("tessera: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                vec![path.clone()]
+            };
+            let mut recent: std::collections::VecDeque<Value> = Default::default();
+            for f in &files {
+                let Ok(file) = std::fs::File::open(f) else {
+                    continue;
+                };
+                for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if keep(&v) {
+                            recent.push_back(v);
+                            if recent.len() > lines {
+                                recent.pop_front();
+                            }
+                        }
+                    }
+                }
+            }
+            recent.iter().for_each(show);
+            if !follow {
+                return ExitCode::SUCCESS;
+            }
+            let current = if path.is_dir() {
+                path.join("audit.log")
+            } else {
+                path
+            };
+            let mut pos = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+            let mut partial = String::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Ok(mut f) = std::fs::File::open(&current) else {
+                    continue;
+                };
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len < pos {
+                    pos = 0; // rotated
+                }
+                if f.seek(SeekFrom::Start(pos)).is_err() {
+                    continue;
+                }
+                let mut reader = std::io::BufReader::new(f);
+                let mut buf = String::new();
+                while let Ok(n) = reader.read_line(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    pos += n as u64;
+                    if buf.ends_with('\n') {
+                        partial.push_str(&buf);
+                        if let Ok(v) = serde_json::from_str::<Value>(&partial) {
+                            if keep(&v) {
+                                show(&v);
+                            }
+                        }
+                        partial.clear();
+                    } else {
+                        partial.push_str(&buf);
+                    }
+                    buf.clear();
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,88 @@
-fn main() {}
+//! `tesserad`: the tessera daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tesserad::config::{Config, DEFAULT_CONFIG_PATH};
+use tesserad::dev::{self, DevBackend};
+
+#[derive(Parser)]
+#[command(
+    name = "tesserad",
+    version,
+    about = "Hardware-backed identities for local AI agents"
+)]
+struct Args {
+    /// Config file.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH, conflicts_with = "dev")]
+    config: PathBuf,
+    /// Validate a config file and exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Run on an embedded default: a SoftHSM token (or a private swtpm) under --state-dir.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "pkcs11")]
+    dev: Option<DevBackend>,
+    /// State directory for --dev.
+    #[arg(long, default_value = ".tessera-dev", requires = "dev")]
+    state_dir: PathBuf,
+    /// D-Bus for --dev: "none", "session", "system" or an address.
+    #[arg(long, requires = "dev")]
+    bus: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tesserad::logging::init();
+    // Everything we create (state, keys, audit) is ours alone; the socket is opened up explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    if let Some(path) = &args.check_config {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tesserad: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // Dev setup sets SOFTHSM2_CONF: do it before the runtime starts any thread.
+    let (cfg, dev_env, config_path) = match args.dev {
+        Some(kind) => match dev::prepare(kind, &args.state_dir, args.bus.as_deref()) {
+            Ok(env) => (env.config.clone(), Some(env), None),
+            Err(e) => {
+                eprintln!("tesserad: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => match Config::load(&args.config) {
+            Ok(c) => (c, None, Some(args.config.clone())),
+            Err(e) => {
+                eprintln!("tesserad: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tesserad: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(tesserad::daemon::run(cfg, config_path.as_deref()));
+    drop(dev_env);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "tesserad failed");
+            eprintln!("tesserad: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -116,7 +116,6 @@ fn read_value() {
         AttributeInfo::Available(_) => "available",
         AttributeInfo::TypeInvalid => "type-invalid",
         AttributeInfo::Unavailable => "unavailable",
-        _ => "other",
     };
     println!(
         "{}",

@@ -1,0 +1,195 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::net::UnixStream;
+
+use crate::error::{Error, Problem};
+
+pub const DEFAULT_SOCKET: &str = "/run/tessera/agent.sock";
+
+/// Client for the local daemon's agent API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Health {
+    pub status: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WhoAmI {
+    pub name: String,
+    pub id: String,
+    pub status: String,
+    pub policy: Value,
+    #[serde(default)]
+    pub key_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub token_type: String,
+    pub expires_at: String,
+}
+
+/// What to ask for: an audience, optional scopes and TTL, and which agent if several match.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenOptions {
+    pub audience: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl TokenOptions {
+    pub fn new(audience: impl Into<String>) -> TokenOptions {
+        TokenOptions {
+            audience: audience.into(),
+            scopes: vec![],
+            ttl: None,
+            agent: None,
+        }
+    }
+    pub fn scope(mut self, s: impl Into<String>) -> Self {
+        self.scopes.push(s.into());
+        self
+    }
+    /// e.g. `Duration::from_secs(300)`.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(format!("{}s", ttl.as_secs()));
+        self
+    }
+    pub fn agent(mut self, name: impl Into<String>) -> Self {
+        self.agent = Some(name.into());
+        self
+    }
+}
+
+impl Client {
+    /// `TESSERA_SOCKET`, else the default socket path.
+    pub fn from_env() -> Client {
+        let socket = std::env::var_os("TESSERA_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        Client::with_socket(socket)
+    }
+
+    pub fn with_socket(socket: impl AsRef<Path>) -> Client {
+        Client {
+            socket: socket.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn health(&self) -> Result<Health, Error> {
+        self.call(Method::GET, "/v1/health", None).await
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmI, Error> {
+        self.call(Method::GET, "/v1/whoami", None).await
+    }
+
+    pub async fn token(&self, opts: &TokenOptions) -> Result<TokenResponse, Error> {
+        let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/token", Some(body)).await
+    }
+
+    /// The daemon's JWKS (every live agent key).
+    pub async fn jwks(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/v1/jwks", None).await
+    }
+
+    /// Raw request: status, headers' Retry-After and body bytes.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Option<u64>, Bytes), Error> {
+        let fut = async {
+            let stream =
+                UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(|source| Error::Connect {
+                        socket: self.socket.display().to_string(),
+                        source,
+                    })?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "tessera");
+            if body.is_some() {
+                req = req.header("content-type", "application/json");
+            }
+            let req = req
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))?
+                .to_bytes();
+            Ok((status, retry, bytes))
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| Error::Protocol("timed out waiting for tesserad".into()))?
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, Error> {
+        let (status, retry, bytes) = self.request(method, path, body).await?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(e.to_string()));
+        }
+        match serde_json::from_slice::<Problem>(&bytes) {
+            Ok(mut p) => {
+                p.retry_after = retry;
+                Err(Error::Problem(p))
+            }
+            Err(_) => Err(Error::Protocol(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ))),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The agent API: HTTP/1.1 + JSON over the Unix socket. A thin adapter: each connection's
+//! peer is taken from the kernel at accept time ([`Peer`]), each request re-identified, and
+//! everything else is [`Service`]'s. Limits: connections served at once, header read
+//! timeout, body size.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use crate::caller::Peer;
+use crate::problem::{Kind, Problem};
+use crate::service::{Service, TokenRequest};
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Resp {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub fn problem_response(p: &Problem) -> Resp {
+    let body = serde_json::to_vec(&p.body()).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() =
+        StatusCode::from_u16(p.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(s) = p.retry_after {
+        if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+    }
+    r
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<T, Problem> {
+    let too_large = || {
+        Problem::new(
+            Kind::BodyTooLarge,
+            format!("request body is larger than {max} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > max {
+            return Err(too_large());
+        }
+    }
+    let body = Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                Problem::new(Kind::MalformedRequest, format!("cannot read body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        Problem::new(
+            Kind::MalformedRequest,
+            format!("request body is not valid JSON for this endpoint: {e}"),
+        )
+    })
+}
+
+/// Query parameter `name` from a request URI (no decoding beyond what our values need).
+pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+async fn route(
+    svc: Arc<Service>,
+    peer: Arc<Peer>,
+    req: Request<Incoming>,
+) -> Result<Resp, Problem> {
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/health") => Ok(json_response(
+            StatusCode::OK,
+            &json!({"status": "ok", "backend": svc.backend_name()}),
+        )),
+        (Method::GET, "/v1/jwks") => Ok(json_response(StatusCode::OK, &svc.jwks())),
+        (Method::GET, "/v1/whoami") => {
+            let caller = svc.identify(peer).await?;
+            let wanted = query_param(&req, "agent");
+            Ok(json_response(StatusCode::OK, &svc.whoami(&caller, wanted)?))
+        }
+        (Method::POST, "/v1/token") => {
+            let max = svc.config().limits.max_body_bytes;
+            let caller = svc.identify(peer).await?;
+            let body: TokenRequest = match read_json(req, max).await {
+                Ok(b) => b,
+                // Every refused token request is in the audit trail, malformed ones included.
+                Err(p) => return Err(svc.deny(&caller, None, p, json!(null)).await),
+            };
+            let t = svc.issue_token(&caller, body).await?;
+            Ok(json_response(StatusCode::OK, &t))
+        }
+        (_, "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token") => Err(Problem::new(
+            Kind::MethodNotAllowed,
+            format!("{} is not allowed on {path}", req.method()),
+        )),
+        _ => Err(Problem::new(Kind::NotFound, format!("no endpoint {path}"))),
+    }
+}
+
+/// Serve until `shutdown` resolves, then drain open connections (bounded by `drain`).
+pub async fn serve(
+    svc: Arc<Service>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let cfg = svc.config();
+    let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let header_timeout = cfg.limits.header_read_timeout.0;
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Take a slot before accepting: excess clients wait in the kernel backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let peer = match Peer::from_socket(&stream) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping connection without peer credentials");
+                continue;
+            }
+        };
+        let svc = svc.clone();
+        let service = service_fn(move |req| {
+            let svc = svc.clone();
+            let peer = peer.clone();
+            async move {
+                let resp = match route(svc, peer, req).await {
+                    Ok(r) => r,
+                    Err(p) => problem_response(&p),
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => tracing::warn!("connections still open after drain timeout"),
+    }
+}

@@ -1,0 +1,259 @@
+//! Who is on the other end of the socket, from the kernel only.
+//!
+//! Contract: a [`Caller`] is built from `SO_PEERCRED` (uid, gid, pid) and what `/proc/<pid>`
+//! says, and it is only believed if the process the pid named is *still the same process*
+//! after `/proc` was read. For that we hold a pidfd taken when the connection was accepted
+//! (`SO_PEERPIDFD`, which names the peer itself; `pidfd_open(pid)` on kernels without it) and
+//! check after reading `/proc` that the pidfd's process is still alive: a pid cannot be reused
+//! while its process exists, so `/proc/<pid>` was that process. A dead peer is refused, never
+//! misattributed.
+//!
+//! Nothing the client sends is used. Known limit (shared with every peer-credential scheme):
+//! a process that hands its connected socket to another process lends its identity with it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallerError {
+    #[error("cannot read peer credentials: {0}")]
+    PeerCred(nix::Error),
+    #[error("peer process {0} has exited")]
+    Gone(i32),
+    #[error("cannot inspect peer process {pid}: {source}")]
+    Proc {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the kernel said about a connection when it was accepted.
+#[derive(Debug)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Peer {
+    /// Read SO_PEERCRED and take a pidfd at once, before the peer can exit and its pid be reused.
+    pub fn from_socket<F: AsFd>(sock: &F) -> Result<Peer, CallerError> {
+        let cred = getsockopt(sock, sockopt::PeerCredentials).map_err(CallerError::PeerCred)?;
+        let pidfd = match getsockopt(sock, sockopt::PeerPidfd) {
+            Ok(fd) => Some(fd),
+            Err(_) => pidfd_open(cred.pid()),
+        };
+        Ok(Peer {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pidfd,
+        })
+    }
+
+    /// A peer known by pid only (D-Bus gives uid and pid through the bus daemon).
+    pub fn from_pid(pid: i32, uid: u32, gid: u32) -> Peer {
+        Peer {
+            pid,
+            uid,
+            gid,
+            pidfd: pidfd_open(pid),
+        }
+    }
+
+    /// True while the process this peer was when accepted still exists.
+    pub fn alive(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => pidfd_alive(fd),
+            // No pidfd at all (very old kernel): the pid cannot be pinned; refuse.
+            None => false,
+        }
+    }
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1; no memory is
+    // shared with the kernel. A non-negative return is a fresh fd that we alone own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned by the kernel and is not owned by anything else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_alive(fd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 only checks existence and permission; the info
+    // pointer is null, which the kernel accepts. The fd is valid for the call's duration.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    // EPERM: the process exists but we may not signal it (we run without CAP_KILL).
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// A caller as the kernel describes it at the time of a request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub exe: Option<PathBuf>,
+    pub exe_sha256: Option<String>,
+    pub unit: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+/// SHA-256 of executables, keyed by what changes when the file does. Concurrent misses for
+/// the same file wait for one hash instead of each reading the whole file.
+#[derive(Default)]
+pub struct ExeHashCache {
+    map: Mutex<HashMap<ExeKey, Arc<Mutex<Option<String>>>>>,
+}
+
+type ExeKey = (u64, u64, u64, i64, i64);
+
+impl ExeHashCache {
+    fn hash(&self, file: &mut fs::File) -> std::io::Result<String> {
+        let md = file.metadata()?;
+        let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
+        let slot = {
+            let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > 4096 {
+                m.clear();
+            }
+            m.entry(key).or_default().clone()
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = slot.as_ref() {
+            return Ok(h.clone());
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let h = hex::encode(hasher.finalize());
+        *slot = Some(h.clone());
+        Ok(h)
+    }
+}
+
+/// Read `/proc` for `peer` and confirm afterwards that the pid still names the same process.
+/// Blocking (reads files): call from a blocking context.
+pub fn identify(peer: &Peer, cache: &ExeHashCache) -> Result<Caller, CallerError> {
+    identify_at(peer, cache, Path::new("/proc"))
+}
+
+fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Caller, CallerError> {
+    if !peer.alive() {
+        return Err(CallerError::Gone(peer.pid));
+    }
+    let dir = proc_root.join(peer.pid.to_string());
+    let proc_err = |source| CallerError::Proc {
+        pid: peer.pid,
+        source,
+    };
+    // The exe link and file: unreadable for other users' processes without CAP_SYS_PTRACE,
+    // in which case exe selectors cannot match (None), never a guess.
+    let exe = fs::read_link(dir.join("exe")).ok();
+    let exe_sha256 = match fs::File::open(dir.join("exe")) {
+        Ok(mut f) => cache.hash(&mut f).ok(),
+        Err(_) => None,
+    };
+    let cgroup_text = fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
+    let cgroup = parse_cgroup_v2(&cgroup_text);
+    let unit = cgroup.as_deref().and_then(unit_of_cgroup);
+    if !peer.alive() {
+        return Err(CallerError::Gone(peer.pid));
+    }
+    Ok(Caller {
+        pid: peer.pid,
+        uid: peer.uid,
+        gid: peer.gid,
+        exe,
+        exe_sha256,
+        unit,
+        cgroup,
+    })
+}
+
+/// The unified (v2) hierarchy line `0::/path`.
+fn parse_cgroup_v2(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// The innermost systemd service or scope a cgroup path belongs to.
+pub fn unit_of_cgroup(path: &str) -> Option<String> {
+    path.split('/')
+        .rev()
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_from_cgroups() {
+        assert_eq!(
+            unit_of_cgroup("/system.slice/research-bot.service").as_deref(),
+            Some("research-bot.service")
+        );
+        assert_eq!(
+            unit_of_cgroup("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service")
+                .as_deref(),
+            Some("bot.service")
+        );
+        assert_eq!(unit_of_cgroup("/"), None);
+        assert_eq!(
+            parse_cgroup_v2("0::/a/b.service\n").as_deref(),
+            Some("/a/b.service")
+        );
+    }
+
+    #[test]
+    fn identifies_self_over_a_socketpair_and_refuses_dead_peers() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = Peer::from_socket(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+        let c = identify(&peer, &ExeHashCache::default()).unwrap();
+        assert_eq!(c.exe.as_deref(), std::env::current_exe().ok().as_deref());
+        assert_eq!(c.exe_sha256.as_ref().map(String::len), Some(64));
+
+        // A child that exits: its pidfd says so, and identify refuses it even though the pid
+        // number might be reused.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let peer = Peer::from_pid(child.id() as i32, 0, 0);
+        child.wait().unwrap();
+        assert!(!peer.alive());
+        assert!(matches!(
+            identify(&peer, &ExeHashCache::default()),
+            Err(CallerError::Gone(_))
+        ));
+    }
+}

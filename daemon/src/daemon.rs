@@ -1,0 +1,157 @@
+//! Start-up, serving and shutdown of `tesserad`.
+//!
+//! Order: state dir → audit → key store → registry → crash repair → agents_dir → socket →
+//! ready. A failure before "ready" exits non-zero with the reason; nothing is half-started.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::audit::{Audit, Event};
+use crate::config::Config;
+use crate::keystore::{self, owner::KeyStoreHandle};
+use crate::registry::Registry;
+use crate::service::Service;
+
+fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("state dir {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    // Key blobs, registry and audit: nobody else's business. When the socket lives inside
+    // (`--dev`), others may traverse to it but not list or read anything.
+    let mode = if socket.starts_with(dir) {
+        0o711
+    } else {
+        0o700
+    };
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create socket dir {}", parent.display()))?;
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !md.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another daemon is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Any local process may ask; who it is comes from the kernel, not from access to the file.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+/// Everything that runs before the socket opens; used by `run` and by tests of start-up.
+pub async fn start(cfg: Config) -> Result<Arc<Service>> {
+    check_state_dir(&cfg.state_dir, &cfg.socket)?;
+    let (audit, torn) = Audit::open(&cfg.state_dir.join("audit"), cfg.audit.rotate_bytes)
+        .context("cannot open the audit trail")?;
+    if let Some(t) = torn {
+        audit
+            .record(Event::new("audit.tail_recovered").details(json!({
+                "bytes": t.bytes, "saved_to": t.saved_to,
+            })))
+            .await?;
+        tracing::warn!(bytes = t.bytes, saved_to = %t.saved_to.display(), "torn audit tail set aside");
+    }
+    let backend = cfg.backend.clone();
+    let state_dir = cfg.state_dir.clone();
+    let ks = KeyStoreHandle::spawn(move || keystore::open(&backend, &state_dir))
+        .context("cannot open the key store")?;
+    let registry =
+        Registry::open(&cfg.state_dir.join("registry.db")).context("cannot open the registry")?;
+    let svc = Service::new(cfg.clone(), registry, ks, audit)?;
+    svc.audit
+        .record(Event::new("daemon.started").details(json!({
+            "version": env!("CARGO_PKG_VERSION"), "backend": svc.backend_name(), "pid": std::process::id(),
+        })))
+        .await?;
+    let report = svc.repair().await.context("start-up repair failed")?;
+    if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
+        tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
+    }
+    let r = svc.reconcile_agents_dir(&cfg.agents_dir).await?;
+    tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
+    Ok(svc)
+}
+
+/// Run until SIGTERM/SIGINT. SIGHUP re-reads `agents_dir` (and the config file, if any).
+pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
+    let svc = start(cfg.clone()).await?;
+    let listener = bind_socket(&cfg.socket)?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::api::serve(
+        svc.clone(),
+        listener,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(10),
+    ));
+    tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = svc.live_agents().len(), "tesserad ready");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = reload(&svc, config_path).await {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: draining connections");
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    svc.audit.record(Event::new("daemon.stopped")).await?;
+    tracing::info!("tesserad stopped");
+    Ok(())
+}
+
+/// Re-read the config (what can change without a restart) and `agents_dir`.
+pub async fn reload(
+    svc: &Arc<Service>,
+    config_path: Option<&Path>,
+) -> Result<crate::agents_dir::ReconcileReport> {
+    if let Some(p) = config_path {
+        let new = Config::load(p)?;
+        let old = svc.config();
+        if new.state_dir != old.state_dir || new.socket != old.socket {
+            tracing::warn!("state_dir and socket changes take effect at the next restart");
+        }
+        let mut merged = new;
+        merged.state_dir = old.state_dir.clone();
+        merged.socket = old.socket.clone();
+        merged.backend = old.backend.clone();
+        *svc.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+    }
+    let dir = svc.config().agents_dir.clone();
+    let r = svc.reconcile_agents_dir(&dir).await?;
+    tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = ?r.errors, "reloaded");
+    Ok(r)
+}

@@ -1,0 +1,331 @@
+//! Enrolment and revocation as crash-safe state machines, plus the start-up repair that
+//! finishes or rolls back whatever a crash interrupted.
+//!
+//! Enrolment:  (1) pending record naming a fresh key id → (2) key created in the device →
+//!             (3) record active with the public key.
+//!   crash after 1 or 2: the next start finds a pending record, destroys the key if it was
+//!   made and deletes the record; the agent is "not at all" (a file-enrolled agent is then
+//!   enrolled again by the agents_dir reconcile).
+//! Revocation: (1) durable revoked record (key_state = destroying; it leaves JWKS and stops
+//!             matching at once) → (2) key destroyed in the device → (3) key_state = destroyed.
+//!   crash after 1: the next start destroys the key and finishes 3; a revoked agent never
+//!   comes back. A destroy that fails is returned to the admin and retried at every start.
+//! Orphans: a key in the device that no record refers to is destroyed at start.
+
+use serde_json::json;
+
+use crate::audit::AuditError;
+use crate::audit::Event;
+use crate::fault;
+use crate::issuer::jwk_of;
+use crate::keystore::{new_key_id, KeyStoreError};
+use crate::registry::{validate_name, Agent, Policy, RegistryError, Selectors, Source, Status};
+use crate::service::{AgentEvent, Service};
+
+pub const AGENT_KEY_PREFIX: &str = "agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgs(String),
+    #[error("{0}")]
+    AccessDenied(String),
+    #[error("key store: {0}")]
+    Backend(#[from] KeyStoreError),
+    #[error("registry: {0}")]
+    Registry(RegistryError),
+    #[error("audit: {0}")]
+    Audit(#[from] AuditError),
+}
+
+impl From<RegistryError> for AdminError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::AlreadyExists(n) => {
+                AdminError::AlreadyExists(format!("an agent named {n:?} already exists"))
+            }
+            RegistryError::NotFound(n) => AdminError::NotFound(format!("no agent named {n:?}")),
+            other => AdminError::Registry(other),
+        }
+    }
+}
+
+/// What start-up repair did.
+#[derive(Debug, Default)]
+pub struct RepairReport {
+    pub rolled_back: Vec<String>,
+    pub keys_destroyed: Vec<String>,
+    pub missing_keys: Vec<String>,
+}
+
+impl Service {
+    async fn audit_admin(&self, ev: Event) {
+        if let Err(e) = self.audit.record(ev).await {
+            // The action itself has happened; hiding that would be worse than a gap.
+            tracing::error!(error = %e, "could not audit an admin action");
+        }
+    }
+
+    fn validate_spec(
+        &self,
+        name: &str,
+        selectors: &Selectors,
+        policy: &Policy,
+    ) -> Result<(), AdminError> {
+        validate_name(name).map_err(AdminError::InvalidArgs)?;
+        selectors.validate().map_err(AdminError::InvalidArgs)?;
+        policy
+            .validate(self.config().tokens.max_ttl.0)
+            .map_err(AdminError::InvalidArgs)
+    }
+
+    /// Enrol a new agent with a new hardware key.
+    pub async fn enroll(
+        &self,
+        name: &str,
+        selectors: Selectors,
+        policy: Policy,
+        source: Source,
+        by: &str,
+    ) -> Result<Agent, AdminError> {
+        self.validate_spec(name, &selectors, &policy)?;
+        let _guard = self.admin.lock().await;
+        let spiffe_id = self.config().agent_id(name);
+        let key_id = new_key_id(AGENT_KEY_PREFIX);
+        let row = self.with_registry(|r| {
+            r.insert_pending(name, &spiffe_id, source, &selectors, &policy, &key_id)
+        })?;
+        fault::point("enroll-after-record");
+        let created = match self.keystore.create(&key_id).await {
+            Ok(k) => k,
+            Err(e) => {
+                self.with_registry(|r| r.delete_pending(row))?;
+                return Err(e.into());
+            }
+        };
+        fault::point("enroll-after-key");
+        let (kid, jwk) = jwk_of(&created.public);
+        self.with_registry(|r| r.activate(row, &kid, &jwk))?;
+        self.refresh()?;
+        let agent = self.with_registry(|r| r.get_live(name))?.ok_or_else(|| {
+            AdminError::NotFound(format!("agent {name} vanished during enrolment"))
+        })?;
+        self.audit_admin(Event::new("agent.enrolled").agent(name, &spiffe_id).details(json!({
+            "by": by, "source": source, "selectors": selectors, "policy": policy, "kid": kid,
+        })))
+        .await;
+        let _ = self.events.send(AgentEvent::Enrolled(name.to_string()));
+        Ok(agent)
+    }
+
+    /// Change an agent's selectors and policy; its key stays.
+    pub async fn update(
+        &self,
+        name: &str,
+        selectors: Selectors,
+        policy: Policy,
+        by: &str,
+    ) -> Result<(), AdminError> {
+        self.validate_spec(name, &selectors, &policy)?;
+        let _guard = self.admin.lock().await;
+        let a = self.live_by_name(name)?;
+        self.with_registry(|r| r.update_spec(a.row, &selectors, &policy))?;
+        self.refresh()?;
+        self.audit_admin(
+            Event::new("agent.updated")
+                .agent(&a.name, &a.id)
+                .details(json!({
+                    "by": by, "selectors": selectors, "policy": policy,
+                })),
+        )
+        .await;
+        let _ = self.events.send(AgentEvent::Updated(name.to_string()));
+        Ok(())
+    }
+
+    fn live_by_name(&self, name: &str) -> Result<Agent, AdminError> {
+        self.with_registry(|r| r.get_live(name))?
+            .ok_or_else(|| AdminError::NotFound(format!("no agent named {name:?}")))
+    }
+
+    pub async fn set_suspended(
+        &self,
+        name: &str,
+        suspended: bool,
+        by: &str,
+    ) -> Result<(), AdminError> {
+        let _guard = self.admin.lock().await;
+        let a = self.live_by_name(name)?;
+        let (status, event) = if suspended {
+            (Status::Suspended, "agent.suspended")
+        } else {
+            (Status::Active, "agent.resumed")
+        };
+        if a.status == status {
+            return Ok(());
+        }
+        self.with_registry(|r| r.set_status(a.row, status))?;
+        self.refresh()?;
+        self.audit_admin(
+            Event::new(event)
+                .agent(&a.name, &a.id)
+                .details(json!({"by": by})),
+        )
+        .await;
+        let ev = if suspended {
+            AgentEvent::Suspended(name.to_string())
+        } else {
+            AgentEvent::Resumed(name.to_string())
+        };
+        let _ = self.events.send(ev);
+        Ok(())
+    }
+
+    /// Revoke: durable record, then destroy the key, then report. Idempotent.
+    pub async fn revoke(&self, name: &str, reason: &str, by: &str) -> Result<(), AdminError> {
+        let _guard = self.admin.lock().await;
+        let a = match self.with_registry(|r| r.get_live(name))? {
+            Some(a) => a,
+            None => {
+                return match self.with_registry(|r| r.get_latest(name))? {
+                    Some(prev) if prev.status == Status::Revoked => {
+                        // Already revoked; finish a destroy that failed before, if any.
+                        if prev.key_state != crate::registry::KeyState::Destroyed {
+                            self.destroy_key(&prev, by).await?;
+                        }
+                        Ok(())
+                    }
+                    _ => Err(AdminError::NotFound(format!("no agent named {name:?}"))),
+                };
+            }
+        };
+        self.revoke_locked(&a, reason, by).await
+    }
+
+    async fn revoke_locked(&self, a: &Agent, reason: &str, by: &str) -> Result<(), AdminError> {
+        self.with_registry(|r| r.mark_revoked(a.row, reason))?;
+        self.refresh()?;
+        self.audit_admin(
+            Event::new("agent.revoked")
+                .agent(&a.name, &a.id)
+                .details(json!({
+                    "by": by, "reason": reason, "kid": a.kid,
+                })),
+        )
+        .await;
+        let _ = self
+            .events
+            .send(AgentEvent::Revoked(a.name.clone(), reason.to_string()));
+        fault::point("revoke-after-record");
+        self.destroy_key(a, by).await
+    }
+
+    async fn destroy_key(&self, a: &Agent, by: &str) -> Result<(), AdminError> {
+        match self.keystore.destroy(&a.key_id).await {
+            Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
+            Err(e) => {
+                tracing::error!(agent = %a.name, error = %e, "key destroy failed; will retry at start");
+                return Err(e.into());
+            }
+        }
+        self.with_registry(|r| r.mark_key_destroyed(a.row))?;
+        self.forget_rate(&a.key_id);
+        self.audit_admin(
+            Event::new("key.destroyed")
+                .agent(&a.name, &a.id)
+                .details(json!({
+                    "by": by, "key_id": a.key_id, "kid": a.kid,
+                })),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The kill switch: every live agent revoked, every key destroyed. Returns who was revoked.
+    pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
+        let _guard = self.admin.lock().await;
+        let live = self.with_registry(|r| r.live())?;
+        let mut first_err = None;
+        let mut names = Vec::new();
+        for a in &live {
+            names.push(a.name.clone());
+            if let Err(e) = self.revoke_locked(a, reason, by).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(names),
+        }
+    }
+
+    /// Start-up repair: finish or roll back what a crash interrupted, destroy orphan keys.
+    pub async fn repair(&self) -> Result<RepairReport, AdminError> {
+        let _guard = self.admin.lock().await;
+        let mut report = RepairReport::default();
+        let in_store = self.keystore.list().await?;
+        for p in self.with_registry(|r| r.pending())? {
+            if in_store.contains(&p.key_id) {
+                match self.keystore.destroy(&p.key_id).await {
+                    Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                report.keys_destroyed.push(p.key_id.clone());
+            }
+            self.with_registry(|r| r.delete_pending(p.row))?;
+            self.audit_admin(Event::new("agent.enroll_rolled_back").agent(&p.name, &p.id).details(json!({
+                "by": "tesserad", "key_id": p.key_id, "reason": "enrolment interrupted by a crash",
+            })))
+            .await;
+            report.rolled_back.push(p.name);
+        }
+        for a in self.with_registry(|r| r.revoked_with_key())? {
+            match self.destroy_key(&a, "tesserad").await {
+                Ok(()) => report.keys_destroyed.push(a.key_id.clone()),
+                Err(e) => {
+                    tracing::error!(agent = %a.name, error = %e, "revoked agent's key still not destroyed")
+                }
+            }
+        }
+        let in_store = self.keystore.list().await?;
+        for key in in_store
+            .iter()
+            .filter(|k| k.starts_with(&format!("{AGENT_KEY_PREFIX}-")))
+        {
+            let owner = self.with_registry(|r| r.referenced_key(key))?;
+            if owner.as_ref().is_some_and(Agent::is_live) {
+                continue;
+            }
+            match self.keystore.destroy(key).await {
+                Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(a) = &owner {
+                self.with_registry(|r| r.mark_key_destroyed(a.row))?;
+            }
+            self.audit_admin(Event::new("key.destroyed").details(json!({
+                "by": "tesserad", "key_id": key, "reason": "orphan key with no live agent",
+            })))
+            .await;
+            report.keys_destroyed.push(key.clone());
+        }
+        for a in self.with_registry(|r| r.live())? {
+            if !in_store.contains(&a.key_id) {
+                tracing::error!(agent = %a.name, key_id = %a.key_id, "agent's key is missing from the key store");
+                self.audit_admin(
+                    Event::new("key.missing")
+                        .agent(&a.name, &a.id)
+                        .details(json!({"key_id": a.key_id})),
+                )
+                .await;
+                report.missing_keys.push(a.name);
+            }
+        }
+        self.refresh()?;
+        Ok(report)
+    }
+}
