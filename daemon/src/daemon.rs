@@ -99,6 +99,10 @@ pub async fn start(cfg: Config) -> Result<Arc<Service>> {
 /// Run until SIGTERM/SIGINT. SIGHUP re-reads `agents_dir` (and the config file, if any).
 pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     let svc = start(cfg.clone()).await?;
+    // The bus name first, then the socket: once the socket answers, everything is up.
+    let dbus = crate::dbus::start(svc.clone(), config_path.map(Path::to_path_buf))
+        .await
+        .context("D-Bus")?;
     let listener = bind_socket(&cfg.socket)?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -112,6 +116,18 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
         },
         Duration::from_secs(10),
     ));
+    let flusher = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                if let Err(e) = svc.flush_counters() {
+                    tracing::warn!(error = %e, "cannot write issue counters");
+                }
+            }
+        })
+    };
     tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = svc.live_agents().len(), "tesserad ready");
     loop {
         tokio::select! {
@@ -127,6 +143,11 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     tracing::info!("stopping: draining connections");
     let _ = stop_tx.send(());
     let _ = server.await;
+    flusher.abort();
+    drop(dbus);
+    if let Err(e) = svc.flush_counters() {
+        tracing::warn!(error = %e, "cannot write issue counters");
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     svc.audit.record(Event::new("daemon.stopped")).await?;
     tracing::info!("tesserad stopped");

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod caller;
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod dev;
 pub mod fault;
 pub mod issuer;

@@ -453,10 +453,10 @@ impl Registry {
         Ok(())
     }
 
-    pub fn record_issued(&mut self, row: i64, at: i64) -> Result<(), RegistryError> {
+    pub fn set_issued(&mut self, row: i64, count: u64, at: i64) -> Result<(), RegistryError> {
         self.conn.execute(
-            "UPDATE agents SET issued_count = issued_count + 1, last_issued_at=?2 WHERE row=?1",
-            params![row, at],
+            "UPDATE agents SET issued_count = ?2, last_issued_at = ?3 WHERE row = ?1",
+            params![row, count as i64, at],
         )?;
         Ok(())
     }

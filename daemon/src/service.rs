@@ -2,6 +2,7 @@
 //! caller (kernel facts) → registry match → policy → issuer (signs in hardware) → audit → reply.
 //! Adapters only translate transport to these calls and [`Problem`]s back.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ pub struct Service {
     issuer: Issuer,
     pub(crate) audit: Audit,
     rate: Mutex<RateLimiter>,
+    /// Per-agent (issued count, last issued at), kept in memory on the hot path and written to
+    /// the registry by [`Service::flush_counters`]; the audit trail is the authoritative record.
+    issued: Mutex<HashMap<i64, (u64, u64, bool)>>,
     exe_cache: ExeHashCache,
     /// Serialises enrolment, revocation and reconciliation.
     pub(crate) admin: tokio::sync::Mutex<()>,
@@ -112,6 +116,7 @@ impl Service {
             keystore,
             audit,
             rate: Mutex::new(RateLimiter::default()),
+            issued: Mutex::new(HashMap::new()),
             exe_cache: ExeHashCache::default(),
             admin: tokio::sync::Mutex::new(()),
             events,
@@ -309,8 +314,14 @@ impl Service {
                     )
                     .retry_after(5));
                 }
-                if let Err(e) = self.with_registry(|r| r.record_issued(agent.row, issued.iat)) {
-                    tracing::warn!(error = %e, agent = %agent.name, "could not update issue counters");
+                {
+                    let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+                    let e = counts.entry(agent.row).or_insert((
+                        agent.issued_count,
+                        agent.last_issued_at.unwrap_or(0) as u64,
+                        false,
+                    ));
+                    *e = (e.0 + 1, issued.iat as u64, true);
                 }
                 Ok(TokenResponse {
                     token: issued.token,
@@ -381,6 +392,47 @@ impl Service {
             .retry_after(wait.as_secs_f64().ceil() as u64));
         }
         Ok(ttl)
+    }
+
+    /// (issued count, last issued at) of an agent record.
+    pub fn issued(&self, row: i64) -> (u64, u64) {
+        if let Some((c, l, _)) = self
+            .issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&row)
+        {
+            return (*c, *l);
+        }
+        self.live_agents()
+            .iter()
+            .find(|a| a.row == row)
+            .map(|a| (a.issued_count, a.last_issued_at.unwrap_or(0) as u64))
+            .unwrap_or((0, 0))
+    }
+
+    /// Write changed issue counters to the registry.
+    pub fn flush_counters(&self) -> Result<(), RegistryError> {
+        let dirty: Vec<(i64, u64, u64)> = {
+            let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+            counts
+                .iter_mut()
+                .filter(|(_, v)| v.2)
+                .map(|(row, v)| {
+                    v.2 = false;
+                    (*row, v.0, v.1)
+                })
+                .collect()
+        };
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        self.with_registry(|r| {
+            for (row, count, last) in &dirty {
+                r.set_issued(*row, *count, *last as i64)?;
+            }
+            Ok(())
+        })
     }
 
     pub(crate) fn forget_rate(&self, key_id: &str) {

@@ -6,6 +6,7 @@
 //!
 //! Everything started is stopped by pid when its guard drops.
 
+pub mod bus;
 pub mod daemon;
 pub mod devices;
 pub mod http;

@@ -22,16 +22,35 @@ fn agent() -> (String, String) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn audit_verify(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(bin("tessera")).args(["audit", "verify"]).arg(path).output().unwrap();
-    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(bin("tessera"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect()
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn write_lines(p: &Path, l: &[String]) {
@@ -40,7 +59,13 @@ fn write_lines(p: &Path, l: &[String]) {
 
 #[test]
 fn tampering_is_detected_and_named_by_seq() {
-    let mut d = Daemon::start_with(Backend::pkcs11(), Options { agents: vec![agent()], ..Default::default() });
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
     let jti = rt().block_on(async {
         let c = d.client();
         let mut last = String::new();
@@ -59,7 +84,12 @@ fn tampering_is_detected_and_named_by_seq() {
     let claims: Value = {
         use base64::Engine;
         let payload = jti.split('.').nth(1).unwrap();
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
     };
     let out = Command::new(bin("tessera"))
         .args(["--json", "audit", "tail"])
@@ -79,7 +109,10 @@ fn tampering_is_detected_and_named_by_seq() {
         write_lines(&file, &l);
         let (code, out) = audit_verify(scratch.path());
         assert_eq!(code, Some(5), "{what} not detected: {out}");
-        assert!(out.contains(&format!("at seq {want_seq} ")), "{what}: {out}");
+        assert!(
+            out.contains(&format!("at seq {want_seq} ")),
+            "{what}: {out}"
+        );
     };
     // Edit one field of record 4.
     let mut l = orig.clone();
@@ -109,11 +142,24 @@ fn tampering_is_detected_and_named_by_seq() {
 
 #[test]
 fn no_token_without_an_audit_record() {
-    let d = Daemon::start_with(Backend::pkcs11(), Options { agents: vec![agent()], ..Default::default() });
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
     let log = d.audit_dir().join("audit.log");
     let chattr = |flag: &str| {
-        let st = Command::new("chattr").arg(flag).arg(&log).status().expect("chattr (e2fsprogs)");
-        assert!(st.success(), "chattr {flag} must work on the test filesystem");
+        let st = Command::new("chattr")
+            .arg(flag)
+            .arg(&log)
+            .status()
+            .expect("chattr (e2fsprogs)");
+        assert!(
+            st.success(),
+            "chattr {flag} must work on the test filesystem"
+        );
     };
     rt().block_on(async {
         let c = d.client();
@@ -135,12 +181,22 @@ fn no_token_without_an_audit_record() {
     });
     let (code, out) = audit_verify(&d.audit_dir());
     assert_eq!(code, Some(0), "{out}");
-    let issued = d.audit_records().iter().filter(|r| r["event"] == "token.issued").count();
+    let issued = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .count();
     assert_eq!(issued, 2);
 }
 
 fn kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(backend: Backend) {
-    let mut d = Daemon::start_with(backend, Options { agents: vec![agent()], ..Default::default() });
+    let mut d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
     let runtime = rt();
     runtime.block_on(async {
@@ -179,10 +235,15 @@ fn kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(backend: Bac
     use base64::Engine;
     for t in &got {
         let claims: Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.split('.').nth(1).unwrap()).unwrap(),
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(t.split('.').nth(1).unwrap())
+                .unwrap(),
         )
         .unwrap();
-        assert!(audited.contains(claims["jti"].as_str().unwrap()), "delivered token missing from audit");
+        assert!(
+            audited.contains(claims["jti"].as_str().unwrap()),
+            "delivered token missing from audit"
+        );
     }
 }
 

@@ -1,13 +1,16 @@
 //! `tessera`: the command line for agents (token, whoami), relying parties (verify) and
 //! admins (audit; agent administration over D-Bus).
 //!
-//! Exit codes: 0 ok; 1 error; 2 usage; 3 refused by the daemon (policy, unknown caller,
-//! revoked, ...); 4 daemon unreachable or unavailable; 5 verification failed.
+//! Exit codes: 0 ok; 1 error; 2 usage or not confirmed; 3 refused by the daemon (policy,
+//! unknown caller, revoked, access denied); 4 daemon unreachable or unavailable; 5
+//! verification failed; 6 no such agent.
 
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+mod agent;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -23,6 +26,9 @@ struct Cli {
     /// Agent socket of tesserad.
     #[arg(long, global = true, env = "TESSERA_SOCKET", default_value = tessera::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Bus for admin commands: "system", "session" or an address.
+    #[arg(long, global = true, env = "TESSERA_BUS", default_value = "system")]
+    bus: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -66,6 +72,11 @@ enum Cmd {
     },
     /// The audit trail.
     Audit(AuditCmd),
+    /// Administer agents over D-Bus (root or admin_group).
+    Agent {
+        #[command(subcommand)]
+        cmd: agent::AgentSub,
+    },
 }
 
 #[derive(Args)]
@@ -247,6 +258,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Cmd::Audit(a) => audit(a.cmd, cli.json).await,
+        Cmd::Agent { cmd } => agent::run(cmd, &cli.bus, cli.json).await,
     }
 }
 

@@ -1,0 +1,309 @@
+//! `tessera agent …`: admin commands over D-Bus (root or `admin_group`).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::{json, Value as Json};
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+#[zbus::proxy(
+    interface = "org.tessera.Tessera1.Manager",
+    default_service = "org.tessera.Tessera1",
+    default_path = "/org/tessera/Tessera1"
+)]
+trait Manager {
+    fn enroll(
+        &self,
+        name: &str,
+        selectors: HashMap<&str, Value<'_>>,
+        policy: HashMap<&str, Value<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+    fn list_agents(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    fn revoke(&self, name: &str, reason: &str) -> zbus::Result<()>;
+    fn suspend(&self, name: &str) -> zbus::Result<()>;
+    fn resume(&self, name: &str) -> zbus::Result<()>;
+    fn revoke_all(&self, reason: &str) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<()>;
+}
+
+#[derive(Subcommand)]
+pub enum AgentSub {
+    /// Enrol an agent: creates its key in the TPM/HSM.
+    Enroll {
+        name: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long)]
+        exe: Option<String>,
+        #[arg(long)]
+        exe_sha256: Option<String>,
+        #[arg(long)]
+        unit: Option<String>,
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Repeat for several audiences (`*` globs allowed).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[arg(long)]
+        max_ttl: Option<String>,
+        /// Tokens per minute.
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+    /// All live agents.
+    List,
+    /// One agent's properties.
+    Show {
+        name: String,
+    },
+    /// Revoke one agent (or all with --all): its key is destroyed before this returns.
+    Revoke {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long, default_value = "revoked by admin")]
+        reason: String,
+        /// The kill switch: revoke every agent.
+        #[arg(long)]
+        all: bool,
+        /// Do not ask for confirmation (with --all).
+        #[arg(long)]
+        yes: bool,
+    },
+    Suspend {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Re-read the config and agents_dir.
+    Reload,
+}
+
+pub const EXIT_REFUSED: u8 = 3;
+pub const EXIT_UNAVAILABLE: u8 = 4;
+pub const EXIT_NOT_FOUND: u8 = 6;
+
+async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
+    match bus {
+        "system" => zbus::Connection::system().await,
+        "session" => zbus::Connection::session().await,
+        addr => zbus::connection::Builder::address(addr)?.build().await,
+    }
+}
+
+fn fail(e: &zbus::Error) -> ExitCode {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => {
+            let short = name.rsplit('.').next().unwrap_or("");
+            eprintln!("tessera: {} ({name})", msg.as_deref().unwrap_or(short));
+            match short {
+                "AccessDenied" => ExitCode::from(EXIT_REFUSED),
+                "NotFound" | "ServiceUnknown" | "UnknownObject" => ExitCode::from(EXIT_NOT_FOUND),
+                "Backend" | "AuditUnavailable" | "NoReply" => ExitCode::from(EXIT_UNAVAILABLE),
+                _ => ExitCode::FAILURE,
+            }
+        }
+        zbus::Error::FDO(fdo) => {
+            eprintln!("tessera: {fdo}");
+            match **fdo {
+                zbus::fdo::Error::AccessDenied(_) => ExitCode::from(EXIT_REFUSED),
+                zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => {
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
+        other => {
+            eprintln!("tessera: cannot reach tesserad over D-Bus: {other}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+fn value_json(v: &Value<'_>) -> Json {
+    match v {
+        Value::U32(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::Bool(x) => json!(x),
+        Value::Str(s) => json!(s.as_str()),
+        Value::Array(a) => Json::Array(a.iter().map(value_json).collect()),
+        Value::Dict(d) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in d.iter() {
+                let key = match k {
+                    Value::Str(s) => s.to_string(),
+                    other => other.to_string(),
+                };
+                out.insert(key, value_json(v));
+            }
+            Json::Object(out)
+        }
+        Value::Value(inner) => value_json(inner),
+        other => json!(other.to_string()),
+    }
+}
+
+/// Every property of one agent object, as JSON.
+async fn agent_props(conn: &zbus::Connection, path: &OwnedObjectPath) -> zbus::Result<Json> {
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination("org.tessera.Tessera1")?
+        .path(path.clone())?
+        .build()
+        .await?;
+    let iface = zbus::names::InterfaceName::try_from("org.tessera.Tessera1.Agent")?;
+    let all = props.get_all(iface).await?;
+    let mut out = serde_json::Map::new();
+    let mut keys: Vec<_> = all.keys().cloned().collect();
+    keys.sort();
+    for k in keys {
+        out.insert(k.clone(), value_json(&all[&k]));
+    }
+    Ok(Json::Object(out))
+}
+
+pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
+    let conn = match connect(bus).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let mgr = match ManagerProxy::new(&conn).await {
+        Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let res: zbus::Result<()> = async {
+        match cmd {
+            AgentSub::Enroll {
+                name,
+                uid,
+                gid,
+                exe,
+                exe_sha256,
+                unit,
+                cgroup,
+                audiences,
+                scopes,
+                max_ttl,
+                rate,
+            } => {
+                let mut sel: HashMap<&str, Value<'_>> = HashMap::new();
+                if let Some(v) = uid {
+                    sel.insert("uid", v.into());
+                }
+                if let Some(v) = gid {
+                    sel.insert("gid", v.into());
+                }
+                for (k, v) in [("exe", &exe), ("exe_sha256", &exe_sha256), ("unit", &unit), ("cgroup", &cgroup)] {
+                    if let Some(v) = v {
+                        sel.insert(k, Value::from(v.as_str()));
+                    }
+                }
+                let mut pol: HashMap<&str, Value<'_>> = HashMap::new();
+                pol.insert("audiences", audiences.clone().into());
+                pol.insert("scopes", scopes.clone().into());
+                if let Some(t) = &max_ttl {
+                    pol.insert("max_ttl", Value::from(t.as_str()));
+                }
+                if let Some(r) = rate {
+                    pol.insert("rate", r.into());
+                }
+                let path = mgr.enroll(&name, sel, pol).await?;
+                let props = agent_props(&conn, &path).await?;
+                if as_json {
+                    println!("{}", serde_json::to_string_pretty(&props).unwrap_or_default());
+                } else {
+                    println!("enrolled {name}: {} (key {})", props["Id"].as_str().unwrap_or(""), props["KeyId"].as_str().unwrap_or(""));
+                }
+            }
+            AgentSub::List => {
+                let mut rows = vec![];
+                for p in mgr.list_agents().await? {
+                    rows.push(agent_props(&conn, &p).await?);
+                }
+                if as_json {
+                    println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+                } else {
+                    println!("{:<24} {:<10} {:>8}  {:<44} ID", "NAME", "STATUS", "ISSUED", "KEY");
+                    for r in rows {
+                        println!(
+                            "{:<24} {:<10} {:>8}  {:<44} {}",
+                            r["Name"].as_str().unwrap_or(""),
+                            r["Status"].as_str().unwrap_or(""),
+                            r["IssuedCount"],
+                            r["KeyId"].as_str().unwrap_or(""),
+                            r["Id"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            AgentSub::Show { name } => {
+                let path = OwnedObjectPath::try_from(tesserad::dbus::agent_path(&name))
+                    .map_err(zbus::Error::from)?;
+                let props = agent_props(&conn, &path).await?;
+                if as_json {
+                    println!("{}", serde_json::to_string_pretty(&props).unwrap_or_default());
+                } else if let Json::Object(m) = props {
+                    for (k, v) in m {
+                        println!("{k:<14} {}", v.as_str().map(str::to_string).unwrap_or(v.to_string()));
+                    }
+                }
+            }
+            AgentSub::Revoke { name, reason, all, yes } => {
+                if all {
+                    if !yes {
+                        if !std::io::stdin().is_terminal() {
+                            eprintln!("tessera: refusing to revoke every agent without --yes (stdin is not a terminal)");
+                            return Err(zbus::Error::Failure("not confirmed".into()));
+                        }
+                        eprint!("Revoke EVERY agent and destroy every key? Type 'revoke all' to confirm: ");
+                        let mut line = String::new();
+                        let _ = std::io::stdin().read_line(&mut line);
+                        if line.trim() != "revoke all" {
+                            eprintln!("tessera: not confirmed; nothing revoked");
+                            return Err(zbus::Error::Failure("not confirmed".into()));
+                        }
+                    }
+                    mgr.revoke_all(&reason).await?;
+                    if as_json {
+                        println!("{}", json!({"revoked": "all"}));
+                    } else {
+                        println!("revoked every agent");
+                    }
+                } else if let Some(n) = name {
+                    mgr.revoke(&n, &reason).await?;
+                    if as_json {
+                        println!("{}", json!({"revoked": n}));
+                    } else {
+                        println!("revoked {n}");
+                    }
+                }
+            }
+            AgentSub::Suspend { name } => {
+                mgr.suspend(&name).await?;
+                println!("{}", if as_json { json!({"suspended": name}).to_string() } else { format!("suspended {name}") });
+            }
+            AgentSub::Resume { name } => {
+                mgr.resume(&name).await?;
+                println!("{}", if as_json { json!({"resumed": name}).to_string() } else { format!("resumed {name}") });
+            }
+            AgentSub::Reload => {
+                mgr.reload().await?;
+                println!("{}", if as_json { json!({"reloaded": true}).to_string() } else { "reloaded".to_string() });
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(zbus::Error::Failure(m)) if m == "not confirmed" => ExitCode::from(2),
+        Err(e) => fail(&e),
+    }
+}

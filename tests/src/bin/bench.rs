@@ -1,0 +1,182 @@
+//! Benchmark: token latency and throughput over the socket (1 and 16 clients) for both
+//! backends, beside the raw key-store sign time and the audit's own cost, measured in the
+//! same run. Run with `scripts/bench` (release build); prints a Markdown report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+use tessera::TokenOptions;
+use tessera_e2e::daemon::Options;
+use tessera_e2e::devices::write_config;
+use tessera_e2e::{shared_tempdir, Backend, Daemon};
+use tesserad::audit::{Audit, Event};
+use tesserad::config::Config;
+use tesserad::keystore;
+
+const AUD: &str = "https://api.example.com";
+
+struct Stats {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+    per_sec: f64,
+}
+
+fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
+    lat.sort();
+    let pick = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    Stats {
+        n: lat.len(),
+        p50: pick(0.50),
+        p99: pick(0.99),
+        per_sec: lat.len() as f64 / wall.as_secs_f64(),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+/// Raw `KeyStore::sign` on the device, no daemon.
+fn raw_sign(backend: &Backend, n: usize) -> Stats {
+    let dir = shared_tempdir();
+    let cfg = Config::load(&write_config(backend, dir.path(), "")).unwrap();
+    for (k, v) in backend.envs() {
+        std::env::set_var(k, v);
+    }
+    let mut store = keystore::open(&cfg.backend, &cfg.state_dir).unwrap();
+    store.create("agent-bench").unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(b"bench").into();
+    let mut lat = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        store.sign("agent-bench", &digest).unwrap();
+        lat.push(t.elapsed());
+    }
+    stats(lat, t0.elapsed())
+}
+
+fn tokens(d: &Daemon, clients: usize, per_client: usize) -> Stats {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let mut tasks = vec![];
+        for _ in 0..clients {
+            let c = d.client();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t = Instant::now();
+                    c.token(&TokenOptions::new(AUD)).await.expect("token");
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        stats(all, t0.elapsed())
+    })
+}
+
+fn audit_only(writers: usize, per_writer: usize) -> Stats {
+    let dir = shared_tempdir();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (audit, _) = Audit::open(dir.path(), 1 << 30).unwrap();
+        let audit = Arc::new(audit);
+        let t0 = Instant::now();
+        let mut tasks = vec![];
+        for _ in 0..writers {
+            let a = audit.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = vec![];
+                for i in 0..per_writer {
+                    let t = Instant::now();
+                    a.record(Event::new("token.issued").details(serde_json::json!({"jti": i})))
+                        .await
+                        .unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        stats(all, t0.elapsed())
+    })
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    println!(
+        "| backend | measurement | n | p50 ms | p99 ms | per second | daemon p50 / raw sign p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for name in ["tpm", "pkcs11"] {
+        let mk = || {
+            if name == "tpm" {
+                Backend::tpm()
+            } else {
+                Backend::pkcs11()
+            }
+        };
+        let raw = raw_sign(&mk(), n);
+        println!(
+            "| {name} | raw key-store sign | {} | {} | {} | {:.0} | 1.0 |",
+            raw.n,
+            ms(raw.p50),
+            ms(raw.p99),
+            raw.per_sec
+        );
+        let d = Daemon::start_with(
+            mk(),
+            Options {
+                agents: vec![(
+                    "bench".into(),
+                    format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n"),
+                )],
+                ..Default::default()
+            },
+        );
+        tokens(&d, 4, 50); // warm up (exe hash cache, key load)
+        for clients in [1usize, 16] {
+            let s = tokens(&d, clients, (n / clients).max(1));
+            println!(
+                "| {name} | token over socket, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
+                s.n,
+                ms(s.p50),
+                ms(s.p99),
+                s.per_sec,
+                s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+            );
+        }
+    }
+    for writers in [1usize, 16] {
+        let s = audit_only(writers, (n / writers).max(1));
+        println!(
+            "| - | audit record (write + fdatasync), {writers} writer(s) | {} | {} | {} | {:.0} | - |",
+            s.n,
+            ms(s.p50),
+            ms(s.p99),
+            s.per_sec
+        );
+    }
+}
