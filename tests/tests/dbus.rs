@@ -266,15 +266,7 @@ fn gdbus_as(env: &Env, uid: u32, method: &str, args: &[&str]) -> Output {
 fn non_admins_are_refused_twice(backend: Backend) {
     for policy in [BusPolicy::Shipped, BusPolicy::AllowAll] {
         let shipped = matches!(policy, BusPolicy::Shipped);
-        let env = start(
-            if shipped {
-                backend_again(&backend)
-            } else {
-                backend_again(&backend)
-            },
-            policy,
-            vec![],
-        );
+        let env = start(backend_again(&backend), policy, vec![]);
         env.ok(&["agent", "enroll", "keeper", "--uid", "0", "--audience", AUD]);
         let before = env.agents();
         for args in [
