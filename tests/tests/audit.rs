@@ -205,11 +205,8 @@ fn kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(backend: Bac
             let c = d.client();
             let got = got.clone();
             tasks.push(tokio::spawn(async move {
-                loop {
-                    match c.token(&TokenOptions::new(AUD)).await {
-                        Ok(t) => got.lock().unwrap().push(t.token),
-                        Err(_) => break,
-                    }
+                while let Ok(t) = c.token(&TokenOptions::new(AUD)).await {
+                    got.lock().unwrap().push(t.token);
                 }
             }));
         }
