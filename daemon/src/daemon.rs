@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use sd_notify::NotifyState;
 use serde_json::json;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -103,7 +104,13 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     let dbus = crate::dbus::start(svc.clone(), config_path.map(Path::to_path_buf))
         .await
         .context("D-Bus")?;
-    let listener = bind_socket(&cfg.socket)?;
+    // Socket activation: systemd owns the socket file; otherwise we bind it ourselves.
+    let (listener, owns_socket) = match crate::systemd::inherited_listener()
+        .context("cannot use the socket passed by systemd")?
+    {
+        Some(l) => (l, false),
+        None => (bind_socket(&cfg.socket)?, true),
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -128,27 +135,47 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
             }
         })
     };
+    let watchdog = crate::systemd::spawn_watchdog();
+    let status = format!(
+        "serving {} agent(s) on {} ({})",
+        svc.live_agents().len(),
+        if owns_socket {
+            cfg.socket.display().to_string()
+        } else {
+            "the systemd socket".into()
+        },
+        svc.backend_name()
+    );
+    crate::systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = svc.live_agents().len(), "tesserad ready");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
+                crate::systemd::notify(&[NotifyState::Reloading]);
                 if let Err(e) = reload(&svc, config_path).await {
                     tracing::error!(error = %e, "reload failed; keeping the running configuration");
                 }
+                crate::systemd::notify(&[NotifyState::Ready]);
             }
         }
     }
     tracing::info!("stopping: draining connections");
+    crate::systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     let _ = stop_tx.send(());
     let _ = server.await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     flusher.abort();
     drop(dbus);
     if let Err(e) = svc.flush_counters() {
         tracing::warn!(error = %e, "cannot write issue counters");
     }
-    let _ = std::fs::remove_file(&cfg.socket);
+    if owns_socket {
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     svc.audit.record(Event::new("daemon.stopped")).await?;
     tracing::info!("tesserad stopped");
     Ok(())

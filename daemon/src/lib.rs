@@ -21,3 +21,4 @@ pub mod policy;
 pub mod problem;
 pub mod registry;
 pub mod service;
+pub mod systemd;

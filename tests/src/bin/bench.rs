@@ -124,16 +124,36 @@ fn audit_only(writers: usize, per_writer: usize) -> Stats {
 /// Time of a `Revoke` call, and from its return to the first refused token.
 fn revocation(mk: &dyn Fn() -> Backend, rounds: usize) -> (Stats, Stats) {
     let bus = tessera_e2e::bus::TestBus::start(tessera_e2e::bus::BusPolicy::Shipped);
-    let d = Daemon::start_with(mk(), Options { bus: bus.address.clone(), ..Default::default() });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let d = Daemon::start_with(
+        mk(),
+        Options {
+            bus: bus.address.clone(),
+            ..Default::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
         let call = |method: &'static str, body: (String, String)| {
             let conn = conn.clone();
             async move {
-                conn.call_method(Some("org.tessera.Tessera1"), "/org/tessera/Tessera1", Some("org.tessera.Tessera1.Manager"), method, &body)
-                    .await
-                    .unwrap();
+                conn.call_method(
+                    Some("org.tessera.Tessera1"),
+                    "/org/tessera/Tessera1",
+                    Some("org.tessera.Tessera1.Manager"),
+                    method,
+                    &body,
+                )
+                .await
+                .unwrap();
             }
         };
         let (mut revoke, mut cutoff) = (vec![], vec![]);
@@ -143,11 +163,23 @@ fn revocation(mk: &dyn Fn() -> Backend, rounds: usize) -> (Stats, Stats) {
             let mut sel = std::collections::HashMap::new();
             sel.insert("uid", zbus::zvariant::Value::from(0u32));
             let mut pol = std::collections::HashMap::new();
-            pol.insert("audiences", zbus::zvariant::Value::from(vec![AUD.to_string()]));
-            conn.call_method(Some("org.tessera.Tessera1"), "/org/tessera/Tessera1", Some("org.tessera.Tessera1.Manager"), "Enroll", &(name.as_str(), sel, pol))
+            pol.insert(
+                "audiences",
+                zbus::zvariant::Value::from(vec![AUD.to_string()]),
+            );
+            conn.call_method(
+                Some("org.tessera.Tessera1"),
+                "/org/tessera/Tessera1",
+                Some("org.tessera.Tessera1.Manager"),
+                "Enroll",
+                &(name.as_str(), sel, pol),
+            )
+            .await
+            .unwrap();
+            d.client()
+                .token(&TokenOptions::new(AUD))
                 .await
-                .unwrap();
-            d.client().token(&TokenOptions::new(AUD)).await.expect("token before revoke");
+                .expect("token before revoke");
             let t0 = Instant::now();
             call("Revoke", (name, "bench".into())).await;
             let t1 = Instant::now();
@@ -198,8 +230,18 @@ fn main() {
         );
         tokens(&d, 4, 50); // warm up (exe hash cache, key load)
         let (revoke, cutoff) = revocation(&mk, 50);
-        println!("| {name} | Revoke call (record + key destroyed in device) | {} | {} | {} | - | - |", revoke.n, ms(revoke.p50), ms(revoke.p99));
-        println!("| {name} | Revoke returned -> first refused token | {} | {} | {} | - | - |", cutoff.n, ms(cutoff.p50), ms(cutoff.p99));
+        println!(
+            "| {name} | Revoke call (record + key destroyed in device) | {} | {} | {} | - | - |",
+            revoke.n,
+            ms(revoke.p50),
+            ms(revoke.p99)
+        );
+        println!(
+            "| {name} | Revoke returned -> first refused token | {} | {} | {} | - | - |",
+            cutoff.n,
+            ms(cutoff.p50),
+            ms(cutoff.p99)
+        );
         for clients in [1usize, 16] {
             let s = tokens(&d, clients, (n / clients).max(1));
             println!(

@@ -1,0 +1,155 @@
+//! Runs like a system service: the shipped units pass `systemd-analyze`, and tesserad works
+//! under socket activation with readiness, watchdog and stop notifications.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera::TokenOptions;
+use tessera_e2e::devices::write_config;
+use tessera_e2e::{bin, shared_tempdir, Backend};
+
+fn units_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+}
+
+/// The shipped units with ExecStart pointed at the built binary (verify needs it to exist).
+fn units_for_check() -> tempfile::TempDir {
+    let dir = shared_tempdir();
+    let svc = std::fs::read_to_string(units_dir().join("tesserad.service")).unwrap();
+    assert!(svc.contains("ExecStart=/usr/bin/tesserad "));
+    std::fs::write(
+        dir.path().join("tesserad.service"),
+        svc.replace("/usr/bin/tesserad", bin("tesserad").to_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::copy(
+        units_dir().join("tesserad.socket"),
+        dir.path().join("tesserad.socket"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn units_verify_cleanly_and_score_2_or_lower() {
+    let dir = units_for_check();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("tesserad.service"))
+        .arg(dir.path().join("tesserad.socket"))
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=20"])
+        .arg(dir.path().join("tesserad.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("tesserad.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in: {text}"));
+    assert!(score <= 2.0, "exposure {score}: {text}");
+    assert!(out.status.success(), "threshold check: {text}");
+}
+
+fn read_notify(sock: &UnixDatagram, want: &str, within: Duration, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no {want} within {within:?}; got {seen:?}");
+}
+
+#[test]
+fn socket_activation_ready_watchdog_token_and_clean_stop() {
+    let backend = Backend::pkcs11();
+    let dir = shared_tempdir();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("agents.d")).unwrap();
+    let cfg = write_config(&backend, &state, "");
+    std::fs::write(
+        state.join("agents.d/svc.toml"),
+        "[selectors]\nuid = 0\n[policy]\naudiences = [\"https://api.example.com\"]\n",
+    )
+    .unwrap();
+    let sock_path = dir.path().join("activated.sock");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(&sock_path);
+    cmd.arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify_path.display()));
+    cmd.arg("-E").arg("WATCHDOG_USEC=1000000");
+    for (k, v) in backend.envs() {
+        cmd.arg("-E").arg(format!("{k}={v}"));
+    }
+    let mut child = cmd
+        .arg(bin("tesserad"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate");
+    // The socket exists before the daemon (systemd made it); the first request starts it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock_path.exists() {
+        assert!(Instant::now() < deadline, "socket not created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = tessera::Client::with_socket(&sock_path);
+    let token = rt
+        .block_on(client.token(&TokenOptions::new("https://api.example.com")))
+        .expect("token over the inherited socket");
+    assert!(!token.token.is_empty());
+    let mut seen = vec![];
+    read_notify(&notify, "READY=1", Duration::from_secs(10), &mut seen);
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=serving 1 agent")),
+        "{seen:?}"
+    );
+    read_notify(&notify, "WATCHDOG=1", Duration::from_secs(5), &mut seen);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    read_notify(&notify, "STOPPING=1", Duration::from_secs(10), &mut seen);
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "exit 0 after SIGTERM");
+    assert!(
+        sock_path.exists(),
+        "the daemon leaves systemd's socket alone"
+    );
+}
