@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The packages: built by scripts/package, checked with lintian, dpkg and rpm.
+# Installs into this machine (as CI does, as root) and purges again at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+fail() { echo "package test: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || { echo "package test needs root (dpkg -i)"; exit 1; }
+
+rm -rf dist
+scripts/package >/tmp/tessera-package.log 2>&1 || { cat /tmp/tessera-package.log; fail "scripts/package failed"; }
+deb=$(ls dist/tessera_*.deb | grep -v dbgsym | head -1)
+rpmf=$(ls dist/tessera-*.rpm | head -1)
+[ -f "$deb" ] && [ -f "$rpmf" ] || fail "packages missing in dist/"
+
+echo "-- lintian"
+lintian --fail-on error --no-tag-display-limit "$deb" | tee /tmp/tessera-lintian.txt || fail "lintian reports errors"
+
+echo "-- install"
+dpkg -P tessera >/dev/null 2>&1 || true
+DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" || fail "dpkg -i"
+for f in /usr/bin/tesserad /usr/bin/tessera /usr/share/dbus-1/system.d/org.tessera.Tessera1.conf \
+         /etc/tessera/tesserad.toml /lib/systemd/system/tesserad.service /lib/systemd/system/tesserad.socket; do
+  [ -e "$f" ] || [ -e "/usr$f" ] || fail "$f not installed"
+done
+getent passwd tessera >/dev/null || fail "user tessera not created"
+getent group tessera-admin >/dev/null || fail "group tessera-admin not created"
+/usr/bin/tesserad --check-config /etc/tessera/tesserad.toml || fail "shipped config does not validate"
+file /usr/bin/tesserad | grep -q "not stripped" && fail "binary not stripped"
+/usr/bin/tessera --version >/dev/null
+
+echo "-- purge"
+dpkg -P tessera || fail "dpkg -P"
+[ ! -e /usr/bin/tesserad ] || fail "binary left after purge"
+[ ! -e /etc/tessera/tesserad.toml ] || fail "config left after purge"
+getent passwd tessera >/dev/null || fail "purge removed the user (it should stay)"
+
+echo "-- reinstall"
+DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" || fail "reinstall"
+dpkg -P tessera >/dev/null
+
+echo "-- rpm"
+deb_files=$(dpkg-deb -c "$deb" | awk '{print $6}' | sed 's#^\./#/#' | grep -v '/$' \
+  | grep -v -e '^/usr/share/doc/' -e '^/usr/lib/debug/' | sed 's#^/lib/#/usr/lib/#' | sort)
+rpm_files=$(rpm -qlp "$rpmf" | grep -v -e '^/usr/share/doc/' | sort)
+if [ "$deb_files" != "$rpm_files" ]; then
+  diff <(echo "$deb_files") <(echo "$rpm_files") || true
+  fail "rpm and deb ship different files"
+fi
+root=$(mktemp -d)
+rpm --root "$root" --initdb
+rpm --root "$root" -ivh --nodeps --noscripts "$rpmf" || fail "rpm install into a throwaway root"
+[ -x "$root/usr/bin/tesserad" ] && [ -f "$root/etc/tessera/tesserad.toml" ] || fail "rpm files missing in root"
+rpm --root "$root" -qc tessera | grep -q /etc/tessera/tesserad.toml || fail "config not marked as config"
+rm -rf "$root"
+echo "packages: ok"
