@@ -250,57 +250,76 @@ const COLUMNS: &str =
     "row, name, spiffe_id, status, source, selectors, policy, key_id, key_state, kid, jwk, \
      created_at, updated_at, revoked_at, revoke_reason, issued_count, last_issued_at";
 
-fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<(Agent, [String; 5])> {
-    // Enum and JSON columns are decoded after the query so a bad value is a typed error.
-    Ok((
-        Agent {
-            row: r.get(0)?,
-            name: r.get(1)?,
-            id: r.get(2)?,
-            status: Status::Pending,
-            source: Source::File,
-            selectors: Selectors::default(),
-            policy: Policy {
-                audiences: vec![],
-                scopes: vec![],
-                max_ttl: None,
-                rate: None,
-            },
-            key_id: r.get(7)?,
-            key_state: KeyState::Creating,
-            kid: r.get(9)?,
-            jwk: None,
-            created_at: r.get(11)?,
-            updated_at: r.get(12)?,
-            revoked_at: r.get(13)?,
-            revoke_reason: r.get(14)?,
-            issued_count: r.get::<_, i64>(15)? as u64,
-            last_issued_at: r.get(16)?,
-        },
-        [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(8)?],
-    ))
-    .and_then(|(a, cols)| {
-        let jwk: Option<String> = r.get(10)?;
-        Ok((
-            Agent {
-                jwk: jwk.and_then(|j| serde_json::from_str(&j).ok()),
-                ..a
-            },
-            cols,
-        ))
+/// The raw columns of one row; enums and JSON are decoded afterwards in [`decode`] so a bad
+/// value is a typed error instead of a panic.
+struct RawRow {
+    row: i64,
+    name: String,
+    id: String,
+    status: String,
+    source: String,
+    selectors: String,
+    policy: String,
+    key_id: String,
+    key_state: String,
+    kid: Option<String>,
+    jwk: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    revoked_at: Option<i64>,
+    revoke_reason: Option<String>,
+    issued_count: i64,
+    last_issued_at: Option<i64>,
+}
+
+fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        row: r.get(0)?,
+        name: r.get(1)?,
+        id: r.get(2)?,
+        status: r.get(3)?,
+        source: r.get(4)?,
+        selectors: r.get(5)?,
+        policy: r.get(6)?,
+        key_id: r.get(7)?,
+        key_state: r.get(8)?,
+        kid: r.get(9)?,
+        jwk: r.get(10)?,
+        created_at: r.get(11)?,
+        updated_at: r.get(12)?,
+        revoked_at: r.get(13)?,
+        revoke_reason: r.get(14)?,
+        issued_count: r.get(15)?,
+        last_issued_at: r.get(16)?,
     })
 }
 
-fn finish(parts: (Agent, [String; 5])) -> Result<Agent, RegistryError> {
-    let (mut a, [status, source, selectors, policy, key_state]) = parts;
-    a.status = Status::parse(&status)?;
-    a.source = Source::parse(&source)?;
-    a.key_state = KeyState::parse(&key_state)?;
-    a.selectors = serde_json::from_str(&selectors)
-        .map_err(|e| RegistryError::Corrupt(format!("selectors of {}: {e}", a.name)))?;
-    a.policy = serde_json::from_str(&policy)
-        .map_err(|e| RegistryError::Corrupt(format!("policy of {}: {e}", a.name)))?;
-    Ok(a)
+fn decode(r: RawRow) -> Result<Agent, RegistryError> {
+    let corrupt = |what: &str, e: serde_json::Error| {
+        RegistryError::Corrupt(format!("{what} of {}: {e}", r.name))
+    };
+    Ok(Agent {
+        status: Status::parse(&r.status)?,
+        source: Source::parse(&r.source)?,
+        key_state: KeyState::parse(&r.key_state)?,
+        selectors: serde_json::from_str(&r.selectors).map_err(|e| corrupt("selectors", e))?,
+        policy: serde_json::from_str(&r.policy).map_err(|e| corrupt("policy", e))?,
+        jwk: match &r.jwk {
+            Some(j) => Some(serde_json::from_str(j).map_err(|e| corrupt("jwk", e))?),
+            None => None,
+        },
+        row: r.row,
+        name: r.name,
+        id: r.id,
+        key_id: r.key_id,
+        kid: r.kid,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        revoked_at: r.revoked_at,
+        revoke_reason: r.revoke_reason,
+        issued_count: r.issued_count.max(0) as u64,
+        last_issued_at: r.last_issued_at,
+    })
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -322,10 +341,10 @@ impl Registry {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {COLUMNS} FROM agents {where_} ORDER BY row"
         ))?;
-        let rows = stmt.query_map(p, agent_from_row)?;
+        let rows = stmt.query_map(p, raw_row)?;
         let mut out = Vec::new();
         for r in rows {
-            out.push(finish(r?)?);
+            out.push(decode(r?)?);
         }
         Ok(out)
     }
