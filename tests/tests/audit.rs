@@ -253,3 +253,53 @@ fn tpm_kill9_under_load_keeps_every_delivered_token() {
 fn pkcs11_kill9_under_load_keeps_every_delivered_token() {
     kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(Backend::pkcs11());
 }
+
+#[test]
+fn rotation_and_a_torn_tail_keep_one_verifiable_chain() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            extra_config: "[audit]\nrotate_bytes = 2048\n".into(),
+            ..Default::default()
+        },
+    );
+    rt().block_on(async {
+        for _ in 0..20 {
+            d.client().token(&TokenOptions::new(AUD)).await.unwrap();
+        }
+    });
+    d.kill9();
+    let rotated = tesserad::audit::files_in_order(&d.audit_dir()).unwrap();
+    assert!(rotated.len() > 2, "rotated into several files: {rotated:?}");
+    // A crash mid-write leaves half a line at the end.
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.audit_dir().join("audit.log"))
+        .unwrap();
+    f.write_all(b"{\"seq\":999,\"event\":\"token.iss").unwrap();
+    drop(f);
+    d.spawn();
+    d.wait_ready();
+    rt().block_on(d.client().token(&TokenOptions::new(AUD)))
+        .unwrap();
+    d.stop();
+    let (code, out) = audit_verify(&d.audit_dir());
+    assert_eq!(code, Some(0), "{out}");
+    let recs = d.audit_records();
+    let recovered: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["event"] == "audit.tail_recovered")
+        .collect();
+    assert_eq!(recovered.len(), 1);
+    let saved = recovered[0]["details"]["saved_to"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(saved).unwrap(),
+        b"{\"seq\":999,\"event\":\"token.iss"
+    );
+    assert_eq!(
+        recs.iter().filter(|r| r["event"] == "token.issued").count(),
+        21
+    );
+}

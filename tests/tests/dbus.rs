@@ -571,3 +571,26 @@ fn bad_arguments_give_named_errors_and_change_nothing() {
     assert_eq!(env.agents(), before, "nothing changed");
     assert_eq!(device_keys(&env.d), keys, "no key created");
 }
+
+#[test]
+fn reload_over_dbus_applies_agents_dir() {
+    let env = start(Backend::pkcs11(), BusPolicy::Shipped, vec![]);
+    assert!(env.agents().is_empty());
+    env.d.write_agent(
+        "from-file",
+        &format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\n"),
+    );
+    env.ok(&["agent", "reload"]);
+    let agents = env.agents();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0]["Name"], "from-file");
+    // A bad file makes Reload report it by name, and changes nothing else.
+    env.d.write_agent("bad", "[selectors\n");
+    let out = env.cli(&["agent", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml:1"),
+        "{out:?}"
+    );
+    assert_eq!(env.agents().len(), 1);
+}

@@ -418,3 +418,30 @@ fn tpm_many_concurrent_tokens_all_verify_and_never_repeat() {
 fn pkcs11_many_concurrent_tokens_all_verify_and_never_repeat() {
     many_concurrent_tokens_all_verify_and_never_repeat(Backend::pkcs11());
 }
+
+#[test]
+fn slow_clients_are_cut_off_by_the_header_timeout() {
+    use std::io::{Read, Write};
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            extra_config: "[limits]\nheader_read_timeout = \"1s\"\nmax_connections = 4\n".into(),
+            ..Default::default()
+        },
+    );
+    let mut slow = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    slow.write_all(b"GET /v1/health HTTP/1.1\r\nHost: t\r\n")
+        .unwrap(); // headers never finish
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![];
+    let _ = slow.read_to_end(&mut buf);
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "connection closed by the daemon, after {waited:?}"
+    );
+    // Other clients are served meanwhile and after.
+    assert_eq!(rt().block_on(d.client().health()).unwrap().status, "ok");
+}
