@@ -25,7 +25,7 @@ done
 getent passwd tessera >/dev/null || fail "user tessera not created"
 getent group tessera-admin >/dev/null || fail "group tessera-admin not created"
 /usr/bin/tesserad --check-config /etc/tessera/tesserad.toml || fail "shipped config does not validate"
-file /usr/bin/tesserad | grep -q "not stripped" && fail "binary not stripped"
+file /usr/bin/tesserad | grep -q ", stripped" || fail "binary not stripped"
 /usr/bin/tessera --version >/dev/null
 
 echo "-- purge"
