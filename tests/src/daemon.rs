@@ -188,6 +188,19 @@ impl Daemon {
             .expect("run tessera")
     }
 
+    /// Ids of the keys the device holds, listed by a separate process on the same state.
+    pub fn device_keys(&self) -> Vec<String> {
+        let out = Command::new(bin("ksprobe"))
+            .arg(&self.config)
+            .arg("list")
+            .envs(self.backend.envs())
+            .output()
+            .expect("run ksprobe");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("ksprobe: {out:?}"));
+        serde_json::from_value(v["ids"].clone()).expect("ids")
+    }
+
     pub fn audit_dir(&self) -> PathBuf {
         self.state.path().join("audit")
     }

@@ -87,17 +87,6 @@ fn token_via(exe: &Path, socket: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"))
 }
 
-fn device_keys(d: &Daemon) -> Vec<String> {
-    let out = Command::new(bin("ksprobe"))
-        .arg(&d.config)
-        .arg("list")
-        .envs(d.backend.envs())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
-    serde_json::from_value(v["ids"].clone()).unwrap()
-}
-
 fn key_id_destroyed_for(d: &Daemon, name: &str) -> String {
     d.audit_records()
         .into_iter()
@@ -207,7 +196,7 @@ fn revoke_cuts_off_exactly_that_agent(backend: Backend) {
             );
         }
     }
-    assert_eq!(device_keys(&env.d).len(), 1);
+    assert_eq!(env.d.device_keys().len(), 1);
     // The other agent carries on; revoking again is fine; the name can be enrolled anew.
     assert_eq!(token_via(&b, &env.d.socket)["status"], 200);
     env.ok(&["agent", "revoke", "alpha"]);
@@ -409,7 +398,7 @@ fn suspend_resume_and_kill_switch(backend: Backend) {
         "--audience",
         AUD,
     ]);
-    assert_eq!(device_keys(&env.d).len(), 2);
+    assert_eq!(env.d.device_keys().len(), 2);
     // Without --yes and without a terminal the kill switch is refused.
     let out = env.cli(&["agent", "revoke", "--all", "--reason", "incident"]);
     assert_eq!(out.status.code(), Some(2));
@@ -417,7 +406,7 @@ fn suspend_resume_and_kill_switch(backend: Backend) {
     env.ok(&["agent", "revoke", "--all", "--reason", "incident", "--yes"]);
     assert!(env.agents().is_empty());
     assert!(
-        device_keys(&env.d).is_empty(),
+        env.d.device_keys().is_empty(),
         "no agent key left in the device"
     );
     let e = runtime
@@ -443,12 +432,12 @@ fn crash_between_revoke_record_and_destroy(backend: Backend) {
         vec![("TESSERA_FAULT".into(), "revoke-after-record".into())],
     );
     env.ok(&["agent", "enroll", "doomed", "--uid", "0", "--audience", AUD]);
-    assert_eq!(device_keys(&env.d).len(), 1);
+    assert_eq!(env.d.device_keys().len(), 1);
     let out = env.cli(&["agent", "revoke", "doomed"]);
     assert!(!out.status.success(), "the daemon died mid-revocation");
     let st = env.d.wait_exit(Duration::from_secs(10));
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
-    assert_eq!(device_keys(&env.d).len(), 1, "crash left the key");
+    assert_eq!(env.d.device_keys().len(), 1, "crash left the key");
     env.d.spawn_with_env(&[("TESSERA_FAULT", "none")]);
     env.d.wait_ready();
     let e = rt()
@@ -457,7 +446,7 @@ fn crash_between_revoke_record_and_destroy(backend: Backend) {
     assert_eq!(e.problem(), Some(tessera::ProblemType::AgentRevoked));
     env.d.stop();
     assert!(
-        device_keys(&env.d).is_empty(),
+        env.d.device_keys().is_empty(),
         "restart finished the revocation"
     );
 }
@@ -477,7 +466,7 @@ fn bad_arguments_give_named_errors_and_change_nothing() {
     let env = start(Backend::pkcs11(), BusPolicy::Shipped, vec![]);
     env.ok(&["agent", "enroll", "exists", "--uid", "0", "--audience", AUD]);
     let before = env.agents();
-    let keys = device_keys(&env.d);
+    let keys = env.d.device_keys();
     // gdbus (GLib) prints the D-Bus error name: "GDBus.Error:<name>: <message>".
     let gdbus = |method: &str, args: &[&str]| {
         Command::new("gdbus")
@@ -569,7 +558,7 @@ fn bad_arguments_give_named_errors_and_change_nothing() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.tessera.Tessera1.Error.InvalidArgs"));
     assert_eq!(env.agents(), before, "nothing changed");
-    assert_eq!(device_keys(&env.d), keys, "no key created");
+    assert_eq!(env.d.device_keys(), keys, "no key created");
 }
 
 #[test]

@@ -22,18 +22,6 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Keys the device holds, as our own store lists them (ids `agent-…`).
-fn device_keys(d: &Daemon) -> Vec<String> {
-    let out = Command::new(bin("ksprobe"))
-        .arg(&d.config)
-        .arg("list")
-        .envs(d.backend.envs())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
-    serde_json::from_value(v["ids"].clone()).unwrap()
-}
-
 fn start_failure(backend: &Backend, cfg: &std::path::Path) -> (Option<i32>, String) {
     let out = Command::new(bin("tesserad"))
         .arg("--config")
@@ -176,7 +164,7 @@ fn agents_dir_enrols_updates_revokes_and_reports_bad_files(backend: Backend) {
         serde_json::json!([])
     );
     d.stop();
-    assert!(device_keys(&d).is_empty(), "no key left in the device");
+    assert!(d.device_keys().is_empty(), "no key left in the device");
     // And it stays revoked across a restart; a new file with the name enrols a new key.
     d.write_agent("keep", &agent(0, "\"read\""));
     d.restart();
@@ -209,7 +197,7 @@ fn crash_during_enrolment_leaves_no_orphan(backend: Backend, point: &str) {
         d.log_text()
     );
     // What the crash left: a pending record, maybe a key.
-    let keys_after_crash = device_keys(&d);
+    let keys_after_crash = d.device_keys();
     if point == "enroll-after-key" {
         assert_eq!(
             keys_after_crash.len(),
@@ -225,7 +213,7 @@ fn crash_during_enrolment_leaves_no_orphan(backend: Backend, point: &str) {
     rt().block_on(d.client().token(&TokenOptions::new(AUD)))
         .unwrap();
     d.stop();
-    let keys = device_keys(&d);
+    let keys = d.device_keys();
     assert_eq!(keys.len(), 1, "exactly the live agent's key: {keys:?}");
     for k in &keys_after_crash {
         assert!(
