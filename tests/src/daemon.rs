@@ -153,6 +153,21 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
+    /// SIGHUP, then wait until the daemon logs that the reload finished.
+    pub fn reload(&self) {
+        let before = self.log_text().matches(" reloaded").count();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log_text().matches(" reloaded").count() == before {
+            assert!(
+                Instant::now() < deadline,
+                "no reload after SIGHUP:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -188,8 +203,26 @@ impl Daemon {
             .expect("run tessera")
     }
 
-    /// Ids of the keys the device holds, listed by a separate process on the same state.
+    /// Ids of the keys the device holds. PKCS#11: listed on the token by a separate process.
+    /// TPM: the key blobs in the state (a TPM key exists only as its wrapped blob; a second
+    /// TPM user would also disturb the daemon's loaded objects on swtpm).
     pub fn device_keys(&self) -> Vec<String> {
+        if let crate::Backend::Tpm(_) = self.backend {
+            let mut ids: Vec<String> = std::fs::read_dir(self.state.path().join("tpm/keys"))
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| {
+                            e.file_name()
+                                .to_str()?
+                                .strip_suffix(".priv")
+                                .map(str::to_string)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            ids.sort();
+            return ids;
+        }
         let out = Command::new(bin("ksprobe"))
             .arg(&self.config)
             .arg("list")

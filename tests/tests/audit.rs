@@ -98,6 +98,14 @@ fn tampering_is_detected_and_named_by_seq() {
         .output()
         .unwrap();
     let rec: Value = serde_json::from_slice(&out.stdout).expect("one JSON record");
+    // A jti may start with '-' (base64url): the CLI takes it as a value, not a flag.
+    let out = Command::new(bin("tessera"))
+        .args(["--json", "audit", "tail"])
+        .arg(d.audit_dir())
+        .args(["--jti", "-no-such-jti"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
     assert_eq!(rec["caller"]["pid"], std::process::id());
     assert_eq!(rec["event"], "token.issued");
 

@@ -132,8 +132,7 @@ fn agents_dir_enrols_updates_revokes_and_reports_bad_files(backend: Backend) {
         "broken",
         "[selectors]\nuid = 0\n[policy]\naudiences = [\"x\"]\nbogus = 1\n",
     );
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(800));
+    d.reload();
     let who = rt().block_on(c.whoami()).unwrap();
     assert_eq!(who.key_id, kid_before, "update keeps the key");
     rt().block_on(c.token(&TokenOptions::new(AUD).scope("write")))
@@ -147,16 +146,14 @@ fn agents_dir_enrols_updates_revokes_and_reports_bad_files(backend: Backend) {
 
     // Breaking an existing agent's file leaves the agent as it was.
     d.write_agent("keep", "[selectors]\nuid = 0\n[policy\n");
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(800));
+    d.reload();
     rt().block_on(c.token(&TokenOptions::new(AUD).scope("write")))
         .expect("agent unchanged by a bad file");
 
     // Removing the file revokes and destroys the key; the device holds no agent key after.
     std::fs::remove_file(d.agents_dir().join("keep.toml")).unwrap();
     std::fs::remove_file(d.agents_dir().join("broken.toml")).unwrap();
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(800));
+    d.reload();
     let err = rt().block_on(c.token(&TokenOptions::new(AUD))).unwrap_err();
     assert_eq!(err.problem(), Some(ProblemType::AgentRevoked));
     assert_eq!(

@@ -194,6 +194,34 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), KeyStoreError
     res.map_err(|e| state_err(path, e))
 }
 
+/// Without a resource manager (swtpm, `/dev/tpm0`) a daemon that was killed leaves its
+/// transient objects loaded and the few slots full. We are the TPM's only user there, so
+/// whatever is loaded is ours from a previous run: flush it. Behind `/dev/tpmrm0` each
+/// connection sees only its own objects, so this finds nothing. Runs before sessions are set
+/// (these commands take no authorisation).
+fn flush_stale_transients(ctx: &mut Context) -> Result<usize, KeyStoreError> {
+    use tss_esapi::constants::{tss::TPM2_TRANSIENT_FIRST, CapabilityType};
+    use tss_esapi::structures::CapabilityData;
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+        .map_err(|e| {
+            KeyStoreError::DeviceUnavailable(format!("TPM GetCapability(handles): {e}"))
+        })?;
+    let CapabilityData::Handles(list) = data else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for h in list.into_inner() {
+        let obj = ctx
+            .tr_from_tpm_public(h)
+            .map_err(|e| tpm_err("read stale object", e))?;
+        ctx.flush_context(obj)
+            .map_err(|e| tpm_err("flush stale object", e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 impl TpmKeyStore {
     /// Open the TPM through `tcti` and recreate the storage primary. `state_dir` holds the key blobs.
     pub fn open(tcti: &str, state_dir: &Path, max_loaded: usize) -> Result<Self, KeyStoreError> {
@@ -204,6 +232,13 @@ impl TpmKeyStore {
         let mut ctx = Context::new(conf).map_err(|e| {
             KeyStoreError::DeviceUnavailable(format!("cannot open TPM at {tcti:?}: {e}"))
         })?;
+        let stale = flush_stale_transients(&mut ctx)?;
+        if stale > 0 {
+            tracing::warn!(
+                objects = stale,
+                "flushed transient objects left in the TPM by a previous run"
+            );
+        }
         ctx.set_sessions((Some(AuthSession::Password), None, None));
         let template = primary_template().map_err(|e| tpm_err("primary template", e))?;
         let primary = ctx

@@ -105,8 +105,9 @@ enum AuditSub {
         agent: Option<String>,
         #[arg(long)]
         event: Option<String>,
-        /// Only records with this jti (answers "which process got token X?").
-        #[arg(long)]
+        /// Only records with this jti (answers "which process got token X?"). A jti may
+        /// start with '-' (base64url), so values that look like flags are accepted.
+        #[arg(long, allow_hyphen_values = true)]
         jti: Option<String>,
     },
 }
