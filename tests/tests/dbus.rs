@@ -583,3 +583,28 @@ fn reload_over_dbus_applies_agents_dir() {
     );
     assert_eq!(env.agents().len(), 1);
 }
+
+#[test]
+fn a_second_daemon_cannot_take_the_bus_name() {
+    let env = start(Backend::pkcs11(), BusPolicy::Shipped, vec![]);
+    env.ok(&["agent", "enroll", "first", "--uid", "0", "--audience", AUD]);
+    // Another tesserad (own state, own socket) on the same bus must fail to start.
+    let other = Backend::pkcs11();
+    let dir = shared_tempdir();
+    let cfg = tessera_e2e::devices::write_config(&other, dir.path(), "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("bus = \"none\"", &format!("bus = \"{}\"", env.bus.address));
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin("tesserad"))
+        .arg("--config")
+        .arg(&cfg)
+        .envs(other.envs())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot own org.tessera.Tessera1"), "{err}");
+    // The first daemon still owns it and answers.
+    assert_eq!(env.agents().len(), 1);
+}
