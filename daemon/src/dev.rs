@@ -66,7 +66,7 @@ pub fn prepare(kind: DevBackend, state_dir: &Path, bus: Option<&str>) -> Result<
                     dir.join("tokens").display()
                 ),
             )?;
-            // SAFETY-free but order-sensitive: no other thread exists yet (see fn doc).
+            // Process-wide: fine only because no other thread exists yet (see fn doc).
             std::env::set_var("SOFTHSM2_CONF", &conf);
             let so_pin = secret_file(&dir.join("so-pin"))?;
             let pin_file = dir.join("user-pin");
