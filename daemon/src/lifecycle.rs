@@ -217,11 +217,14 @@ impl Service {
                 })),
         )
         .await;
+        fault::point("revoke-after-record");
+        let destroyed = self.destroy_key(a, by).await;
+        // The signal comes after the key is gone (or its destruction failed and is reported to
+        // the admin and retried at start); the agent is revoked either way.
         let _ = self
             .events
             .send(AgentEvent::Revoked(a.name.clone(), reason.to_string()));
-        fault::point("revoke-after-record");
-        self.destroy_key(a, by).await
+        destroyed
     }
 
     async fn destroy_key(&self, a: &Agent, by: &str) -> Result<(), AdminError> {
