@@ -245,7 +245,10 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(c) => {
                     println!(
                         "valid: {} for {} (jti {}, expires {})",
-                        c.sub, c.aud, c.jti, c.exp
+                        c.sub,
+                        c.aud,
+                        c.jti,
+                        tesserad::service::rfc3339(c.exp)
                     );
                     ExitCode::SUCCESS
                 }
@@ -325,8 +328,12 @@ async fn audit(cmd: AuditSub, as_json: bool) -> ExitCode {
                         v["time"].as_str().unwrap_or(""),
                         v["event"].as_str().unwrap_or(""),
                         v["agent"]["name"].as_str().unwrap_or("-"),
-                        v["caller"]["pid"],
-                        v["caller"]["uid"],
+                        v["caller"]["pid"]
+                            .as_i64()
+                            .map_or("-".into(), |p| p.to_string()),
+                        v["caller"]["uid"]
+                            .as_u64()
+                            .map_or("-".into(), |u| u.to_string()),
                         v["details"]
                     );
                 }
