@@ -358,6 +358,13 @@ impl Registry {
         self.query("", [])
     }
 
+    /// Revoked records, newest first (to tell a revoked caller it is revoked).
+    pub fn revoked(&self) -> Result<Vec<Agent>, RegistryError> {
+        let mut v = self.query("WHERE status = 'revoked'", [])?;
+        v.reverse();
+        Ok(v)
+    }
+
     pub fn pending(&self) -> Result<Vec<Agent>, RegistryError> {
         self.query("WHERE status = 'pending'", [])
     }

@@ -34,6 +34,9 @@ pub struct Service {
     pub(crate) registry: Mutex<Registry>,
     /// Live agents, re-read from the registry after every change (the hot path reads this).
     live: RwLock<Arc<Vec<Agent>>>,
+    /// Revoked agents, newest first, re-read with `live`: a refused caller is told whether it
+    /// was revoked without a registry query on every refusal.
+    revoked: RwLock<Arc<Vec<Agent>>>,
     pub(crate) keystore: KeyStoreHandle,
     issuer: Issuer,
     pub(crate) audit: Audit,
@@ -107,11 +110,13 @@ impl Service {
         audit: Audit,
     ) -> Result<Arc<Service>, RegistryError> {
         let live = registry.live()?;
+        let revoked = registry.revoked()?;
         let (events, _) = broadcast::channel(256);
         Ok(Arc::new(Service {
             cfg: RwLock::new(Arc::new(cfg)),
             registry: Mutex::new(registry),
             live: RwLock::new(Arc::new(live)),
+            revoked: RwLock::new(Arc::new(revoked)),
             issuer: Issuer::new(keystore.clone()),
             keystore,
             audit,
@@ -140,8 +145,9 @@ impl Service {
 
     /// Re-read live agents after a change.
     pub(crate) fn refresh(&self) -> Result<(), RegistryError> {
-        let live = self.with_registry(|r| r.live())?;
+        let (live, revoked) = self.with_registry(|r| Ok((r.live()?, r.revoked()?)))?;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
         Ok(())
     }
 
@@ -184,22 +190,20 @@ impl Service {
             [] => {
                 // Tell a revoked agent that it is revoked, not that it is unknown.
                 let revoked = self
-                    .with_registry(|r| r.all())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .rev()
-                    .find(|a| {
-                        a.status == Status::Revoked
-                            && a.selectors.matches(caller)
-                            && wanted.is_none_or(|w| a.name == w)
-                    });
-                match revoked {
+                    .revoked
+                    .read()
+                    .map(|r| r.clone())
+                    .unwrap_or_else(|p| p.into_inner().clone());
+                let hit = revoked
+                    .iter()
+                    .find(|a| a.selectors.matches(caller) && wanted.is_none_or(|w| a.name == w));
+                match hit {
                     Some(a) => Err(Problem::new(
                         Kind::AgentRevoked,
                         format!(
                             "agent {} was revoked: {}",
                             a.name,
-                            a.revoke_reason.unwrap_or_default()
+                            a.revoke_reason.as_deref().unwrap_or_default()
                         ),
                     )),
                     None => Err(Problem::new(
