@@ -23,27 +23,122 @@ pub enum ProblemType {
     Other(String),
 }
 
+/// Prefix of every problem `type` URI.
+pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
+
 impl ProblemType {
+    /// Every type the daemon sends; the one list both sides use.
+    pub const KNOWN: [ProblemType; 16] = [
+        ProblemType::UnknownCaller,
+        ProblemType::AmbiguousCaller,
+        ProblemType::CallerGone,
+        ProblemType::AudienceNotAllowed,
+        ProblemType::ScopeNotAllowed,
+        ProblemType::TtlNotAllowed,
+        ProblemType::AgentSuspended,
+        ProblemType::AgentRevoked,
+        ProblemType::MalformedRequest,
+        ProblemType::BodyTooLarge,
+        ProblemType::RateLimited,
+        ProblemType::BackendUnavailable,
+        ProblemType::AuditUnavailable,
+        ProblemType::NotFound,
+        ProblemType::MethodNotAllowed,
+        ProblemType::Internal,
+    ];
+
     pub fn from_uri(uri: &str) -> ProblemType {
-        match uri.strip_prefix("urn:tessera:problem:").unwrap_or(uri) {
-            "unknown-caller" => ProblemType::UnknownCaller,
-            "ambiguous-caller" => ProblemType::AmbiguousCaller,
-            "caller-gone" => ProblemType::CallerGone,
-            "audience-not-allowed" => ProblemType::AudienceNotAllowed,
-            "scope-not-allowed" => ProblemType::ScopeNotAllowed,
-            "ttl-not-allowed" => ProblemType::TtlNotAllowed,
-            "agent-suspended" => ProblemType::AgentSuspended,
-            "agent-revoked" => ProblemType::AgentRevoked,
-            "malformed-request" => ProblemType::MalformedRequest,
-            "body-too-large" => ProblemType::BodyTooLarge,
-            "rate-limited" => ProblemType::RateLimited,
-            "backend-unavailable" => ProblemType::BackendUnavailable,
-            "audit-unavailable" => ProblemType::AuditUnavailable,
-            "not-found" => ProblemType::NotFound,
-            "method-not-allowed" => ProblemType::MethodNotAllowed,
-            "internal" => ProblemType::Internal,
-            _ => ProblemType::Other(uri.to_string()),
+        let slug = uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri);
+        Self::KNOWN
+            .into_iter()
+            .find(|k| k.slug() == slug)
+            .unwrap_or_else(|| ProblemType::Other(uri.to_string()))
+    }
+
+    /// The stable part of the `type` URI.
+    pub fn slug(&self) -> &str {
+        match self {
+            ProblemType::UnknownCaller => "unknown-caller",
+            ProblemType::AmbiguousCaller => "ambiguous-caller",
+            ProblemType::CallerGone => "caller-gone",
+            ProblemType::AudienceNotAllowed => "audience-not-allowed",
+            ProblemType::ScopeNotAllowed => "scope-not-allowed",
+            ProblemType::TtlNotAllowed => "ttl-not-allowed",
+            ProblemType::AgentSuspended => "agent-suspended",
+            ProblemType::AgentRevoked => "agent-revoked",
+            ProblemType::MalformedRequest => "malformed-request",
+            ProblemType::BodyTooLarge => "body-too-large",
+            ProblemType::RateLimited => "rate-limited",
+            ProblemType::BackendUnavailable => "backend-unavailable",
+            ProblemType::AuditUnavailable => "audit-unavailable",
+            ProblemType::NotFound => "not-found",
+            ProblemType::MethodNotAllowed => "method-not-allowed",
+            ProblemType::Internal => "internal",
+            ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
+    }
+
+    /// The problem `type` URI: stable, part of the public contract.
+    pub fn type_uri(&self) -> String {
+        format!("{PROBLEM_URI_PREFIX}{}", self.slug())
+    }
+
+    /// The HTTP status the daemon answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ProblemType::UnknownCaller
+            | ProblemType::CallerGone
+            | ProblemType::AudienceNotAllowed
+            | ProblemType::ScopeNotAllowed
+            | ProblemType::TtlNotAllowed
+            | ProblemType::AgentSuspended
+            | ProblemType::AgentRevoked => 403,
+            ProblemType::AmbiguousCaller => 409,
+            ProblemType::MalformedRequest => 400,
+            ProblemType::BodyTooLarge => 413,
+            ProblemType::RateLimited => 429,
+            ProblemType::BackendUnavailable | ProblemType::AuditUnavailable => 503,
+            ProblemType::NotFound => 404,
+            ProblemType::MethodNotAllowed => 405,
+            ProblemType::Internal | ProblemType::Other(_) => 500,
+        }
+    }
+
+    pub fn title(&self) -> &'static str {
+        match self {
+            ProblemType::UnknownCaller => "Caller is not an enrolled agent",
+            ProblemType::AmbiguousCaller => "Caller matches several agents; name one",
+            ProblemType::CallerGone => "Caller process has exited",
+            ProblemType::AudienceNotAllowed => "Audience not allowed by policy",
+            ProblemType::ScopeNotAllowed => "Scope not allowed by policy",
+            ProblemType::TtlNotAllowed => "TTL not allowed by policy",
+            ProblemType::AgentSuspended => "Agent is suspended",
+            ProblemType::AgentRevoked => "Agent is revoked",
+            ProblemType::MalformedRequest => "Malformed request",
+            ProblemType::BodyTooLarge => "Request body too large",
+            ProblemType::RateLimited => "Rate limit exceeded",
+            ProblemType::BackendUnavailable => "Key store unavailable",
+            ProblemType::AuditUnavailable => "Audit trail unavailable",
+            ProblemType::NotFound => "Not found",
+            ProblemType::MethodNotAllowed => "Method not allowed",
+            ProblemType::Internal | ProblemType::Other(_) => "Internal error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_type_round_trips_through_its_uri() {
+        for k in ProblemType::KNOWN {
+            assert_eq!(ProblemType::from_uri(&k.type_uri()), k);
+        }
+        assert_eq!(
+            ProblemType::from_uri("urn:tessera:problem:new-thing"),
+            ProblemType::Other("urn:tessera:problem:new-thing".into())
+        );
     }
 }
 

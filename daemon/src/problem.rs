@@ -3,94 +3,9 @@
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    UnknownCaller,
-    AmbiguousCaller,
-    CallerGone,
-    AudienceNotAllowed,
-    ScopeNotAllowed,
-    TtlNotAllowed,
-    AgentSuspended,
-    AgentRevoked,
-    MalformedRequest,
-    BodyTooLarge,
-    RateLimited,
-    BackendUnavailable,
-    AuditUnavailable,
-    NotFound,
-    MethodNotAllowed,
-    Internal,
-}
-
-impl Kind {
-    pub fn slug(self) -> &'static str {
-        match self {
-            Kind::UnknownCaller => "unknown-caller",
-            Kind::AmbiguousCaller => "ambiguous-caller",
-            Kind::CallerGone => "caller-gone",
-            Kind::AudienceNotAllowed => "audience-not-allowed",
-            Kind::ScopeNotAllowed => "scope-not-allowed",
-            Kind::TtlNotAllowed => "ttl-not-allowed",
-            Kind::AgentSuspended => "agent-suspended",
-            Kind::AgentRevoked => "agent-revoked",
-            Kind::MalformedRequest => "malformed-request",
-            Kind::BodyTooLarge => "body-too-large",
-            Kind::RateLimited => "rate-limited",
-            Kind::BackendUnavailable => "backend-unavailable",
-            Kind::AuditUnavailable => "audit-unavailable",
-            Kind::NotFound => "not-found",
-            Kind::MethodNotAllowed => "method-not-allowed",
-            Kind::Internal => "internal",
-        }
-    }
-
-    pub fn status(self) -> u16 {
-        match self {
-            Kind::UnknownCaller
-            | Kind::CallerGone
-            | Kind::AudienceNotAllowed
-            | Kind::ScopeNotAllowed
-            | Kind::TtlNotAllowed
-            | Kind::AgentSuspended
-            | Kind::AgentRevoked => 403,
-            Kind::AmbiguousCaller => 409,
-            Kind::MalformedRequest => 400,
-            Kind::BodyTooLarge => 413,
-            Kind::RateLimited => 429,
-            Kind::BackendUnavailable | Kind::AuditUnavailable => 503,
-            Kind::NotFound => 404,
-            Kind::MethodNotAllowed => 405,
-            Kind::Internal => 500,
-        }
-    }
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Kind::UnknownCaller => "Caller is not an enrolled agent",
-            Kind::AmbiguousCaller => "Caller matches several agents; name one",
-            Kind::CallerGone => "Caller process has exited",
-            Kind::AudienceNotAllowed => "Audience not allowed by policy",
-            Kind::ScopeNotAllowed => "Scope not allowed by policy",
-            Kind::TtlNotAllowed => "TTL not allowed by policy",
-            Kind::AgentSuspended => "Agent is suspended",
-            Kind::AgentRevoked => "Agent is revoked",
-            Kind::MalformedRequest => "Malformed request",
-            Kind::BodyTooLarge => "Request body too large",
-            Kind::RateLimited => "Rate limit exceeded",
-            Kind::BackendUnavailable => "Key store unavailable",
-            Kind::AuditUnavailable => "Audit trail unavailable",
-            Kind::NotFound => "Not found",
-            Kind::MethodNotAllowed => "Method not allowed",
-            Kind::Internal => "Internal error",
-        }
-    }
-
-    /// The problem `type` URI: stable, part of the public contract.
-    pub fn type_uri(self) -> String {
-        format!("urn:tessera:problem:{}", self.slug())
-    }
-}
+/// The refusal kinds are the SDK's list (slug, status, title), so daemon and clients cannot
+/// disagree about the contract.
+pub use tessera::ProblemType as Kind;
 
 /// A refusal: what kind, why, and when to come back (429/503).
 #[derive(Debug, Clone)]
