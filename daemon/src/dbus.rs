@@ -229,9 +229,16 @@ impl Ctx {
         if uid == 0 || in_group(uid, &group) {
             Ok(format!("dbus uid {uid} pid {pid}"))
         } else {
-            Err(TesseraError::AccessDenied(format!(
-                "uid {uid} is neither root nor in group {group}"
-            )))
+            let reason = format!("uid {uid} is neither root nor in group {group}");
+            let method = hdr.member().map(|m| m.to_string()).unwrap_or_default();
+            let ev = crate::audit::Event::new("access.denied").details(json!({
+                "problem": "admin-access-denied", "reason": reason,
+                "method": method, "uid": uid, "pid": pid,
+            }));
+            if let Err(e) = self.svc.audit.record(ev).await {
+                tracing::error!(error = %e, "could not audit a refused admin call");
+            }
+            Err(TesseraError::AccessDenied(reason))
         }
     }
 

@@ -287,6 +287,25 @@ fn non_admins_are_refused_twice(backend: Backend) {
             );
         }
         assert_eq!(env.agents(), before, "nothing changed");
+        // Refusals the daemon itself makes are in the audit trail, with who asked for what.
+        let denied: Vec<Value> = env
+            .d
+            .audit_records()
+            .into_iter()
+            .filter(|r| {
+                r["event"] == "access.denied" && r["details"]["problem"] == "admin-access-denied"
+            })
+            .collect();
+        if shipped {
+            assert!(
+                denied.is_empty(),
+                "the bus refused before the daemon saw anything"
+            );
+        } else {
+            assert_eq!(denied.len(), 4, "{denied:?}");
+            assert_eq!(denied[0]["details"]["uid"], 65534);
+            assert_eq!(denied[0]["details"]["method"], "Enroll");
+        }
         // Credentials: anyone may ask; only an enrolled agent gets a token.
         let out = gdbus_as(
             &env,
