@@ -35,6 +35,13 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Resp {
     r
 }
 
+fn pem_response(content_type: &'static str, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
 pub fn problem_response(p: &Problem) -> Resp {
     let body = serde_json::to_vec(&p.body()).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -129,7 +136,43 @@ async fn route(
             let t = svc.issue_token(&caller, body).await?;
             Ok(json_response(StatusCode::OK, &t))
         }
-        (_, "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token") => Err(Problem::new(
+        (Method::GET, "/v1/certificate") => {
+            let caller = svc.identify(peer).await?;
+            let c = svc
+                .issue_certificate(
+                    &caller,
+                    query_param(&req, "agent"),
+                    query_param(&req, "ttl"),
+                )
+                .await?;
+            Ok(pem_response(
+                "application/pem-certificate-chain",
+                c.chain_pem,
+            ))
+        }
+        (Method::GET, "/v1/bundle") => Ok(pem_response(
+            "application/pem-certificate-chain",
+            svc.bundle_pem()?,
+        )),
+        (Method::GET, "/v1/crl") => {
+            Ok(pem_response("application/x-pem-file", svc.crl_pem().await?))
+        }
+        (Method::GET, "/v1/attestation") => {
+            let caller = svc.identify(peer).await?;
+            let body = svc
+                .attestation(
+                    &caller,
+                    query_param(&req, "agent"),
+                    query_param(&req, "nonce"),
+                )
+                .await?;
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        (
+            _,
+            "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/certificate"
+            | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
+        ) => Err(Problem::new(
             Kind::MethodNotAllowed,
             format!("{} is not allowed on {path}", req.method()),
         )),

@@ -70,6 +70,8 @@ pub struct Config {
     #[serde(default)]
     pub tokens: TokensConfig,
     #[serde(default)]
+    pub certificates: CertificatesConfig,
+    #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
@@ -111,6 +113,50 @@ impl Default for TokensConfig {
             max_ttl: default_max_ttl(),
         }
     }
+}
+
+/// X.509 agent certificates from the host CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatesConfig {
+    /// Lifetime of an agent certificate when the caller asks for none (clamped to the agent's
+    /// limit: its policy `max_cert_ttl`, else its token `max_ttl`).
+    #[serde(default = "default_cert_ttl")]
+    pub default_ttl: Dur,
+    /// Ceiling for any agent's `max_cert_ttl`.
+    #[serde(default = "default_cert_max_ttl")]
+    pub max_ttl: Dur,
+    /// How long a CRL is valid (`nextUpdate`); it is re-signed at half this age and at every
+    /// revocation.
+    #[serde(default = "default_crl_validity")]
+    pub crl_validity: Dur,
+    /// Validity of the self-signed host CA certificate.
+    #[serde(default = "default_ca_validity")]
+    pub ca_validity: Dur,
+}
+
+impl Default for CertificatesConfig {
+    fn default() -> Self {
+        CertificatesConfig {
+            default_ttl: default_cert_ttl(),
+            max_ttl: default_cert_max_ttl(),
+            crl_validity: default_crl_validity(),
+            ca_validity: default_ca_validity(),
+        }
+    }
+}
+
+fn default_cert_ttl() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+fn default_cert_max_ttl() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn default_crl_validity() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn default_ca_validity() -> Dur {
+    Dur(Duration::from_secs(10 * 365 * 24 * 3600))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +310,24 @@ impl Config {
         }
         if self.tokens.default_ttl.0 < Duration::from_secs(1) {
             return Err(invalid("tokens.default_ttl must be at least 1s".into()));
+        }
+        let c = &self.certificates;
+        if c.default_ttl.0 < Duration::from_secs(60) || c.default_ttl.0 > c.max_ttl.0 {
+            return Err(invalid(format!(
+                "certificates.default_ttl ({}) must be at least 1m and at most certificates.max_ttl ({})",
+                format_duration(c.default_ttl.0),
+                format_duration(c.max_ttl.0)
+            )));
+        }
+        if c.crl_validity.0 < Duration::from_secs(60) {
+            return Err(invalid(
+                "certificates.crl_validity must be at least 1m".into(),
+            ));
+        }
+        if c.ca_validity.0 < c.max_ttl.0 {
+            return Err(invalid(
+                "certificates.ca_validity must be at least certificates.max_ttl".into(),
+            ));
         }
         if !self.id_template.contains("{name}") {
             return Err(invalid("id_template must contain {name}".into()));

@@ -1,7 +1,7 @@
 //! Start-up, serving and shutdown of `tesserad`.
 //!
-//! Order: state dir → audit → key store → registry → crash repair → agents_dir → socket →
-//! ready. A failure before "ready" exits non-zero with the reason; nothing is half-started.
+//! Order: state dir → audit → key store → registry → crash repair → host CA → agents_dir →
+//! socket → ready. A failure before "ready" exits non-zero with the reason; nothing is half-started.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -92,6 +92,9 @@ pub async fn start(cfg: Config) -> Result<Arc<Service>> {
     if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
         tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
     }
+    svc.init_host_ca()
+        .await
+        .context("cannot set up the host CA")?;
     let r = svc.reconcile_agents_dir(&cfg.agents_dir).await?;
     tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
     Ok(svc)

@@ -48,6 +48,7 @@ pub enum TesseraError {
     AgentRevoked(String),
     RateLimited(String),
     AuditUnavailable(String),
+    CertificateRejected(String),
     Failed(String),
 }
 
@@ -62,6 +63,8 @@ impl From<AdminError> for TesseraError {
             AdminError::Backend(_) => TesseraError::Backend(msg),
             AdminError::Registry(_) => TesseraError::Failed(msg),
             AdminError::Audit(_) => TesseraError::AuditUnavailable(msg),
+            AdminError::CertificateRejected(_) => TesseraError::CertificateRejected(msg),
+            AdminError::Failed(_) => TesseraError::Failed(msg),
         }
     }
 }
@@ -135,7 +138,7 @@ fn dict_to_json(kind: &str, d: &HashMap<String, OwnedValue>) -> Result<Json, Tes
         let mut j = variant_to_json(v)
             .map_err(|e| TesseraError::InvalidArgs(format!("{kind} {k}: {e}")))?;
         // A TTL may come as seconds.
-        if k == "max_ttl" {
+        if k == "max_ttl" || k == "max_cert_ttl" {
             if let Some(n) = j.as_u64() {
                 j = json!(format!("{n}s"));
             }

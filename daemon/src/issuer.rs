@@ -8,8 +8,23 @@ use p256::ecdsa::VerifyingKey;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::keystore::{ecdsa, owner::KeyStoreHandle, KeyStoreError};
+use der::Encode;
+use p256::ecdsa::Signature;
+use x509_cert::certificate::{Certificate, TbsCertificate};
+use x509_cert::crl::{CertificateList, TbsCertList};
+use x509_cert::request::{CertReq, CertReqInfo};
+
+use crate::keystore::{ecdsa, owner::KeyStoreHandle, KeyEvidence, KeyStoreError};
 use crate::registry::Agent;
+use crate::x509::{self, X509Error};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
+    #[error("X.509: {0}")]
+    X509(#[from] X509Error),
+}
 
 /// RFC 7517 public JWK for a P-256 key, with `kid` = RFC 7638 thumbprint.
 pub fn jwk_of(key: &VerifyingKey) -> (String, Value) {
@@ -81,6 +96,46 @@ impl Issuer {
             iat,
             exp,
         })
+    }
+
+    /// ECDSA signature by `key_id` over SHA-256 of the DER of a structure built here.
+    async fn sign_der<T: Encode>(&self, key_id: &str, tbs: &T) -> Result<Signature, IssueError> {
+        let (_, digest) = x509::to_be_signed(tbs)?;
+        Ok(self.keystore.sign(key_id, digest).await?)
+    }
+
+    /// Sign a certificate (host CA or agent) with the host CA key `ca_key_id`.
+    pub async fn certificate(
+        &self,
+        ca_key_id: &str,
+        tbs: TbsCertificate,
+    ) -> Result<Certificate, IssueError> {
+        let sig = self.sign_der(ca_key_id, &tbs).await?;
+        Ok(x509::assemble_certificate(tbs, &sig)?)
+    }
+
+    pub async fn crl(
+        &self,
+        ca_key_id: &str,
+        tbs: TbsCertList,
+    ) -> Result<CertificateList, IssueError> {
+        let sig = self.sign_der(ca_key_id, &tbs).await?;
+        Ok(x509::assemble_crl(tbs, &sig)?)
+    }
+
+    /// PKCS#10 request signed by the key it names (proof of possession).
+    pub async fn csr(&self, key_id: &str, info: CertReqInfo) -> Result<CertReq, IssueError> {
+        let sig = self.sign_der(key_id, &info).await?;
+        Ok(x509::assemble_csr(info, &sig)?)
+    }
+
+    /// Evidence about where `agent`'s key lives, bound to the relying party's nonce.
+    pub async fn evidence(
+        &self,
+        agent: &Agent,
+        nonce: &[u8],
+    ) -> Result<KeyEvidence, KeyStoreError> {
+        self.keystore.attest(&agent.key_id, nonce).await
     }
 }
 

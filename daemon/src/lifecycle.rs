@@ -40,6 +40,10 @@ pub enum AdminError {
     Registry(RegistryError),
     #[error("audit: {0}")]
     Audit(#[from] AuditError),
+    #[error("certificate rejected: {0}")]
+    CertificateRejected(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl From<RegistryError> for AdminError {
@@ -79,7 +83,10 @@ impl Service {
         validate_name(name).map_err(AdminError::InvalidArgs)?;
         selectors.validate().map_err(AdminError::InvalidArgs)?;
         policy
-            .validate(self.config().tokens.max_ttl.0)
+            .validate(
+                self.config().tokens.max_ttl.0,
+                self.config().certificates.max_ttl.0,
+            )
             .map_err(AdminError::InvalidArgs)
     }
 
@@ -219,6 +226,8 @@ impl Service {
         .await;
         fault::point("revoke-after-record");
         let destroyed = self.destroy_key(a, by).await;
+        // Its certificates go on the CRL before anyone is told.
+        self.refresh_crl_logged().await;
         // The signal comes after the key is gone (or its destruction failed and is reported to
         // the admin and retried at start); the agent is revoked either way.
         let _ = self

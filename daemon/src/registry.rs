@@ -23,6 +23,8 @@ pub enum RegistryError {
     NotFound(String),
     #[error("registry record is corrupt: {0}")]
     Corrupt(String),
+    #[error("agent {0:?} is no longer active")]
+    NotLive(String),
 }
 
 /// Which processes are this agent. All given must match; `uid` or `unit` is required.
@@ -98,13 +100,32 @@ pub struct Policy {
     pub scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ttl: Option<Dur>,
+    /// Longest agent certificate; defaults to `max_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cert_ttl: Option<Dur>,
     /// Tokens per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u32>,
 }
 
 impl Policy {
-    pub fn validate(&self, global_max_ttl: std::time::Duration) -> Result<(), String> {
+    pub fn validate(
+        &self,
+        global_max_ttl: std::time::Duration,
+        global_max_cert_ttl: std::time::Duration,
+    ) -> Result<(), String> {
+        if let Some(m) = self.max_cert_ttl {
+            if m.0 > global_max_cert_ttl {
+                return Err(format!(
+                    "policy max_cert_ttl {} is above the daemon's certificates.max_ttl {}",
+                    crate::config::format_duration(m.0),
+                    crate::config::format_duration(global_max_cert_ttl)
+                ));
+            }
+            if m.0.as_secs() < 60 {
+                return Err("policy max_cert_ttl must be at least 1m".into());
+            }
+        }
         if self.audiences.is_empty() {
             return Err("policy audiences must not be empty".into());
         }
@@ -244,6 +265,17 @@ CREATE TABLE IF NOT EXISTS agents (
   last_issued_at INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS agents_live_name ON agents(name) WHERE status != 'revoked';
+CREATE TABLE IF NOT EXISTS certificates (
+  serial TEXT PRIMARY KEY,
+  agent_row INTEGER NOT NULL REFERENCES agents(row),
+  not_after INTEGER NOT NULL,
+  issued_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_agent ON certificates(agent_row);
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 ";
 
 const COLUMNS: &str =
@@ -495,6 +527,83 @@ impl Registry {
             .next())
     }
 
+    /// Record an issued agent certificate, only while its agent is still live: a revocation
+    /// that committed first wins, so no certificate of a revoked agent is missing from the CRL.
+    pub fn record_certificate(
+        &mut self,
+        agent: &Agent,
+        serial_hex: &str,
+        not_after: i64,
+    ) -> Result<(), RegistryError> {
+        let tx = self.conn.transaction()?;
+        let live: Option<String> = tx
+            .query_row(
+                "SELECT status FROM agents WHERE row=?1 AND status IN ('active','suspended')",
+                [agent.row],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if live.is_none() {
+            return Err(RegistryError::NotLive(agent.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO certificates (serial, agent_row, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
+            params![serial_hex, agent.row, not_after, now_unix()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// (serial, revoked_at) of every unexpired certificate whose agent is revoked.
+    pub fn revoked_certificates(&self, now: i64) -> Result<Vec<(String, i64)>, RegistryError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.serial, a.revoked_at FROM certificates c JOIN agents a ON a.row = c.agent_row
+             WHERE a.status = 'revoked' AND c.not_after > ?1 ORDER BY c.serial",
+        )?;
+        let rows = stmt.query_map([now], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (serial, at) = r?;
+            out.push((serial, at.unwrap_or(now)));
+        }
+        Ok(out)
+    }
+
+    /// Forget certificates that expired: they need no CRL entry any more.
+    pub fn prune_certificates(&mut self, now: i64) -> Result<usize, RegistryError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM certificates WHERE not_after <= ?1", [now])?)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), RegistryError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Next CRL number (monotonic across restarts).
+    pub fn next_crl_number(&mut self) -> Result<u64, RegistryError> {
+        let n = self
+            .meta("crl.number")?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        self.set_meta("crl.number", &n.to_string())?;
+        Ok(n)
+    }
+
     pub fn exists_row(&self, row: i64) -> Result<bool, RegistryError> {
         Ok(self
             .conn
@@ -519,6 +628,7 @@ mod tests {
             audiences: vec!["a".into()],
             scopes: vec![],
             max_ttl: None,
+            max_cert_ttl: None,
             rate: None,
         }
     }

@@ -38,7 +38,14 @@ pub struct Service {
     /// was revoked without a registry query on every refusal.
     revoked: RwLock<Arc<Vec<Agent>>>,
     pub(crate) keystore: KeyStoreHandle,
-    issuer: Issuer,
+    pub(crate) issuer: Issuer,
+    /// The host CA, set by [`Service::init_host_ca`] at start.
+    pub(crate) ca: RwLock<Option<Arc<crate::hostca::HostCa>>>,
+    pub(crate) crl: RwLock<Option<Arc<crate::hostca::Crl>>>,
+    /// Serialises CRL signing so a newer CRL is never replaced by an older one.
+    pub(crate) crl_lock: tokio::sync::Mutex<()>,
+    /// A revocation whose CRL could not be signed yet.
+    pub(crate) crl_stale: std::sync::atomic::AtomicBool,
     pub(crate) audit: Audit,
     rate: Mutex<RateLimiter>,
     /// Per-agent (issued count, last issued at), kept in memory on the hot path and written to
@@ -119,6 +126,10 @@ impl Service {
             revoked: RwLock::new(Arc::new(revoked)),
             issuer: Issuer::new(keystore.clone()),
             keystore,
+            ca: RwLock::new(None),
+            crl: RwLock::new(None),
+            crl_lock: tokio::sync::Mutex::new(()),
+            crl_stale: std::sync::atomic::AtomicBool::new(false),
             audit,
             rate: Mutex::new(RateLimiter::default()),
             issued: Mutex::new(HashMap::new()),
@@ -318,15 +329,7 @@ impl Service {
                     )
                     .retry_after(5));
                 }
-                {
-                    let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-                    let e = counts.entry(agent.row).or_insert((
-                        agent.issued_count,
-                        agent.last_issued_at.unwrap_or(0) as u64,
-                        false,
-                    ));
-                    *e = (e.0 + 1, issued.iat as u64, true);
-                }
+                self.count_issued(&agent, issued.iat);
                 Ok(TokenResponse {
                     token: issued.token,
                     token_type: "Bearer",
@@ -386,16 +389,36 @@ impl Service {
                 ),
             )
         })?;
-        let rate = agent.policy.rate.unwrap_or(cfg.limits.default_rate);
+        self.check_rate(agent)?;
+        Ok(ttl)
+    }
+
+    /// One per-agent budget for every credential it is issued (tokens, certificates, evidence).
+    pub(crate) fn check_rate(&self, agent: &Agent) -> Result<(), Problem> {
+        let rate = agent
+            .policy
+            .rate
+            .unwrap_or(self.config().limits.default_rate);
         let mut rl = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(wait) = rl.check(&agent.key_id, rate, Instant::now()) {
             return Err(Problem::new(
                 Kind::RateLimited,
-                format!("agent {} may get {rate} tokens per minute", agent.name),
+                format!("agent {} may get {rate} credentials per minute", agent.name),
             )
             .retry_after(wait.as_secs_f64().ceil() as u64));
         }
-        Ok(ttl)
+        Ok(())
+    }
+
+    /// Count a credential in the agent's issued counters.
+    pub(crate) fn count_issued(&self, agent: &Agent, at: i64) {
+        let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let e = counts.entry(agent.row).or_insert((
+            agent.issued_count,
+            agent.last_issued_at.unwrap_or(0) as u64,
+            false,
+        ));
+        *e = (e.0 + 1, at as u64, true);
     }
 
     /// (issued count, last issued at) of an agent record.

@@ -100,6 +100,31 @@ pub struct CreatedKey {
     pub public: VerifyingKey,
 }
 
+/// What a key store can say about where a key lives (`GET /v1/attestation`).
+#[derive(Debug, Clone)]
+pub enum KeyEvidence {
+    /// TPM2_Certify of the key by the TPM's attestation key over the caller's nonce.
+    Tpm(TpmCertify),
+    /// PKCS#11 attributes as the token reports them: the token's word, not hardware evidence.
+    Pkcs11Attributes(Vec<(&'static str, bool)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct TpmCertify {
+    /// The raw TPMS_ATTEST the TPM signed.
+    pub attest: Vec<u8>,
+    /// The attestation key's signature over SHA-256 of `attest`.
+    pub signature: Signature,
+    pub ak_public: VerifyingKey,
+    /// The certified key's TPMT_PUBLIC; its name is what `attest` certifies.
+    pub key_public: Vec<u8>,
+    /// EK certificates (DER) found in the TPM's NV storage.
+    pub ek_certificates: Vec<Vec<u8>>,
+}
+
+/// Largest nonce TPM2_Certify takes as qualifying data (TPM2B_DATA holds a TPMT_HA).
+pub const MAX_NONCE: usize = 64;
+
 /// One backend. Implementations own their device handle and are driven from one thread.
 pub trait KeyStore {
     fn backend(&self) -> BackendKind;
@@ -112,6 +137,8 @@ pub trait KeyStore {
     fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError>;
     /// Ids of every key this store holds (for reconciliation at start).
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError>;
+    /// Evidence that key `id` was made inside the device, bound to `nonce`.
+    fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError>;
 }
 
 /// Key ids become file names and labels: keep them to a safe alphabet.

@@ -8,7 +8,7 @@ use std::thread;
 use p256::ecdsa::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BackendKind, CreatedKey, KeyStore, KeyStoreError};
+use super::{BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError};
 
 /// Requests waiting for the device at most; beyond that callers get `Busy`.
 pub const QUEUE_DEPTH: usize = 256;
@@ -21,6 +21,7 @@ enum Request {
     Sign(String, [u8; 32], Reply<Signature>),
     Destroy(String, Reply<()>),
     List(Reply<Vec<String>>),
+    Attest(String, Vec<u8>, Reply<KeyEvidence>),
 }
 
 /// Cheap to clone; every clone feeds the same device thread.
@@ -98,6 +99,10 @@ impl KeyStoreHandle {
     pub async fn list(&self) -> Result<Vec<String>, KeyStoreError> {
         self.call(Request::List).await
     }
+    pub async fn attest(&self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
+        let (id, nonce) = (id.to_string(), nonce.to_vec());
+        self.call(|r| Request::Attest(id, nonce, r)).await
+    }
 }
 
 fn serve(store: &mut dyn KeyStore, req: Request) {
@@ -117,6 +122,9 @@ fn serve(store: &mut dyn KeyStore, req: Request) {
         }
         Request::List(r) => {
             let _ = r.send(store.list());
+        }
+        Request::Attest(id, nonce, r) => {
+            let _ = r.send(store.attest(&id, &nonce));
         }
     }
 }

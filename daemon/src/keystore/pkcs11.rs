@@ -18,7 +18,9 @@ use cryptoki::{
 };
 use p256::ecdsa::{Signature, VerifyingKey};
 
-use super::{ecdsa, validate_key_id, BackendKind, CreatedKey, KeyStore, KeyStoreError};
+use super::{
+    ecdsa, validate_key_id, BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError,
+};
 
 /// DER OID of prime256v1 (CKA_EC_PARAMS).
 const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -309,5 +311,50 @@ impl KeyStore for Pkcs11KeyStore {
         }
         ids.sort();
         Ok(ids)
+    }
+
+    /// The token's own account of the private key: what it says, not hardware evidence.
+    fn attest(&mut self, id: &str, _nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
+        validate_key_id(id)?;
+        let h = self.private_handle(id)?;
+        let wanted = [
+            (AttributeType::Token, "CKA_TOKEN"),
+            (AttributeType::Private, "CKA_PRIVATE"),
+            (AttributeType::Sensitive, "CKA_SENSITIVE"),
+            (AttributeType::AlwaysSensitive, "CKA_ALWAYS_SENSITIVE"),
+            (AttributeType::Extractable, "CKA_EXTRACTABLE"),
+            (AttributeType::NeverExtractable, "CKA_NEVER_EXTRACTABLE"),
+            (AttributeType::Local, "CKA_LOCAL"),
+            (AttributeType::Sign, "CKA_SIGN"),
+            (AttributeType::Decrypt, "CKA_DECRYPT"),
+            (AttributeType::Unwrap, "CKA_UNWRAP"),
+            (AttributeType::Derive, "CKA_DERIVE"),
+        ];
+        let types: Vec<AttributeType> = wanted.iter().map(|(t, _)| *t).collect();
+        let attrs = self
+            .session
+            .get_attributes(h, &types)
+            .map_err(|e| ck_err("C_GetAttributeValue", e))?;
+        let mut out = Vec::new();
+        for a in attrs {
+            let (t, v) = match a {
+                Attribute::Token(v) => (AttributeType::Token, v),
+                Attribute::Private(v) => (AttributeType::Private, v),
+                Attribute::Sensitive(v) => (AttributeType::Sensitive, v),
+                Attribute::AlwaysSensitive(v) => (AttributeType::AlwaysSensitive, v),
+                Attribute::Extractable(v) => (AttributeType::Extractable, v),
+                Attribute::NeverExtractable(v) => (AttributeType::NeverExtractable, v),
+                Attribute::Local(v) => (AttributeType::Local, v),
+                Attribute::Sign(v) => (AttributeType::Sign, v),
+                Attribute::Decrypt(v) => (AttributeType::Decrypt, v),
+                Attribute::Unwrap(v) => (AttributeType::Unwrap, v),
+                Attribute::Derive(v) => (AttributeType::Derive, v),
+                _ => continue,
+            };
+            if let Some((_, name)) = wanted.iter().find(|(w, _)| *w == t) {
+                out.push((*name, v));
+            }
+        }
+        Ok(KeyEvidence::Pkcs11Attributes(out))
     }
 }

@@ -40,7 +40,10 @@ use tss_esapi::{
     Context, TctiNameConf,
 };
 
-use super::{ecdsa, validate_key_id, BackendKind, CreatedKey, KeyStore, KeyStoreError};
+use super::{
+    ecdsa, validate_key_id, BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError,
+    TpmCertify, MAX_NONCE,
+};
 
 /// Loaded agent keys kept at most; with the primary this fills swtpm's 3 slots.
 pub const DEFAULT_MAX_LOADED: usize = 2;
@@ -52,7 +55,26 @@ pub struct TpmKeyStore {
     max_loaded: usize,
     /// Most recently used last.
     loaded: Vec<(String, KeyHandle)>,
+    /// Attestation key blobs (`ak.pub`/`ak.priv`), beside `keys/` so they are never listed
+    /// as agent keys.
+    ak_dir: PathBuf,
+    /// EK certificates read from NV at open (DER).
+    ek_certificates: Vec<Vec<u8>>,
 }
+
+/// NV indices where TCG-compliant TPMs keep EK certificates (TCG EK Credential Profile 2.x):
+/// RSA 2048 and ECC P-256 (low range), then the high range (RSA 2048..4096, ECC P-256..P-521).
+const EK_CERT_INDICES: [u32; 9] = [
+    0x01c0_0002,
+    0x01c0_000a,
+    0x01c0_0012,
+    0x01c0_0014,
+    0x01c0_0016,
+    0x01c0_0018,
+    0x01c0_001a,
+    0x01c0_001c,
+    0x01c0_001e,
+];
 
 fn tpm_err(op: &'static str, e: tss_esapi::Error) -> KeyStoreError {
     if let tss_esapi::Error::Tss2Error(rc) = e {
@@ -138,6 +160,65 @@ pub fn agent_key_template() -> Result<Public, tss_esapi::Error> {
         )
         .with_ecc_unique_identifier(EccPoint::default())
         .build()
+}
+
+/// The attestation key: a restricted ECDSA P-256 signing key, so it signs only structures
+/// the TPM itself produced (quotes, certifications), never an outside digest that could
+/// pass for one.
+pub fn attestation_key_template() -> Result<Public, tss_esapi::Error> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(false)
+        .with_sign_encrypt(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new()
+                .with_symmetric(SymmetricDefinitionObject::Null)
+                .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+                .with_curve(EccCurve::NistP256)
+                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+                .with_is_signing_key(true)
+                .with_is_decryption_key(false)
+                .with_restricted(true)
+                .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+/// EK certificates present in NV (a TPM without them, or one that refuses the read, has none).
+fn read_ek_certificates(ctx: &mut Context) -> Vec<Vec<u8>> {
+    use tss_esapi::abstraction::nv;
+    use tss_esapi::handles::NvIndexTpmHandle;
+    use tss_esapi::interface_types::resource_handles::NvAuth;
+    let defined: Vec<u32> = match nv::list(ctx) {
+        Ok(list) => list.iter().map(|(p, _)| u32::from(p.nv_index())).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list TPM NV indices; no EK certificates");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for index in EK_CERT_INDICES.iter().filter(|i| defined.contains(i)) {
+        let read = NvIndexTpmHandle::new(*index).and_then(|h| nv::read_full(ctx, NvAuth::Owner, h));
+        match read {
+            Ok(der) if !der.is_empty() => out.push(der),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(index = format!("{index:#010x}"), error = %e, "cannot read EK certificate")
+            }
+        }
+    }
+    out
 }
 
 fn verifying_key_of(public: &Public) -> Result<VerifyingKey, KeyStoreError> {
@@ -251,12 +332,15 @@ impl TpmKeyStore {
                 other => other,
             })?
             .key_handle;
+        let ek_certificates = read_ek_certificates(&mut ctx);
         Ok(TpmKeyStore {
             ctx,
             primary,
             keys_dir,
             max_loaded: max_loaded.max(1),
             loaded: Vec::new(),
+            ak_dir: state_dir.join("tpm"),
+            ek_certificates,
         })
     }
 
@@ -324,6 +408,41 @@ impl TpmKeyStore {
                 .map_err(|e| tpm_err("flush key", e))?;
         }
         Ok(())
+    }
+
+    /// Load the attestation key, creating it on first use. Its blobs are written whole or not
+    /// at all, so a crash leaves either the old AK or none (and a new one is made).
+    fn load_ak(&mut self) -> Result<(KeyHandle, Public), KeyStoreError> {
+        let pub_path = self.ak_dir.join("ak.pub");
+        let priv_path = self.ak_dir.join("ak.priv");
+        let (public, private) = if pub_path.exists() && priv_path.exists() {
+            let pb = fs::read(&pub_path).map_err(|e| state_err(&pub_path, e))?;
+            let vb = fs::read(&priv_path).map_err(|e| state_err(&priv_path, e))?;
+            let public = Public::unmarshall(un_tpm2b(&pb, &pub_path)?)
+                .map_err(|e| tpm_err("read AK public blob", e))?;
+            let private = Private::try_from(un_tpm2b(&vb, &priv_path)?.to_vec())
+                .map_err(|e| tpm_err("read AK private blob", e))?;
+            (public, private)
+        } else {
+            let template = attestation_key_template().map_err(|e| tpm_err("AK template", e))?;
+            let created = self
+                .ctx
+                .create(self.primary, template, None, None, None, None)
+                .map_err(|e| tpm_err("create attestation key", e))?;
+            let pub_bytes = created
+                .out_public
+                .marshall()
+                .map_err(|e| tpm_err("marshal AK public", e))?;
+            // .priv last: the pair counts as present only when both exist.
+            write_atomic(&pub_path, &tpm2b(&pub_bytes))?;
+            write_atomic(&priv_path, &tpm2b(created.out_private.value()))?;
+            (created.out_public, created.out_private)
+        };
+        let h = self
+            .ctx
+            .load(self.primary, private, public.clone())
+            .map_err(|e| tpm_err("load attestation key", e))?;
+        Ok((h, public))
     }
 
     /// Directory holding the key blobs (tests read them with tpm2-tools).
@@ -446,5 +565,83 @@ impl KeyStore for TpmKeyStore {
         }
         ids.sort();
         Ok(ids)
+    }
+
+    fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
+        use tss_esapi::structures::Data;
+        validate_key_id(id)?;
+        if nonce.is_empty() || nonce.len() > MAX_NONCE {
+            return Err(KeyStoreError::Device {
+                op: "certify",
+                detail: format!("nonce must be 1 to {MAX_NONCE} bytes"),
+            });
+        }
+        let key_public = self.read_public(id)?;
+        // The certified key, the AK and the primary must fit in the TPM's slots together.
+        let others: Vec<String> = self
+            .loaded
+            .iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| k != id)
+            .collect();
+        for k in others {
+            self.unload(&k)?;
+        }
+        let key = self.handle(id)?;
+        let (ak, ak_pub) = self.load_ak()?;
+        let qualifying = Data::try_from(nonce.to_vec()).map_err(|e| tpm_err("nonce", e));
+        let result = qualifying.and_then(|q| {
+            self.ctx
+                .execute_with_sessions(
+                    (
+                        Some(AuthSession::Password),
+                        Some(AuthSession::Password),
+                        None,
+                    ),
+                    |ctx| ctx.certify(key.into(), ak, q, SignatureScheme::Null),
+                )
+                .map_err(|e| tpm_err("certify", e))
+        });
+        // The AK is loaded only for this call; give its slot back whatever happened.
+        let flushed = self
+            .ctx
+            .flush_context(ak.into())
+            .map_err(|e| tpm_err("flush attestation key", e));
+        let (attest, sig) = result?;
+        flushed?;
+        let attest = attest
+            .marshall()
+            .map_err(|e| tpm_err("marshal attest", e))?;
+        let signature = match sig {
+            TpmSignature::EcDsa(s) => {
+                ecdsa::signature_from_r_s(s.signature_r().value(), s.signature_s().value())?
+            }
+            _ => {
+                return Err(KeyStoreError::Device {
+                    op: "certify",
+                    detail: "TPM returned a non-ECDSA signature".into(),
+                })
+            }
+        };
+        let ak_public = verifying_key_of(&ak_pub)?;
+        // Our re-encoding of the attest structure must be the bytes the TPM signed.
+        {
+            use p256::ecdsa::signature::Verifier;
+            ak_public
+                .verify(&attest, &signature)
+                .map_err(|e| KeyStoreError::Device {
+                    op: "certify",
+                    detail: format!("AK signature does not verify over the attest bytes: {e}"),
+                })?;
+        }
+        Ok(KeyEvidence::Tpm(TpmCertify {
+            attest,
+            signature,
+            ak_public,
+            key_public: key_public
+                .marshall()
+                .map_err(|e| tpm_err("marshal key public", e))?,
+            ek_certificates: self.ek_certificates.clone(),
+        }))
     }
 }

@@ -1,0 +1,500 @@
+//! The host CA: a key in the key store, its certificate (self-signed, or issued by a fleet
+//! CA through `tessera host csr` / `install-cert`), agent certificates and the CRL.
+//!
+//! State: the registry's `meta` table names the CA key (`hostca.key_id`, written before the
+//! key is made, so a crash leaves at worst an id without a key, which is replaced), and
+//! `<state>/ca/host-ca.pem` holds the CA certificate followed by its issuers (written whole
+//! or not at all). The CRL is rebuilt from the registry at start, at every revocation, when
+//! the CA certificate changes and when it is half way to `nextUpdate`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use der::Encode;
+use p256::ecdsa::VerifyingKey;
+use serde_json::json;
+use x509_cert::certificate::Certificate;
+use x509_cert::ext::pkix::SubjectKeyIdentifier;
+use x509_cert::name::Name;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::audit::Event;
+use crate::issuer::IssueError;
+use crate::keystore::{new_key_id, KeyStoreError};
+use crate::lifecycle::AdminError;
+use crate::registry::RegistryError;
+use crate::service::Service;
+use crate::x509::{self, X509Error};
+
+pub const HOSTCA_KEY_PREFIX: &str = "hostca";
+const META_KEY_ID: &str = "hostca.key_id";
+/// A self-signed CA certificate is renewed (same key) when it has less than this left.
+const RENEW_BEFORE_SECS: i64 = 30 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostCaError {
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
+    #[error(transparent)]
+    X509(#[from] X509Error),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("host CA state at {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("host CA is not ready")]
+    NotReady,
+}
+
+impl From<HostCaError> for AdminError {
+    fn from(e: HostCaError) -> Self {
+        match e {
+            HostCaError::KeyStore(k) | HostCaError::Issue(IssueError::KeyStore(k)) => {
+                AdminError::Backend(k)
+            }
+            HostCaError::Registry(r) => AdminError::Registry(r),
+            other => AdminError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// The CA as it is now: key, certificate chain and the names agent certificates refer to.
+#[derive(Debug)]
+pub struct HostCa {
+    pub key_id: String,
+    pub key: VerifyingKey,
+    /// The host CA certificate, then its issuers up to a root (only the first when self-signed).
+    pub chain: Vec<Certificate>,
+    pub subject: Name,
+    /// Subject key identifier of the CA certificate (agent certificates and CRLs carry it as
+    /// authority key identifier).
+    pub key_identifier: Vec<u8>,
+    pub self_signed: bool,
+}
+
+impl HostCa {
+    /// PEM of the host CA certificate and the intermediates below the root (what goes after
+    /// an agent certificate in `/v1/certificate`).
+    pub fn chain_pem(&self) -> Result<String, X509Error> {
+        let n = if self.self_signed {
+            1
+        } else {
+            self.chain.len().saturating_sub(1).max(1)
+        };
+        self.chain[..n].iter().map(x509::to_pem).collect()
+    }
+
+    /// PEM of the trust anchor a relying party should hold (`/v1/bundle`): the host CA itself
+    /// when self-signed, else the root of the installed chain.
+    pub fn bundle_pem(&self) -> Result<String, X509Error> {
+        match self.chain.last() {
+            Some(root) => x509::to_pem(root),
+            None => Err(X509Error::Invalid("host CA has no certificate".into())),
+        }
+    }
+}
+
+/// The current CRL.
+#[derive(Debug)]
+pub struct Crl {
+    pub pem: String,
+    pub number: u64,
+    pub this_update: i64,
+    pub next_update: i64,
+}
+
+fn state_err(path: &std::path::Path, source: std::io::Error) -> HostCaError {
+    HostCaError::State {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn subject_key_id(cert: &Certificate) -> Vec<u8> {
+    cert.tbs_certificate
+        .get::<SubjectKeyIdentifier>()
+        .ok()
+        .flatten()
+        .map(|(_, ski)| ski.0.as_bytes().to_vec())
+        .unwrap_or_else(|| x509::key_identifier(&cert.tbs_certificate.subject_public_key_info))
+}
+
+fn is_self_issued(cert: &Certificate) -> bool {
+    cert.tbs_certificate.issuer == cert.tbs_certificate.subject
+}
+
+/// Check an externally issued chain before it replaces the host CA certificate: the first
+/// certificate carries our CA key and may sign certificates and CRLs; each certificate is
+/// signed by the next; the last is a self-signed root; all are valid now.
+pub fn check_installed_chain(
+    chain: &[Certificate],
+    ca_key: &VerifyingKey,
+    now: i64,
+) -> Result<(), String> {
+    let first = chain.first().ok_or("no certificate in the file")?;
+    if x509::cert_p256_key(first).as_ref() != Some(ca_key) {
+        return Err(
+            "the first certificate is not for this host's CA key (was it issued for this host's CSR?)"
+                .into(),
+        );
+    }
+    let ders: Vec<Vec<u8>> = chain
+        .iter()
+        .map(|c| c.to_der().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let parsed: Vec<X509Certificate<'_>> = ders
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            X509Certificate::from_der(d)
+                .map(|(_, c)| c)
+                .map_err(|e| format!("certificate {}: {e}", i + 1))
+        })
+        .collect::<Result<_, _>>()?;
+    let host = &parsed[0];
+    if !host.is_ca() {
+        return Err(
+            "the host certificate is not a CA certificate (basicConstraints cA is not set)".into(),
+        );
+    }
+    match host.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() && ku.value.crl_sign() => {}
+        Ok(None) => {}
+        _ => {
+            return Err(
+                "the host certificate's key usage must allow keyCertSign and cRLSign".into(),
+            )
+        }
+    }
+    for (i, c) in parsed.iter().enumerate() {
+        let nb = c.validity().not_before.timestamp();
+        let na = c.validity().not_after.timestamp();
+        if now < nb || now > na {
+            return Err(format!("certificate {} is not valid now", i + 1));
+        }
+        let issuer = match parsed.get(i + 1) {
+            Some(next) => {
+                if c.issuer() != next.subject() {
+                    return Err(format!(
+                        "certificate {} is issued by {}, but certificate {} is {}",
+                        i + 1,
+                        c.issuer(),
+                        i + 2,
+                        next.subject()
+                    ));
+                }
+                if i > 0 && !next.is_ca() {
+                    return Err(format!("certificate {} is not a CA", i + 2));
+                }
+                next.public_key()
+            }
+            None => {
+                if c.issuer() != c.subject() {
+                    return Err(format!(
+                        "the chain must end in a self-signed root so it can be checked: append the certificate of {}",
+                        c.issuer()
+                    ));
+                }
+                c.public_key()
+            }
+        };
+        c.verify_signature(Some(issuer))
+            .map_err(|e| format!("signature of certificate {} does not verify: {e}", i + 1))?;
+    }
+    if chain.len() == 1 {
+        return Err("the file holds only the host certificate; append its issuing CA certificates up to the root".into());
+    }
+    Ok(())
+}
+
+impl Service {
+    fn ca_dir(&self) -> PathBuf {
+        self.config().state_dir.join("ca")
+    }
+
+    fn ca_cert_path(&self) -> PathBuf {
+        self.ca_dir().join("host-ca.pem")
+    }
+
+    pub fn host_ca(&self) -> Result<Arc<HostCa>, HostCaError> {
+        self.ca
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(HostCaError::NotReady)
+    }
+
+    /// At start: find or make the CA key, load or make its certificate, destroy stray CA
+    /// keys, build the CRL.
+    pub async fn init_host_ca(&self) -> Result<(), HostCaError> {
+        let _guard = self.admin.lock().await;
+        let dir = self.ca_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| state_err(&dir, e))?;
+        let known = self.with_registry(|r| r.meta(META_KEY_ID))?;
+        let existing = match &known {
+            Some(id) => match self.keystore.public_key(id).await {
+                Ok(k) => Some((id.clone(), k)),
+                Err(KeyStoreError::KeyNotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let (key_id, key, new_key) = match existing {
+            Some((id, k)) => (id, k, false),
+            None => {
+                if self.ca_cert_path().exists() {
+                    tracing::error!(
+                        key_id = ?known,
+                        "host CA key is missing from the key store; making a new host CA"
+                    );
+                }
+                let id = new_key_id(HOSTCA_KEY_PREFIX);
+                // Durable name first: a crash after this leaves an id without a key.
+                self.with_registry(|r| r.set_meta(META_KEY_ID, &id))?;
+                let created = self.keystore.create(&id).await?;
+                (id, created.public, true)
+            }
+        };
+        // Stray CA keys (a replaced CA, or one made just before a crash) are destroyed.
+        for stray in self
+            .keystore
+            .list()
+            .await?
+            .into_iter()
+            .filter(|k| k.starts_with(&format!("{HOSTCA_KEY_PREFIX}-")) && *k != key_id)
+        {
+            match self.keystore.destroy(&stray).await {
+                Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.audit_record(Event::new("key.destroyed").details(json!({
+                "by": "tesserad", "key_id": stray, "reason": "stray host CA key",
+            })))
+            .await;
+        }
+        let now = x509::now_unix();
+        let loaded = if new_key {
+            None
+        } else {
+            self.load_ca_chain(&key_id, &key)?
+        };
+        let ca = match loaded {
+            Some(ca) if ca.self_signed && ca_expires_soon(&ca, now) => {
+                tracing::info!("renewing the self-signed host CA certificate");
+                self.self_sign(&key_id, key, now).await?
+            }
+            Some(ca) => {
+                if ca_expires_soon(&ca, now) {
+                    tracing::warn!("the installed host CA certificate expires within 30 days; install a new one with `tessera host install-cert`");
+                }
+                ca
+            }
+            None => self.self_sign(&key_id, key, now).await?,
+        };
+        *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ca));
+        drop(_guard);
+        self.refresh_crl().await
+    }
+
+    /// The stored chain, if it is for `key`.
+    fn load_ca_chain(
+        &self,
+        key_id: &str,
+        key: &VerifyingKey,
+    ) -> Result<Option<HostCa>, HostCaError> {
+        let path = self.ca_cert_path();
+        let pem = match std::fs::read_to_string(&path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        let chain = match x509::certs_from_pem(&pem) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "unreadable host CA certificate; making a new one");
+                return Ok(None);
+            }
+        };
+        if x509::cert_p256_key(&chain[0]).as_ref() != Some(key) {
+            tracing::error!(path = %path.display(), "host CA certificate is not for the host CA key; making a new one");
+            return Ok(None);
+        }
+        Ok(Some(ca_from_chain(key_id.to_string(), *key, chain)))
+    }
+
+    async fn self_sign(
+        &self,
+        key_id: &str,
+        key: VerifyingKey,
+        now: i64,
+    ) -> Result<HostCa, HostCaError> {
+        let cfg = self.config();
+        let subject = x509::cn_name(&cfg.host_id())?;
+        let not_after = now + cfg.certificates.ca_validity.0.as_secs() as i64;
+        let tbs = x509::host_ca_tbs(&subject, &key, now, not_after)?;
+        let cert = self.issuer.certificate(key_id, tbs).await?;
+        let pem = x509::to_pem(&cert)?;
+        write_atomic(&self.ca_cert_path(), pem.as_bytes())?;
+        self.audit_record(Event::new("hostca.created").details(json!({
+            "key_id": key_id,
+            "subject": cfg.host_id(),
+            "serial": x509::serial_hex(&cert.tbs_certificate.serial_number),
+            "not_after": not_after,
+        })))
+        .await;
+        Ok(ca_from_chain(key_id.to_string(), key, vec![cert]))
+    }
+
+    /// Re-sign the CRL: every unexpired certificate of a revoked agent.
+    pub async fn refresh_crl(&self) -> Result<(), HostCaError> {
+        let _guard = self.crl_lock.lock().await;
+        let ca = self.host_ca()?;
+        let now = x509::now_unix();
+        let validity = self.config().certificates.crl_validity.0.as_secs() as i64;
+        let (revoked, number) = self.with_registry(|r| {
+            r.prune_certificates(now)?;
+            Ok((r.revoked_certificates(now)?, r.next_crl_number()?))
+        })?;
+        let entries: Vec<x509::RevokedEntry> = revoked
+            .into_iter()
+            .map(|(serial_hex, revoked_at)| x509::RevokedEntry {
+                serial_hex,
+                revoked_at,
+            })
+            .collect();
+        let tbs = x509::crl_tbs(
+            &ca.subject,
+            &ca.key_identifier,
+            number,
+            now,
+            now + validity,
+            &entries,
+        )?;
+        let crl = self.issuer.crl(&ca.key_id, tbs).await?;
+        let pem = x509::crl_to_pem(&crl)?;
+        *self.crl.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Crl {
+            pem,
+            number,
+            this_update: now,
+            next_update: now + validity,
+        }));
+        self.crl_stale
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(number, revoked = entries.len(), "CRL signed");
+        Ok(())
+    }
+
+    /// After a revocation: the revocation stands even if the CRL cannot be signed now; the
+    /// next `/v1/crl` tries again.
+    pub(crate) async fn refresh_crl_logged(&self) {
+        if let Err(e) = self.refresh_crl().await {
+            self.crl_stale
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot sign the CRL; will retry on the next request");
+        }
+    }
+
+    /// The current CRL, re-signed first if a revocation could not be signed or it is half
+    /// way to `nextUpdate`.
+    pub async fn current_crl(&self) -> Result<Arc<Crl>, HostCaError> {
+        let now = x509::now_unix();
+        let fresh = self
+            .crl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|c| now < c.this_update + (c.next_update - c.this_update) / 2)
+            .filter(|_| !self.crl_stale.load(std::sync::atomic::Ordering::SeqCst));
+        if let Some(c) = fresh {
+            return Ok(c);
+        }
+        self.refresh_crl().await?;
+        self.crl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(HostCaError::NotReady)
+    }
+
+    /// PKCS#10 request for the host CA key (for a fleet CA to sign). `subject` defaults to
+    /// `CN=<host id>`.
+    pub async fn host_csr(&self, common_name: Option<&str>) -> Result<String, AdminError> {
+        let ca = self.host_ca()?;
+        let cn = common_name
+            .map(str::to_string)
+            .unwrap_or_else(|| self.config().host_id());
+        let subject = x509::cn_name(&cn).map_err(|e| AdminError::InvalidArgs(e.to_string()))?;
+        let info = x509::host_csr_info(&subject, &ca.key).map_err(HostCaError::from)?;
+        let req = self
+            .issuer
+            .csr(&ca.key_id, info)
+            .await
+            .map_err(HostCaError::from)?;
+        Ok(x509::to_pem(&req).map_err(HostCaError::from)?)
+    }
+
+    /// Replace the host CA certificate with one issued by an external CA (PEM: the host
+    /// certificate, then its issuers up to the root). Checked before anything is written.
+    pub async fn install_host_certificate(&self, pem: &str, by: &str) -> Result<(), AdminError> {
+        let guard = self.admin.lock().await;
+        let ca = self.host_ca()?;
+        let chain = x509::certs_from_pem(pem)
+            .map_err(|e| AdminError::CertificateRejected(format!("cannot read the PEM: {e}")))?;
+        check_installed_chain(&chain, &ca.key, x509::now_unix())
+            .map_err(AdminError::CertificateRejected)?;
+        let text: String = chain
+            .iter()
+            .map(x509::to_pem)
+            .collect::<Result<_, _>>()
+            .map_err(HostCaError::from)?;
+        write_atomic(&self.ca_cert_path(), text.as_bytes())?;
+        let new = ca_from_chain(ca.key_id.clone(), ca.key, chain);
+        let details = json!({
+            "by": by,
+            "subject": new.subject.to_string(),
+            "issuer": new.chain[0].tbs_certificate.issuer.to_string(),
+            "serial": x509::serial_hex(&new.chain[0].tbs_certificate.serial_number),
+        });
+        *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
+        drop(guard);
+        self.audit_record(Event::new("hostca.certificate_installed").details(details))
+            .await;
+        // The CRL's issuer is the CA certificate's subject: sign a new one now.
+        self.refresh_crl().await?;
+        Ok(())
+    }
+
+    async fn audit_record(&self, ev: Event) {
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::error!(error = %e, "could not audit a host CA change");
+        }
+    }
+}
+
+fn ca_expires_soon(ca: &HostCa, now: i64) -> bool {
+    x509::unix_of(&ca.chain[0].tbs_certificate.validity.not_after) - now < RENEW_BEFORE_SECS
+}
+
+fn ca_from_chain(key_id: String, key: VerifyingKey, chain: Vec<Certificate>) -> HostCa {
+    let self_signed = chain.len() == 1 && is_self_issued(&chain[0]);
+    HostCa {
+        key_id,
+        key,
+        subject: chain[0].tbs_certificate.subject.clone(),
+        key_identifier: subject_key_id(&chain[0]),
+        chain,
+        self_signed,
+    }
+}
+
+fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<(), HostCaError> {
+    crate::keystore::tpm::write_atomic(path, data).map_err(|e| match e {
+        KeyStoreError::State { source, .. } => state_err(path, source),
+        other => HostCaError::KeyStore(other),
+    })
+}
