@@ -55,6 +55,25 @@ pub struct TokenOptions {
     pub agent: Option<String>,
 }
 
+/// Which certificate to ask for: a lifetime (at most the agent's limit) and which agent if
+/// several match.
+#[derive(Debug, Clone, Default)]
+pub struct CertificateOptions {
+    pub ttl: Option<String>,
+    pub agent: Option<String>,
+}
+
+impl CertificateOptions {
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(format!("{}s", ttl.as_secs()));
+        self
+    }
+    pub fn agent(mut self, name: impl Into<String>) -> Self {
+        self.agent = Some(name.into());
+        self
+    }
+}
+
 impl TokenOptions {
     pub fn new(audience: impl Into<String>) -> TokenOptions {
         TokenOptions {
@@ -117,6 +136,50 @@ impl Client {
         self.call(Method::GET, "/v1/jwks", None).await
     }
 
+    /// A short-lived X.509 certificate for this agent's hardware key: PEM, the agent
+    /// certificate first, then the host CA.
+    pub async fn certificate(&self, opts: &CertificateOptions) -> Result<String, Error> {
+        let mut q = Vec::new();
+        if let Some(t) = &opts.ttl {
+            q.push(format!("ttl={t}"));
+        }
+        if let Some(a) = &opts.agent {
+            q.push(format!("agent={a}"));
+        }
+        let path = if q.is_empty() {
+            "/v1/certificate".to_string()
+        } else {
+            format!("/v1/certificate?{}", q.join("&"))
+        };
+        self.text(&path).await
+    }
+
+    /// The host CA a relying party trusts (PEM).
+    pub async fn bundle(&self) -> Result<String, Error> {
+        self.text("/v1/bundle").await
+    }
+
+    /// The host CA's current CRL (PEM).
+    pub async fn crl(&self) -> Result<String, Error> {
+        self.text("/v1/crl").await
+    }
+
+    /// Key attestation evidence for this agent's key over `nonce` (8 to 64 bytes, chosen by
+    /// the relying party). Raw JSON; check it with [`crate::attestation::verify`].
+    pub async fn attestation(&self, nonce: &[u8], agent: Option<&str>) -> Result<Value, Error> {
+        let hex = hex::encode(nonce);
+        let path = match agent {
+            Some(a) => format!("/v1/attestation?nonce={hex}&agent={a}"),
+            None => format!("/v1/attestation?nonce={hex}"),
+        };
+        self.call(Method::GET, &path, None).await
+    }
+
+    async fn text(&self, path: &str) -> Result<String, Error> {
+        let bytes = self.checked(Method::GET, path, None).await?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
     /// Raw request: status, headers' Retry-After and body bytes.
     pub async fn request(
         &self,
@@ -177,9 +240,20 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, Error> {
+        let bytes = self.checked(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// The body of a 2xx answer; anything else as [`Error::Problem`].
+    async fn checked(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, Error> {
         let (status, retry, bytes) = self.request(method, path, body).await?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(e.to_string()));
+            return Ok(bytes);
         }
         match serde_json::from_slice::<Problem>(&bytes) {
             Ok(mut p) => {

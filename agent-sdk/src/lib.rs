@@ -4,6 +4,7 @@
 //!   (`TESSERA_SOCKET`, default `/run/tessera/agent.sock`). The daemon identifies the caller
 //!   from the kernel; nothing here claims an identity.
 //! - [`verify`]: check an agent token as a relying party, against the daemon's JWKS.
+//! - [`attestation`]: check key attestation evidence (the agent key was made inside a TPM).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tessera::Error> {
@@ -13,10 +14,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attestation;
 mod client;
 mod error;
 pub mod verify;
 
-pub use client::{Client, Health, TokenOptions, TokenResponse, WhoAmI, DEFAULT_SOCKET};
+pub use client::{
+    CertificateOptions, Client, Health, TokenOptions, TokenResponse, WhoAmI, DEFAULT_SOCKET,
+};
 pub use error::{Error, Problem, ProblemType};
 pub use hyper::Method;

@@ -378,6 +378,32 @@ impl Manager {
         }
     }
 
+    /// PKCS#10 request (PEM) for the host CA key, for a fleet CA to sign. An empty
+    /// `common_name` means the host id.
+    async fn host_certificate_request(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        common_name: String,
+    ) -> Result<String, TesseraError> {
+        self.0.require_admin(conn, &hdr).await?;
+        let cn = (!common_name.is_empty()).then_some(common_name.as_str());
+        Ok(self.0.svc.host_csr(cn).await?)
+    }
+
+    /// Install a host CA certificate issued by an external CA (PEM: the host certificate,
+    /// then its issuers up to the root). Refused unless it is for the host CA key and the
+    /// chain verifies.
+    async fn install_host_certificate(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        pem: String,
+    ) -> Result<(), TesseraError> {
+        let by = self.0.require_admin(conn, &hdr).await?;
+        Ok(self.0.svc.install_host_certificate(&pem, &by).await?)
+    }
+
     #[zbus(property)]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()

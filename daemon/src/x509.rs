@@ -343,10 +343,8 @@ pub fn to_pem<T: EncodePem>(value: &T) -> Result<String, X509Error> {
 
 /// x509-cert 0.2 gives `CertificateList` no PEM label; RFC 7468 calls it `X509 CRL`.
 pub fn crl_to_pem(crl: &CertificateList) -> Result<String, X509Error> {
-    Ok(
-        der::pem::encode_string("X509 CRL", der::pem::LineEnding::LF, &crl.to_der()?)
-            .map_err(|e| X509Error::Invalid(format!("PEM encoding: {e}")))?,
-    )
+    der::pem::encode_string("X509 CRL", der::pem::LineEnding::LF, &crl.to_der()?)
+        .map_err(|e| X509Error::Invalid(format!("PEM encoding: {e}")))
 }
 
 /// The P-256 public key a certificate carries (None for other key types).

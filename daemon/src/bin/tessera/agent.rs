@@ -13,7 +13,7 @@ use zbus::zvariant::{OwnedObjectPath, Value};
     default_service = "org.tessera.Tessera1",
     default_path = "/org/tessera/Tessera1"
 )]
-trait Manager {
+pub trait Manager {
     fn enroll(
         &self,
         name: &str,
@@ -26,6 +26,8 @@ trait Manager {
     fn resume(&self, name: &str) -> zbus::Result<()>;
     fn revoke_all(&self, reason: &str) -> zbus::Result<()>;
     fn reload(&self) -> zbus::Result<()>;
+    fn host_certificate_request(&self, common_name: &str) -> zbus::Result<String>;
+    fn install_host_certificate(&self, pem: &str) -> zbus::Result<()>;
 }
 
 #[derive(Subcommand)]
@@ -52,6 +54,9 @@ pub enum AgentSub {
         scopes: Vec<String>,
         #[arg(long)]
         max_ttl: Option<String>,
+        /// Longest agent certificate (default: max_ttl).
+        #[arg(long)]
+        max_cert_ttl: Option<String>,
         /// Tokens per minute.
         #[arg(long)]
         rate: Option<u32>,
@@ -88,8 +93,9 @@ pub enum AgentSub {
 pub const EXIT_REFUSED: u8 = 3;
 pub const EXIT_UNAVAILABLE: u8 = 4;
 pub const EXIT_NOT_FOUND: u8 = 6;
+pub const EXIT_UNVERIFIED: u8 = 5;
 
-async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
+pub async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
     match bus {
         "system" => zbus::Connection::system().await,
         "session" => zbus::Connection::session().await,
@@ -97,7 +103,7 @@ async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
     }
 }
 
-fn fail(e: &zbus::Error) -> ExitCode {
+pub fn fail(e: &zbus::Error) -> ExitCode {
     match e {
         zbus::Error::MethodError(name, msg, _) => {
             let short = name.rsplit('.').next().unwrap_or("");
@@ -106,6 +112,7 @@ fn fail(e: &zbus::Error) -> ExitCode {
                 "AccessDenied" => ExitCode::from(EXIT_REFUSED),
                 "NotFound" | "ServiceUnknown" | "UnknownObject" => ExitCode::from(EXIT_NOT_FOUND),
                 "Backend" | "AuditUnavailable" | "NoReply" => ExitCode::from(EXIT_UNAVAILABLE),
+                "CertificateRejected" => ExitCode::from(EXIT_UNVERIFIED),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -191,6 +198,7 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 audiences,
                 scopes,
                 max_ttl,
+                max_cert_ttl,
                 rate,
             } => {
                 let mut sel: HashMap<&str, Value<'_>> = HashMap::new();
@@ -210,6 +218,9 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 pol.insert("scopes", scopes.clone().into());
                 if let Some(t) = &max_ttl {
                     pol.insert("max_ttl", Value::from(t.as_str()));
+                }
+                if let Some(t) = &max_cert_ttl {
+                    pol.insert("max_cert_ttl", Value::from(t.as_str()));
                 }
                 if let Some(r) = rate {
                     pol.insert("rate", r.into());

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod agent;
+mod certs;
+mod host;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -70,6 +72,48 @@ enum Cmd {
         #[arg(long)]
         issuer: Option<String>,
     },
+    /// Get an X.509 certificate for this process's agent; prints the PEM chain (agent, then
+    /// host CA).
+    Cert {
+        /// e.g. 10m, 1h (at most the agent's limit)
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Print the host CA certificate relying parties trust (PEM).
+    Bundle,
+    /// Print the host CA's current CRL (PEM).
+    Crl,
+    /// Print key attestation evidence for this process's agent key over NONCE (hex).
+    Attest {
+        #[arg(long)]
+        nonce: String,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Verify key attestation evidence (relying party); exit 5 when it does not verify.
+    VerifyAttestation {
+        /// Evidence JSON file, or - for stdin.
+        file: PathBuf,
+        /// The nonce you asked with (hex).
+        #[arg(long)]
+        nonce: String,
+        /// The agent's certificate (PEM): its key must be the certified key.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The agent's public JWK (JSON): its key must be the certified key.
+        #[arg(long)]
+        jwk: Option<PathBuf>,
+        /// The attestation key you trust (PEM public key).
+        #[arg(long)]
+        ak: Option<PathBuf>,
+    },
+    /// The host CA for fleets (admin, over D-Bus).
+    Host {
+        #[command(subcommand)]
+        cmd: host::HostSub,
+    },
     /// The audit trail.
     Audit(AuditCmd),
     /// Administer agents over D-Bus (root or admin_group).
@@ -114,9 +158,9 @@ enum AuditSub {
 
 const EXIT_REFUSED: u8 = 3;
 const EXIT_UNAVAILABLE: u8 = 4;
-const EXIT_UNVERIFIED: u8 = 5;
+pub(crate) const EXIT_UNVERIFIED: u8 = 5;
 
-fn client_error(e: &Error) -> ExitCode {
+pub(crate) fn client_error(e: &Error) -> ExitCode {
     eprintln!("tessera: {e}");
     match e {
         Error::Connect { .. } => ExitCode::from(EXIT_UNAVAILABLE),
@@ -126,7 +170,7 @@ fn client_error(e: &Error) -> ExitCode {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -261,6 +305,27 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Cmd::Cert { ttl, agent } => certs::cert(&client, ttl, agent, cli.json).await,
+        Cmd::Bundle => certs::text(&client, "bundle", cli.json).await,
+        Cmd::Crl => certs::text(&client, "crl", cli.json).await,
+        Cmd::Attest { nonce, agent } => certs::attest(&client, &nonce, agent).await,
+        Cmd::VerifyAttestation {
+            file,
+            nonce,
+            cert,
+            jwk,
+            ak,
+        } => certs::verify_attestation(
+            certs::VerifyArgs {
+                file,
+                nonce,
+                cert,
+                jwk,
+                ak,
+            },
+            cli.json,
+        ),
+        Cmd::Host { cmd } => host::run(cmd, &cli.bus, cli.json).await,
         Cmd::Audit(a) => audit(a.cmd, cli.json).await,
         Cmd::Agent { cmd } => agent::run(cmd, &cli.bus, cli.json).await,
     }

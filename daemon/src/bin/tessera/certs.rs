@@ -1,0 +1,166 @@
+//! `tessera cert|bundle|crl|attest` (agent side, over the socket) and
+//! `tessera verify-attestation` (relying party, offline).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+use tessera::attestation::{self, Expectations};
+use tessera::{CertificateOptions, Client};
+
+use crate::{client_error, print_json, EXIT_UNVERIFIED};
+
+pub async fn cert(
+    client: &Client,
+    ttl: Option<String>,
+    agent: Option<String>,
+    as_json: bool,
+) -> ExitCode {
+    let opts = CertificateOptions { ttl, agent };
+    match client.certificate(&opts).await {
+        Ok(pem) if as_json => {
+            print_json(&json!({"chain": pem}));
+            ExitCode::SUCCESS
+        }
+        Ok(pem) => {
+            print!("{pem}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(&e),
+    }
+}
+
+pub async fn text(client: &Client, what: &str, as_json: bool) -> ExitCode {
+    let res = match what {
+        "bundle" => client.bundle().await,
+        _ => client.crl().await,
+    };
+    match res {
+        Ok(pem) if as_json => {
+            print_json(&json!({ what: pem }));
+            ExitCode::SUCCESS
+        }
+        Ok(pem) => {
+            print!("{pem}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(&e),
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    hex::decode(s.trim()).ok()
+}
+
+pub async fn attest(client: &Client, nonce: &str, agent: Option<String>) -> ExitCode {
+    let Some(nonce) = parse_hex(nonce) else {
+        eprintln!("tessera: --nonce must be hex (16 to 128 digits)");
+        return ExitCode::from(2);
+    };
+    match client.attestation(&nonce, agent.as_deref()).await {
+        Ok(v) => {
+            print_json(&v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(&e),
+    }
+}
+
+fn read_input(path: &Path) -> Result<Vec<u8>, String> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|e| e.to_string())?;
+        return Ok(buf);
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+pub struct VerifyArgs {
+    pub file: PathBuf,
+    pub nonce: String,
+    pub cert: Option<PathBuf>,
+    pub jwk: Option<PathBuf>,
+    pub ak: Option<PathBuf>,
+}
+
+pub fn verify_attestation(a: VerifyArgs, as_json: bool) -> ExitCode {
+    let Some(nonce) = parse_hex(&a.nonce) else {
+        eprintln!("tessera: --nonce must be hex");
+        return ExitCode::from(2);
+    };
+    let prepared = (|| -> Result<(attestation::Evidence, Expectations), String> {
+        let ev = attestation::parse(&read_input(&a.file)?).map_err(|e| e.to_string())?;
+        let mut expect = Expectations {
+            nonce,
+            ..Default::default()
+        };
+        if let Some(p) = &a.cert {
+            let pem = String::from_utf8(read_input(p)?).map_err(|e| e.to_string())?;
+            expect.key =
+                Some(attestation::key_from_certificate_pem(&pem).map_err(|e| e.to_string())?);
+        }
+        if let Some(p) = &a.jwk {
+            let jwk: Value = serde_json::from_slice(&read_input(p)?)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let key = attestation::key_from_jwk(&jwk).map_err(|e| e.to_string())?;
+            if expect.key.is_some_and(|k| k != key) {
+                return Err("--cert and --jwk name different keys".into());
+            }
+            expect.key = Some(key);
+        }
+        if let Some(p) = &a.ak {
+            let pem = String::from_utf8(read_input(p)?).map_err(|e| e.to_string())?;
+            use p256::pkcs8::DecodePublicKey;
+            expect.ak = Some(
+                p256::ecdsa::VerifyingKey::from_public_key_pem(&pem)
+                    .map_err(|e| format!("--ak {}: {e}", p.display()))?,
+            );
+        }
+        Ok((ev, expect))
+    })();
+    let (ev, expect) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match attestation::verify(&ev, &expect) {
+        Ok(v) => {
+            let (kid, _) = tesserad::issuer::jwk_of(&v.key);
+            let bound = if expect.key.is_some() {
+                "equals the given certificate/JWK"
+            } else {
+                "NOT compared (pass --cert or --jwk)"
+            };
+            let ak = if expect.ak.is_some() {
+                "pinned"
+            } else {
+                "not pinned (pass --ak to require a known AK)"
+            };
+            if as_json {
+                print_json(&json!({
+                    "valid": true, "kid": kid, "key_bound": expect.key.is_some(),
+                    "ak_pinned": expect.ak.is_some(), "object_attributes": format!("{:#010x}", v.object_attributes),
+                    "ek_certificates": v.ek_certificates.len(), "agent": ev.agent, "id": ev.id,
+                }));
+            } else {
+                println!("valid: key {kid} was made in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, sign-only)");
+                println!("  certified by AK over your nonce; AK {ak}");
+                println!("  key {bound}");
+                println!(
+                    "  EK certificates in the evidence: {}",
+                    v.ek_certificates.len()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if as_json {
+                print_json(&json!({"valid": false, "error": e.to_string()}));
+            }
+            eprintln!("tessera: evidence does not verify: {e}");
+            ExitCode::from(EXIT_UNVERIFIED)
+        }
+    }
+}
