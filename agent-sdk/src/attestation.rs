@@ -350,16 +350,33 @@ pub fn verify(ev: &Evidence, expect: &Expectations) -> Result<Verified, Attestat
     })
 }
 
-/// The P-256 key of a public JWK (`kty` EC, `crv` P-256).
+/// The P-256 key of a public JWK (`kty` EC, `crv` P-256; other members are ignored).
 pub fn key_from_jwk(jwk: &serde_json::Value) -> Result<VerifyingKey, AttestationError> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let bad = |detail: String| AttestationError::Encoding {
         field: "jwk",
         what: "EC P-256 JWK",
         detail,
     };
-    let text = serde_json::to_string(jwk).map_err(|e| bad(e.to_string()))?;
-    let pk = p256::PublicKey::from_jwk_str(&text).map_err(|e| bad(e.to_string()))?;
-    Ok(VerifyingKey::from(pk))
+    if jwk["kty"] != "EC" || jwk["crv"] != "P-256" {
+        return Err(bad("kty must be EC and crv P-256".into()));
+    }
+    let coord = |name: &str| -> Result<Vec<u8>, AttestationError> {
+        let v = jwk[name]
+            .as_str()
+            .ok_or_else(|| bad(format!("missing {name}")))?;
+        let b = URL_SAFE_NO_PAD
+            .decode(v)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
+        if b.len() != 32 {
+            return Err(bad(format!("{name} must be 32 bytes")));
+        }
+        Ok(b)
+    };
+    let mut sec1 = vec![0x04];
+    sec1.extend(coord("x")?);
+    sec1.extend(coord("y")?);
+    VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| bad(e.to_string()))
 }
 
 /// The P-256 key of the first certificate in a PEM chain (an agent certificate).

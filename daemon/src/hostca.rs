@@ -256,7 +256,9 @@ impl Service {
                 let id = new_key_id(HOSTCA_KEY_PREFIX);
                 // Durable name first: a crash after this leaves an id without a key.
                 self.with_registry(|r| r.set_meta(META_KEY_ID, &id))?;
+                crate::fault::point("hostca-after-name");
                 let created = self.keystore.create(&id).await?;
+                crate::fault::point("hostca-after-key");
                 (id, created.public, true)
             }
         };

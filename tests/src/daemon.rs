@@ -44,6 +44,14 @@ impl Daemon {
     }
 
     pub fn start_with(backend: Backend, opts: Options) -> Daemon {
+        let mut d = Self::prepare(backend, opts);
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    /// State dir, config and agent files, but no process yet (for crash tests at start-up).
+    pub fn prepare(backend: Backend, opts: Options) -> Daemon {
         let state = shared_tempdir();
         let config = write_config(&backend, state.path(), &opts.extra_config);
         let text = std::fs::read_to_string(&config)
@@ -51,7 +59,7 @@ impl Daemon {
             .replace("bus = \"none\"", &format!("bus = \"{}\"", opts.bus));
         std::fs::write(&config, text).unwrap();
         std::fs::create_dir_all(state.path().join("agents.d")).unwrap();
-        let mut d = Daemon {
+        let d = Daemon {
             socket: state.path().join("agent.sock"),
             log: state.path().join("tesserad.log"),
             config,
@@ -63,8 +71,6 @@ impl Daemon {
         for (name, toml) in &opts.agents {
             d.write_agent(name, toml);
         }
-        d.spawn();
-        d.wait_ready();
         d
     }
 
@@ -203,10 +209,27 @@ impl Daemon {
             .expect("run tessera")
     }
 
-    /// Ids of the keys the device holds. PKCS#11: listed on the token by a separate process.
+    /// Ids of the agent keys the device holds (the host CA key is listed by
+    /// [`Daemon::device_host_ca_keys`]).
+    pub fn device_keys(&self) -> Vec<String> {
+        self.all_device_keys()
+            .into_iter()
+            .filter(|k| k.starts_with("agent-"))
+            .collect()
+    }
+
+    /// Ids of host CA keys in the device (exactly one once the daemon has started).
+    pub fn device_host_ca_keys(&self) -> Vec<String> {
+        self.all_device_keys()
+            .into_iter()
+            .filter(|k| k.starts_with("hostca-"))
+            .collect()
+    }
+
+    /// Ids of every key the device holds. PKCS#11: listed on the token by a separate process.
     /// TPM: the key blobs in the state (a TPM key exists only as its wrapped blob; a second
     /// TPM user would also disturb the daemon's loaded objects on swtpm).
-    pub fn device_keys(&self) -> Vec<String> {
+    pub fn all_device_keys(&self) -> Vec<String> {
         if let crate::Backend::Tpm(_) = self.backend {
             let mut ids: Vec<String> = std::fs::read_dir(self.state.path().join("tpm/keys"))
                 .map(|rd| {

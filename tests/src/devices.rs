@@ -69,6 +69,54 @@ impl Swtpm {
         panic!("no free port pair for swtpm");
     }
 
+    /// A TPM manufactured by `swtpm_setup` with EK certificates (RSA 2048 and ECC P-384) in
+    /// NV, signed by a private local CA (its own config, so parallel tests do not share one).
+    pub fn start_with_ek_certs() -> Swtpm {
+        Self::start_with(|dir| {
+            let ca = dir.join("localca");
+            std::fs::create_dir_all(&ca).expect("localca dir");
+            let setup_conf = dir.join("swtpm_setup.conf");
+            let localca_conf = dir.join("swtpm-localca.conf");
+            let localca_opts = dir.join("swtpm-localca.options");
+            std::fs::write(
+                &setup_conf,
+                format!(
+                    "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                    localca_conf.display(),
+                    localca_opts.display()
+                ),
+            )
+            .expect("swtpm_setup.conf");
+            std::fs::write(
+                &localca_conf,
+                format!(
+                    "statedir = {c}\nsigningkey = {c}/signkey.pem\nissuercert = {c}/issuercert.pem\ncertserial = {c}/certserial\n",
+                    c = ca.display()
+                ),
+            )
+            .expect("swtpm-localca.conf");
+            std::fs::write(
+                &localca_opts,
+                "--platform-manufacturer tessera\n--platform-version 2.1\n--platform-model test\n",
+            )
+            .expect("swtpm-localca.options");
+            let out = Command::new("swtpm_setup")
+                .args(["--tpm2", "--create-ek-cert", "--create-platform-cert", "--overwrite"])
+                .arg("--tpmstate")
+                .arg(dir)
+                .arg("--config")
+                .arg(&setup_conf)
+                .output()
+                .expect("run swtpm_setup (is swtpm-tools installed? scripts/setup)");
+            assert!(
+                out.status.success(),
+                "swtpm_setup: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+    }
+
     pub fn tcti(&self) -> String {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
