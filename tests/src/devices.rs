@@ -101,7 +101,12 @@ impl Swtpm {
             )
             .expect("swtpm-localca.options");
             let out = Command::new("swtpm_setup")
-                .args(["--tpm2", "--create-ek-cert", "--create-platform-cert", "--overwrite"])
+                .args([
+                    "--tpm2",
+                    "--create-ek-cert",
+                    "--create-platform-cert",
+                    "--overwrite",
+                ])
                 .arg("--tpmstate")
                 .arg(dir)
                 .arg("--config")

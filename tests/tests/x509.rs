@@ -140,9 +140,16 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
     assert!(text.contains("Issuer: CN = spiffe://test.example/host/testhost"));
     // Validity: at most the agent's max_cert_ttl (30m), and not absurdly short.
     let ends_within = |secs: u64| {
-        !openssl(&["x509", "-in", s(&leaf), "-noout", "-checkend", &secs.to_string()])
-            .status
-            .success()
+        !openssl(&[
+            "x509",
+            "-in",
+            s(&leaf),
+            "-noout",
+            "-checkend",
+            &secs.to_string(),
+        ])
+        .status
+        .success()
     };
     assert!(ends_within(1801), "expires within 30 minutes");
     assert!(!ends_within(1700), "valid for about 30 minutes");
@@ -344,7 +351,10 @@ fn fleet_ca_csr_round_trip() {
     let o = openssl(&["req", "-in", s(&csr), "-noout", "-verify", "-text"]);
     assert!(o.status.success(), "{o:?}");
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("CN = spiffe://test.example/host/testhost"), "{text}");
+    assert!(
+        text.contains("CN = spiffe://test.example/host/testhost"),
+        "{text}"
+    );
 
     // A test fleet CA.
     let ca_key = dir.join("ca.key");
@@ -447,7 +457,10 @@ fn fleet_ca_csr_round_trip() {
     );
     // Refused: not PEM at all.
     let junk = write(&dir, "junk.pem", "hello");
-    assert_eq!(cli(&["host", "install-cert", s(&junk)]).status.code(), Some(5));
+    assert_eq!(
+        cli(&["host", "install-cert", s(&junk)]).status.code(),
+        Some(5)
+    );
     assert_eq!(
         rt().block_on(d.client().bundle()).unwrap(),
         bundle_before,
@@ -469,7 +482,11 @@ fn fleet_ca_csr_round_trip() {
             )
         });
         let certs = split_pem(&chain);
-        assert_eq!(certs.len(), 2, "agent, then the host CA (the root is the bundle)");
+        assert_eq!(
+            certs.len(),
+            2,
+            "agent, then the host CA (the root is the bundle)"
+        );
         let leaf = write(&dir, "agent.pem", &certs[0]);
         let inter = write(&dir, "inter.pem", &certs[1]);
         let bundle_file = write(&dir, "bundle.pem", &bundle);
@@ -533,7 +550,11 @@ fn host_ca_creation_survives_a_crash(backend: Backend, point: &str) {
     );
     d.spawn();
     d.wait_ready();
-    assert_eq!(d.device_host_ca_keys().len(), 1, "one host CA key, no strays");
+    assert_eq!(
+        d.device_host_ca_keys().len(),
+        1,
+        "one host CA key, no strays"
+    );
     let (chain, bundle) = rt().block_on(async {
         let c = d.client();
         (

@@ -386,18 +386,24 @@ impl TpmKeyStore {
         }
         let public = self.read_public(id)?;
         let private = self.read_private(id)?;
-        while self.loaded.len() >= self.max_loaded {
-            let (_, old) = self.loaded.remove(0);
-            self.ctx
-                .flush_context(old.into())
-                .map_err(|e| tpm_err("flush key", e))?;
-        }
+        self.evict_to(self.max_loaded - 1)?;
         let h = self
             .ctx
             .load(self.primary, private, public)
             .map_err(|e| tpm_err("load key", e))?;
         self.loaded.push((id.to_string(), h));
         Ok(h)
+    }
+
+    /// Flush least recently used keys until at most `keep` are loaded.
+    fn evict_to(&mut self, keep: usize) -> Result<(), KeyStoreError> {
+        while self.loaded.len() > keep {
+            let (_, old) = self.loaded.remove(0);
+            self.ctx
+                .flush_context(old.into())
+                .map_err(|e| tpm_err("flush key", e))?;
+        }
+        Ok(())
     }
 
     fn unload(&mut self, id: &str) -> Result<(), KeyStoreError> {
@@ -471,6 +477,8 @@ impl KeyStore for TpmKeyStore {
         if self.pub_path(id).exists() || self.priv_path(id).exists() {
             return Err(KeyStoreError::KeyExists(id.to_string()));
         }
+        // TPM2_Create needs a free object slot of its own while it works.
+        self.evict_to(self.max_loaded.saturating_sub(1))?;
         let template = agent_key_template().map_err(|e| tpm_err("key template", e))?;
         let created = self
             .ctx

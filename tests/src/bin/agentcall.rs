@@ -1,7 +1,8 @@
 //! Test helper: an "agent" process that asks tesserad for a token (or whoami) and prints
 //! `{"status": <http status>, "body": <json>}`. Tests run copies of it under other uids and
 //! as different executables.
-//! Usage: agentcall SOCKET token AUDIENCE [SCOPE...] | agentcall SOCKET whoami
+//! Usage: agentcall SOCKET token AUDIENCE [SCOPE...] | agentcall SOCKET whoami |
+//! agentcall SOCKET get PATH
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
@@ -19,6 +20,7 @@ fn main() {
                 Some(body.to_string().into_bytes()),
             )
         }
+        "get" => (hyper_method("GET"), a[2].as_str(), None),
         _ => (hyper_method("GET"), "/v1/whoami", None),
     };
     match rt.block_on(client.request(method, path, body)) {
