@@ -1,12 +1,12 @@
 //! Benchmark: token latency and throughput over the socket (1 and 16 clients) for both
-//! backends, beside the raw key-store sign time and the audit's own cost, measured in the
+//! backends, agent certificates and attestation evidence (1 client), beside the raw key-store sign time and the audit's own cost, measured in the
 //! same run. Run with `scripts/bench` (release build); prints a Markdown report.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
-use tessera::TokenOptions;
+use tessera::{CertificateOptions, TokenOptions};
 use tessera_e2e::daemon::Options;
 use tessera_e2e::devices::write_config;
 use tessera_e2e::{shared_tempdir, Backend, Daemon};
@@ -58,7 +58,19 @@ fn raw_sign(backend: &Backend, n: usize) -> Stats {
     stats(lat, t0.elapsed())
 }
 
+/// Which credential a benchmark client asks for.
+#[derive(Clone, Copy)]
+enum Credential {
+    Token,
+    Certificate,
+    Attestation,
+}
+
 fn tokens(d: &Daemon, clients: usize, per_client: usize) -> Stats {
+    credentials(d, Credential::Token, clients, per_client)
+}
+
+fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) -> Stats {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -73,7 +85,21 @@ fn tokens(d: &Daemon, clients: usize, per_client: usize) -> Stats {
                 let mut lat = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
                     let t = Instant::now();
-                    c.token(&TokenOptions::new(AUD)).await.expect("token");
+                    match what {
+                        Credential::Token => {
+                            c.token(&TokenOptions::new(AUD)).await.expect("token");
+                        }
+                        Credential::Certificate => {
+                            c.certificate(&CertificateOptions::default())
+                                .await
+                                .expect("certificate");
+                        }
+                        Credential::Attestation => {
+                            c.attestation(&rand::random::<[u8; 32]>(), None)
+                                .await
+                                .expect("attestation");
+                        }
+                    }
                     lat.push(t.elapsed());
                 }
                 lat
@@ -246,6 +272,28 @@ fn main() {
             let s = tokens(&d, clients, (n / clients).max(1));
             println!(
                 "| {name} | token over socket, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
+                s.n,
+                ms(s.p50),
+                ms(s.p99),
+                s.per_sec,
+                s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+            );
+        }
+        for (what, label, per) in [
+            (
+                Credential::Certificate,
+                "agent certificate over socket",
+                n / 4,
+            ),
+            (
+                Credential::Attestation,
+                "attestation evidence over socket",
+                n / 10,
+            ),
+        ] {
+            let s = credentials(&d, what, 1, per.max(1));
+            println!(
+                "| {name} | {label}, 1 client(s) | {} | {} | {} | {:.0} | {:.1} |",
                 s.n,
                 ms(s.p50),
                 ms(s.p99),
