@@ -114,7 +114,14 @@ impl Service {
             .await
             .map_err(keystore_problem)?;
         let now = x509::now_unix();
-        let not_after = now + ttl.as_secs() as i64;
+        let not_after = (now + ttl.as_secs() as i64).min(crate::hostca::ca_not_after(&ca));
+        if not_after <= now {
+            return Err(Problem::new(
+                Kind::BackendUnavailable,
+                "the host CA certificate has expired; install a new one (tessera host install-cert)",
+            )
+            .retry_after(60));
+        }
         let tbs = x509::agent_tbs(&x509::AgentCertSpec {
             issuer: &ca.subject,
             issuer_key_id: &ca.key_identifier,

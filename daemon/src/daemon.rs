@@ -130,10 +130,20 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
         let svc = svc.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
                 if let Err(e) = svc.flush_counters() {
                     tracing::warn!(error = %e, "cannot write issue counters");
+                }
+                n += 1;
+                // Expired certificates need no CRL entry: forget them every 5 minutes so the
+                // table stays the size of what is still valid.
+                if n.is_multiple_of(150) {
+                    let now = crate::registry::now_unix();
+                    if let Err(e) = svc.with_registry(|r| r.prune_certificates(now)) {
+                        tracing::warn!(error = %e, "cannot prune expired certificates");
+                    }
                 }
             }
         })

@@ -336,7 +336,7 @@ impl Service {
         now: i64,
     ) -> Result<HostCa, HostCaError> {
         let cfg = self.config();
-        let subject = x509::cn_name(&cfg.host_id())?;
+        let subject = x509::cn_name(&ca_common_name(&cfg))?;
         let not_after = now + cfg.certificates.ca_validity.0.as_secs() as i64;
         let tbs = x509::host_ca_tbs(&subject, &key, now, not_after)?;
         let cert = self.issuer.certificate(key_id, tbs).await?;
@@ -344,7 +344,7 @@ impl Service {
         write_atomic(&self.ca_cert_path(), pem.as_bytes())?;
         self.audit_record(Event::new("hostca.created").details(json!({
             "key_id": key_id,
-            "subject": cfg.host_id(),
+            "subject": subject.to_string(),
             "serial": x509::serial_hex(&cert.tbs_certificate.serial_number),
             "not_after": not_after,
         })))
@@ -429,7 +429,7 @@ impl Service {
         let ca = self.host_ca()?;
         let cn = common_name
             .map(str::to_string)
-            .unwrap_or_else(|| self.config().host_id());
+            .unwrap_or_else(|| ca_common_name(&self.config()));
         let subject = x509::cn_name(&cn).map_err(|e| AdminError::InvalidArgs(e.to_string()))?;
         let info = x509::host_csr_info(&subject, &ca.key).map_err(HostCaError::from)?;
         let req = self
@@ -478,6 +478,31 @@ impl Service {
     }
 }
 
+/// The host CA's common name: the host id (`spiffe://<trust domain>/host/<host>`), or, when
+/// that is longer than X.509's 64-byte limit for a common name, the host name cut to 64 bytes.
+pub fn ca_common_name(cfg: &crate::config::Config) -> String {
+    let id = cfg.host_id();
+    if id.len() <= 64 {
+        return id;
+    }
+    let host = cfg.host_name();
+    let mut end = host.len().min(64);
+    while !host.is_char_boundary(end) {
+        end -= 1;
+    }
+    host[..end].to_string()
+}
+
+/// Last moment a certificate issued by `ca` may be valid: no agent certificate outlives the
+/// CA certificate that vouches for it.
+pub fn ca_not_after(ca: &HostCa) -> i64 {
+    ca.chain
+        .iter()
+        .map(|c| x509::unix_of(&c.tbs_certificate.validity.not_after))
+        .min()
+        .unwrap_or(0)
+}
+
 fn ca_expires_soon(ca: &HostCa, now: i64) -> bool {
     x509::unix_of(&ca.chain[0].tbs_certificate.validity.not_after) - now < RENEW_BEFORE_SECS
 }
@@ -499,4 +524,28 @@ fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<(), HostCaError> 
         KeyStoreError::State { source, .. } => state_err(path, source),
         other => HostCaError::KeyStore(other),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_common_name_fits_x509() {
+        let short = crate::config::Config::parse(
+            "trust_domain = \"example.org\"\nhost = \"web-1\"\n[backend]\nkind = \"tpm\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(ca_common_name(&short), "spiffe://example.org/host/web-1");
+        let long_host = "h".repeat(70);
+        let long = crate::config::Config::parse(
+            &format!("trust_domain = \"a-rather-long-trust-domain.example.org\"\nhost = \"{long_host}\"\n[backend]\nkind = \"tpm\"\n"),
+            "test",
+        )
+        .unwrap();
+        let cn = ca_common_name(&long);
+        assert_eq!(cn.len(), 64);
+        assert!(x509::cn_name(&cn).is_ok());
+    }
 }

@@ -272,6 +272,7 @@ CREATE TABLE IF NOT EXISTS certificates (
   issued_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS certificates_agent ON certificates(agent_row);
+CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates(not_after);
 CREATE TABLE IF NOT EXISTS meta (
   key TEXT PRIMARY KEY,
   value TEXT NOT NULL
