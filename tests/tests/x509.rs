@@ -345,6 +345,26 @@ fn fleet_ca_csr_round_trip() {
             .unwrap()
     };
     let csr = dir.join("host.csr");
+    // Not an admin: refused by the shipped bus policy, exit 3.
+    let o = {
+        use std::os::unix::process::CommandExt;
+        Command::new(bin("tessera"))
+            .arg("--bus")
+            .arg(&bus.address)
+            .args(["host", "csr"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    // A common name X.509 cannot hold: a named error, not a panic.
+    let o = cli(&["host", "csr", "--cn", &"x".repeat(65)]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("InvalidArgs"),
+        "{o:?}"
+    );
     let o = cli(&["host", "csr", "-o", s(&csr)]);
     assert!(o.status.success(), "{o:?}");
     // openssl checks the request's self-signature (proof the daemon holds the key).
