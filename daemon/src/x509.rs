@@ -3,7 +3,7 @@
 //! from the key store (see [`crate::hostca`]), so each object is built as "to be signed" DER,
 //! its SHA-256 digest is signed in hardware, and the DER ECDSA signature is attached here.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use const_oid::db::{rfc4519, rfc5280, rfc5912};
 use der::asn1::{BitString, Ia5String, OctetString, SetOfVec, Uint, Utf8StringRef};
@@ -107,27 +107,16 @@ pub fn unix_of(t: &Time) -> i64 {
         .unwrap_or(0)
 }
 
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use crate::registry::now_unix;
 
 fn ext<T: AsExtension>(value: &T, subject: &Name) -> Result<Extension, X509Error> {
     Ok(value.to_extension(subject, &[])?)
 }
 
-/// The self-signed host CA: `CN` = host id, CA with path length 0, keyCertSign + cRLSign.
-pub fn host_ca_tbs(
-    subject: &Name,
-    key: &VerifyingKey,
-    not_before: i64,
-    not_after: i64,
-) -> Result<TbsCertificate, X509Error> {
-    let spki = spki_of(key)?;
-    let kid = key_identifier(&spki);
-    let extensions = vec![
+/// What makes the host CA a CA: basicConstraints CA with path length 0 (it issues only agent
+/// certificates) and key usage keyCertSign + cRLSign.
+fn ca_extensions(subject: &Name) -> Result<Vec<Extension>, X509Error> {
+    Ok(vec![
         ext(
             &BasicConstraints {
                 ca: true,
@@ -139,8 +128,20 @@ pub fn host_ca_tbs(
             &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
             subject,
         )?,
-        ext(&SubjectKeyIdentifier(OctetString::new(kid)?), subject)?,
-    ];
+    ])
+}
+
+/// The self-signed host CA: `CN` = host id, CA with path length 0, keyCertSign + cRLSign.
+pub fn host_ca_tbs(
+    subject: &Name,
+    key: &VerifyingKey,
+    not_before: i64,
+    not_after: i64,
+) -> Result<TbsCertificate, X509Error> {
+    let spki = spki_of(key)?;
+    let kid = key_identifier(&spki);
+    let mut extensions = ca_extensions(subject)?;
+    extensions.push(ext(&SubjectKeyIdentifier(OctetString::new(kid)?), subject)?);
     Ok(TbsCertificate {
         version: Version::V3,
         serial_number: random_serial()?,
@@ -277,19 +278,7 @@ pub fn crl_tbs(
 
 /// PKCS#10 request for the host CA key, asking for a CA certificate with path length 0.
 pub fn host_csr_info(subject: &Name, key: &VerifyingKey) -> Result<CertReqInfo, X509Error> {
-    let ext_req = ExtensionReq(vec![
-        ext(
-            &BasicConstraints {
-                ca: true,
-                path_len_constraint: Some(0),
-            },
-            subject,
-        )?,
-        ext(
-            &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
-            subject,
-        )?,
-    ]);
+    let ext_req = ExtensionReq(ca_extensions(subject)?);
     let attr = x509_cert::attr::Attribute::try_from(ext_req)?;
     Ok(CertReqInfo {
         version: x509_cert::request::Version::V1,

@@ -78,6 +78,13 @@ impl Daemon {
         self.state.path()
     }
 
+    /// A directory for a test's own files (certificates, evidence) beside the daemon's state.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let dir = self.state.path().join("check");
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
     pub fn agents_dir(&self) -> PathBuf {
         self.state.path().join("agents.d")
     }

@@ -11,16 +11,9 @@ use serde_json::Value;
 use tessera::attestation::{self, AttestationError, Expectations};
 use tessera::ProblemType;
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, Backend, Daemon, Swtpm};
+use tessera_e2e::{bin, rt, Backend, Daemon, Swtpm};
 
 const AUD: &str = "https://api.example.com";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn agent_toml(uid: u32) -> String {
     format!("[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\"]\n")
@@ -92,8 +85,7 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
             ..Default::default()
         },
     );
-    let dir = d.state_dir().join("check");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = d.scratch_dir();
     let nonce: [u8; 32] = rand::random();
     let (ev, who) = rt().block_on(async {
         let c = d.client();
@@ -347,8 +339,7 @@ fn pkcs11_evidence_is_labelled_not_hardware() {
     .unwrap_err();
     assert!(matches!(e, AttestationError::NotHardwareEvidence(_)), "{e}");
     // The CLI refuses to call it verified.
-    let dir = d.state_dir().join("check");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = d.scratch_dir();
     let f = write(&dir, "ev.json", ev.to_string().as_bytes());
     let o = d.cli(&["verify-attestation", s(&f), "--nonce", &hex::encode(nonce)]);
     assert_eq!(o.status.code(), Some(5), "{o:?}");

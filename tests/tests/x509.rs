@@ -11,16 +11,9 @@ use serde_json::Value;
 use tessera::{CertificateOptions, ProblemType};
 use tessera_e2e::bus::{BusPolicy, TestBus};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, Backend, Daemon};
+use tessera_e2e::{bin, rt, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn agent_toml(uid: u32, extra_policy: &str) -> String {
     format!("[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\"]\nmax_ttl = \"15m\"\n{extra_policy}\n")
@@ -75,6 +68,17 @@ fn der_of(pem: &str) -> Vec<u8> {
         .unwrap()
 }
 
+/// A fresh agent certificate chain and the bundle, from the daemon.
+fn chain_and_bundle(d: &Daemon) -> (String, String) {
+    rt().block_on(async {
+        let c = d.client();
+        (
+            c.certificate(&CertificateOptions::default()).await.unwrap(),
+            c.bundle().await.unwrap(),
+        )
+    })
+}
+
 /// The agent's JWK from the daemon's JWKS.
 fn agent_jwk(d: &Daemon) -> Value {
     rt().block_on(async {
@@ -99,8 +103,7 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
             ..Default::default()
         },
     );
-    let dir = d.state_dir().join("check");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = d.scratch_dir();
     let (chain, bundle, too_long) = rt().block_on(async {
         let c = d.client();
         (
@@ -223,8 +226,7 @@ fn revocation_reaches_the_crl(backend: Backend) {
             ..Default::default()
         },
     );
-    let dir = d.state_dir().join("check");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = d.scratch_dir();
     let (chain, bundle, crl_before) = rt().block_on(async {
         let c = d.client();
         (
@@ -575,15 +577,8 @@ fn host_ca_creation_survives_a_crash(backend: Backend, point: &str) {
         1,
         "one host CA key, no strays"
     );
-    let (chain, bundle) = rt().block_on(async {
-        let c = d.client();
-        (
-            c.certificate(&CertificateOptions::default()).await.unwrap(),
-            c.bundle().await.unwrap(),
-        )
-    });
-    let dir = d.state_dir().join("check");
-    std::fs::create_dir_all(&dir).unwrap();
+    let (chain, bundle) = chain_and_bundle(&d);
+    let dir = d.scratch_dir();
     let leaf = write(&dir, "agent.pem", &split_pem(&chain)[0]);
     let ca = write(&dir, "bundle.pem", &bundle);
     openssl_ok(&["verify", "-CAfile", s(&ca), s(&leaf)]);

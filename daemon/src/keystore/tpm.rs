@@ -138,41 +138,26 @@ fn primary_template() -> Result<Public, tss_esapi::Error> {
 
 /// Agent keys: fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign only.
 pub fn agent_key_template() -> Result<Public, tss_esapi::Error> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_decrypt(false)
-        .with_sign_encrypt(true)
-        .with_restricted(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attrs)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_unrestricted_signing_key(
-                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    ecdsa_key_template(false)
 }
 
 /// The attestation key: a restricted ECDSA P-256 signing key, so it signs only structures
 /// the TPM itself produced (quotes, certifications), never an outside digest that could
 /// pass for one.
 pub fn attestation_key_template() -> Result<Public, tss_esapi::Error> {
+    ecdsa_key_template(true)
+}
+
+/// An ECDSA P-256 (SHA-256) signing key made inside this TPM, never to leave it.
+fn ecdsa_key_template(restricted: bool) -> Result<Public, tss_esapi::Error> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
+        // The AK has no secret worth guessing; agent keys keep dictionary-attack protection.
+        .with_no_da(restricted)
+        .with_restricted(restricted)
         .with_decrypt(false)
         .with_sign_encrypt(true)
         .build()?;
@@ -188,7 +173,7 @@ pub fn attestation_key_template() -> Result<Public, tss_esapi::Error> {
                 .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
                 .with_is_signing_key(true)
                 .with_is_decryption_key(false)
-                .with_restricted(true)
+                .with_restricted(restricted)
                 .build()?,
         )
         .with_ecc_unique_identifier(EccPoint::default())

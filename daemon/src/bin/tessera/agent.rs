@@ -95,12 +95,19 @@ pub const EXIT_UNAVAILABLE: u8 = 4;
 pub const EXIT_NOT_FOUND: u8 = 6;
 pub const EXIT_UNVERIFIED: u8 = 5;
 
-pub async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
+async fn connect(bus: &str) -> zbus::Result<zbus::Connection> {
     match bus {
         "system" => zbus::Connection::system().await,
         "session" => zbus::Connection::session().await,
         addr => zbus::connection::Builder::address(addr)?.build().await,
     }
+}
+
+/// The bus connection and the Manager proxy, or the exit code that says why not.
+pub async fn manager(bus: &str) -> Result<(zbus::Connection, ManagerProxy<'static>), ExitCode> {
+    let conn = connect(bus).await.map_err(|e| fail(&e))?;
+    let mgr = ManagerProxy::new(&conn).await.map_err(|e| fail(&e))?;
+    Ok((conn, mgr))
 }
 
 pub fn fail(e: &zbus::Error) -> ExitCode {
@@ -177,13 +184,9 @@ async fn agent_props(conn: &zbus::Connection, path: &OwnedObjectPath) -> zbus::R
 }
 
 pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
-    let conn = match connect(bus).await {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let mgr = match ManagerProxy::new(&conn).await {
-        Ok(m) => m,
-        Err(e) => return fail(&e),
+    let (conn, mgr) = match manager(bus).await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let res: zbus::Result<()> = async {
         match cmd {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::agent::{connect, fail, ManagerProxy};
+use crate::agent::{fail, manager};
 
 #[derive(Subcommand)]
 pub enum HostSub {
@@ -38,13 +38,9 @@ pub async fn run(cmd: HostSub, bus: &str, as_json: bool) -> ExitCode {
         },
         HostSub::Csr { .. } => None,
     };
-    let conn = match connect(bus).await {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let mgr = match ManagerProxy::new(&conn).await {
-        Ok(m) => m,
-        Err(e) => return fail(&e),
+    let (_conn, mgr) = match manager(bus).await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     match cmd {
         HostSub::Csr { cn, out } => {
