@@ -104,16 +104,13 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
         },
     );
     let dir = d.scratch_dir();
-    let (chain, bundle, too_long) = rt().block_on(async {
-        let c = d.client();
-        (
-            c.certificate(&CertificateOptions::default()).await.unwrap(),
-            c.bundle().await.unwrap(),
-            c.certificate(&CertificateOptions::default().ttl(Duration::from_secs(3600)))
-                .await
-                .unwrap_err(),
+    let (chain, bundle) = chain_and_bundle(&d);
+    let too_long = rt()
+        .block_on(
+            d.client()
+                .certificate(&CertificateOptions::default().ttl(Duration::from_secs(3600))),
         )
-    });
+        .unwrap_err();
     // Asking beyond the agent's max_cert_ttl is refused with the TTL problem.
     match too_long {
         tessera::Error::Problem(p) => assert_eq!(p.kind(), ProblemType::TtlNotAllowed),
@@ -227,14 +224,8 @@ fn revocation_reaches_the_crl(backend: Backend) {
         },
     );
     let dir = d.scratch_dir();
-    let (chain, bundle, crl_before) = rt().block_on(async {
-        let c = d.client();
-        (
-            c.certificate(&CertificateOptions::default()).await.unwrap(),
-            c.bundle().await.unwrap(),
-            c.crl().await.unwrap(),
-        )
-    });
+    let (chain, bundle) = chain_and_bundle(&d);
+    let crl_before = rt().block_on(d.client().crl()).unwrap();
     let leaf = write(&dir, "agent.pem", &split_pem(&chain)[0]);
     let ca = write(&dir, "bundle.pem", &bundle);
     let crl = write(&dir, "crl-before.pem", &crl_before);
@@ -495,14 +486,8 @@ fn fleet_ca_csr_round_trip() {
     assert!(o.status.success(), "{o:?}");
 
     let check = |d: &Daemon| {
-        let (chain, bundle, crl) = rt().block_on(async {
-            let c = d.client();
-            (
-                c.certificate(&CertificateOptions::default()).await.unwrap(),
-                c.bundle().await.unwrap(),
-                c.crl().await.unwrap(),
-            )
-        });
+        let (chain, bundle) = chain_and_bundle(d);
+        let crl = rt().block_on(d.client().crl()).unwrap();
         let certs = split_pem(&chain);
         assert_eq!(
             certs.len(),
@@ -601,4 +586,79 @@ fn host_ca_crash_after_key_pkcs11() {
 #[test]
 fn host_ca_crash_after_name_pkcs11() {
     host_ca_creation_survives_a_crash(Backend::pkcs11(), "hostca-after-name");
+}
+
+/// Certificates issued while the agent is being revoked: every one that was handed out is on
+/// the CRL afterwards (the registry records a certificate only while its agent is live).
+#[test]
+fn certificates_racing_a_revocation_all_reach_the_crl() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent_toml(0, "rate = 100000"))],
+            ..Default::default()
+        },
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let c = d.client();
+            let stop = stop.clone();
+            rt.spawn(async move {
+                let mut serials = vec![];
+                let mut refused = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match c.certificate(&CertificateOptions::default()).await {
+                        Ok(chain) => {
+                            let der = der_of(&split_pem(&chain)[0]);
+                            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+                            serials.push(cert.raw_serial_as_string().replace(':', ""));
+                        }
+                        Err(tessera::Error::Problem(p)) => {
+                            assert!(
+                                matches!(
+                                    p.kind(),
+                                    ProblemType::AgentRevoked
+                                        | ProblemType::UnknownCaller
+                                        | ProblemType::BackendUnavailable
+                                ),
+                                "{p:?}"
+                            );
+                            refused += 1;
+                            if refused > 20 {
+                                break;
+                            }
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                serials
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(d.agents_dir().join("bot.toml")).unwrap();
+    d.reload();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut issued = vec![];
+    for c in clients {
+        issued.extend(rt.block_on(c).unwrap());
+    }
+    assert!(issued.len() > 5, "some certificates were issued first");
+    let dir = d.scratch_dir();
+    let crl = write(&dir, "crl.pem", &rt.block_on(d.client().crl()).unwrap());
+    let text = openssl_ok(&["crl", "-in", s(&crl), "-noout", "-text"]).to_uppercase();
+    for serial in &issued {
+        assert!(
+            text.contains(&format!("SERIAL NUMBER: {}", serial.to_uppercase())),
+            "issued serial {serial} missing from the CRL ({} issued)",
+            issued.len()
+        );
+    }
 }
