@@ -230,15 +230,19 @@ fn revocation_reaches_the_crl(backend: Backend) {
     let ca = write(&dir, "bundle.pem", &bundle);
     let crl = write(&dir, "crl-before.pem", &crl_before);
     // The CRL itself is valid: with it, the live certificate still verifies.
-    openssl_ok(&[
-        "verify",
-        "-crl_check",
-        "-CAfile",
-        s(&ca),
-        "-CRLfile",
-        s(&crl),
-        s(&leaf),
-    ]);
+    let verify_with_crl = |crl: &Path| {
+        openssl(&[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            s(&ca),
+            "-CRLfile",
+            s(crl),
+            s(&leaf),
+        ])
+    };
+    let o = verify_with_crl(&crl);
+    assert!(o.status.success(), "{o:?}");
     let serial = openssl_ok(&["x509", "-in", s(&leaf), "-noout", "-serial"])
         .trim()
         .trim_start_matches("serial=")
@@ -255,15 +259,7 @@ fn revocation_reaches_the_crl(backend: Backend) {
             text.contains(&format!("Serial Number: {serial}")),
             "CRL lists {serial}:\n{text}"
         );
-        let o = openssl(&[
-            "verify",
-            "-crl_check",
-            "-CAfile",
-            s(&ca),
-            "-CRLfile",
-            s(&crl),
-            s(&leaf),
-        ]);
+        let o = verify_with_crl(&crl);
         assert!(!o.status.success(), "a revoked certificate must not verify");
         assert!(
             String::from_utf8_lossy(&o.stdout).contains("certificate revoked")
