@@ -381,25 +381,17 @@ pub fn key_from_jwk(jwk: &serde_json::Value) -> Result<VerifyingKey, Attestation
 
 /// The P-256 key of the first certificate in a PEM chain (an agent certificate).
 pub fn key_from_certificate_pem(pem: &str) -> Result<VerifyingKey, AttestationError> {
-    use x509_cert::der::DecodePem;
     let bad = |detail: String| AttestationError::Encoding {
         field: "certificate",
         what: "PEM certificate with a P-256 key",
         detail,
     };
-    let begin = pem
-        .find("-----BEGIN CERTIFICATE-----")
-        .ok_or_else(|| bad("no certificate".into()))?;
-    let end_marker = "-----END CERTIFICATE-----";
-    let end = pem[begin..]
-        .find(end_marker)
-        .ok_or_else(|| bad("unterminated certificate".into()))?
-        + begin
-        + end_marker.len();
-    let cert =
-        x509_cert::Certificate::from_pem(&pem[begin..end]).map_err(|e| bad(e.to_string()))?;
+    let chain =
+        x509_cert::Certificate::load_pem_chain(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let first = chain.first().ok_or_else(|| bad("no certificate".into()))?;
     VerifyingKey::from_sec1_bytes(
-        cert.tbs_certificate
+        first
+            .tbs_certificate
             .subject_public_key_info
             .subject_public_key
             .raw_bytes(),

@@ -138,17 +138,14 @@ async fn route(
         }
         (Method::GET, "/v1/certificate") => {
             let caller = svc.identify(peer).await?;
-            let c = svc
+            let chain = svc
                 .issue_certificate(
                     &caller,
                     query_param(&req, "agent"),
                     query_param(&req, "ttl"),
                 )
                 .await?;
-            Ok(pem_response(
-                "application/pem-certificate-chain",
-                c.chain_pem,
-            ))
+            Ok(pem_response("application/pem-certificate-chain", chain))
         }
         (Method::GET, "/v1/bundle") => Ok(pem_response(
             "application/pem-certificate-chain",

@@ -14,24 +14,17 @@ use crate::config::{format_duration, parse_duration};
 use crate::hostca::HostCaError;
 use crate::issuer::IssueError;
 use crate::keystore::{KeyEvidence, MAX_NONCE};
+use crate::policy;
 use crate::problem::{Kind, Problem};
-use crate::registry::{Agent, RegistryError, Status};
-use crate::service::{keystore_problem, rfc3339, Service};
+use crate::registry::{Agent, RegistryError};
+use crate::service::{check_not_suspended, keystore_problem, rfc3339, Service};
 use crate::x509;
+use tessera::attestation::key_from_jwk;
 
 /// Smallest nonce accepted: a relying party's nonce must be unpredictable to mean anything.
 pub const MIN_NONCE: usize = 8;
 /// Shortest agent certificate.
 const MIN_CERT_TTL: Duration = Duration::from_secs(60);
-
-/// `GET /v1/certificate`: the agent certificate and the chain above it.
-#[derive(Debug, Clone)]
-pub struct IssuedCertificate {
-    /// Agent certificate, then the host CA (and intermediates), PEM.
-    pub chain_pem: String,
-    pub serial: String,
-    pub not_after: i64,
-}
 
 fn hostca_problem(e: HostCaError) -> Problem {
     match e {
@@ -59,42 +52,39 @@ impl Service {
 
     fn cert_ttl(&self, agent: &Agent, requested: Option<&str>) -> Result<Duration, Problem> {
         let limit = self.cert_limit(agent);
-        match requested {
-            None => Ok(self.config().certificates.default_ttl.0.min(limit)),
-            Some(t) => {
-                let t = parse_duration(t).map_err(|e| Problem::new(Kind::MalformedRequest, e))?;
-                if t < MIN_CERT_TTL || t > limit {
-                    return Err(Problem::new(
-                        Kind::TtlNotAllowed,
-                        format!(
-                            "certificate ttl must be between 1m and the agent's maximum of {}",
-                            format_duration(limit)
-                        ),
-                    ));
-                }
-                Ok(t)
-            }
-        }
+        let requested = requested
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| Problem::new(Kind::MalformedRequest, e))?;
+        let default = self.config().certificates.default_ttl.0;
+        policy::credential_ttl(requested, default, limit)
+            .ok()
+            .filter(|t| requested.is_none() || *t >= MIN_CERT_TTL)
+            .ok_or_else(|| {
+                Problem::new(
+                    Kind::TtlNotAllowed,
+                    format!(
+                        "certificate ttl must be between 1m and the agent's maximum of {}",
+                        format_duration(limit)
+                    ),
+                )
+            })
     }
 
     /// Status and rate checks every credential shares.
     fn may_issue(&self, agent: &Agent) -> Result<(), Problem> {
-        if agent.status == Status::Suspended {
-            return Err(Problem::new(
-                Kind::AgentSuspended,
-                format!("agent {} is suspended", agent.name),
-            ));
-        }
-        self.check_rate(agent)
+        check_not_suspended(agent)?;
+        self.check_rate(agent, &self.config())
     }
 
-    /// A short-lived X.509 certificate for the caller's hardware key, signed by the host CA.
+    /// A short-lived X.509 certificate for the caller's hardware key, signed by the host CA:
+    /// PEM, the agent certificate, then the host CA (and intermediates).
     pub async fn issue_certificate(
         &self,
         caller: &Caller,
         wanted: Option<&str>,
         ttl: Option<&str>,
-    ) -> Result<IssuedCertificate, Problem> {
+    ) -> Result<String, Problem> {
         let summary = json!({"credential": "certificate", "agent": wanted, "ttl": ttl});
         let agent = match self.match_agent(caller, wanted) {
             Ok(a) => a,
@@ -108,13 +98,16 @@ impl Service {
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
         let ca = self.host_ca().map_err(hostca_problem)?;
-        let key = self
-            .keystore
-            .public_key(&agent.key_id)
-            .await
-            .map_err(keystore_problem)?;
+        // The public key the device gave at enrolment, kept in the registry as the agent's JWK
+        // (no device round trip per certificate).
+        let key = agent
+            .jwk
+            .as_ref()
+            .ok_or_else(|| "agent has no public key on record".to_string())
+            .and_then(|j| key_from_jwk(j).map_err(|e| e.to_string()))
+            .map_err(|e| Problem::new(Kind::Internal, format!("agent {}: {e}", agent.name)))?;
         let now = x509::now_unix();
-        let not_after = (now + ttl.as_secs() as i64).min(crate::hostca::ca_not_after(&ca));
+        let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
         if not_after <= now {
             return Err(Problem::new(
                 Kind::BackendUnavailable,
@@ -169,15 +162,8 @@ impl Service {
         self.count_issued(&agent, now);
         let mut chain_pem =
             x509::to_pem(&cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        chain_pem.push_str(
-            &ca.chain_pem()
-                .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?,
-        );
-        Ok(IssuedCertificate {
-            chain_pem,
-            serial,
-            not_after,
-        })
+        chain_pem.push_str(&ca.chain_pem);
+        Ok(chain_pem)
     }
 
     /// Key attestation evidence for the caller's key, bound to the relying party's nonce.
@@ -215,7 +201,12 @@ impl Service {
                     .ek_certificates
                     .iter()
                     .filter_map(|der| {
-                        der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).ok()
+                        x509_cert::der::pem::encode_string(
+                            "CERTIFICATE",
+                            x509_cert::der::pem::LineEnding::LF,
+                            der,
+                        )
+                        .ok()
                     })
                     .collect();
                 json!({
@@ -231,7 +222,7 @@ impl Service {
             KeyEvidence::Pkcs11Attributes(attrs) => {
                 let map: serde_json::Map<String, Value> = attrs
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), Value::Bool(v)))
+                    .map(|(k, v)| (k, Value::Bool(v)))
                     .collect();
                 json!({
                     "format": "pkcs11-attributes",
@@ -262,10 +253,7 @@ impl Service {
     }
 
     pub fn bundle_pem(&self) -> Result<String, Problem> {
-        self.host_ca()
-            .map_err(hostca_problem)?
-            .bundle_pem()
-            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))
+        Ok(self.host_ca().map_err(hostca_problem)?.bundle_pem.clone())
     }
 
     pub async fn crl_pem(&self) -> Result<String, Problem> {

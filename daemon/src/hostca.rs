@@ -10,10 +10,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use der::Encode;
 use p256::ecdsa::VerifyingKey;
 use serde_json::json;
 use x509_cert::certificate::Certificate;
+use x509_cert::der::Encode;
 use x509_cert::ext::pkix::SubjectKeyIdentifier;
 use x509_cert::name::Name;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -63,7 +63,8 @@ impl From<HostCaError> for AdminError {
     }
 }
 
-/// The CA as it is now: key, certificate chain and the names agent certificates refer to.
+/// The CA as it is now: key, certificate chain and the names agent certificates refer to,
+/// with the PEM every request serves encoded once, here.
 #[derive(Debug)]
 pub struct HostCa {
     pub key_id: String,
@@ -75,27 +76,50 @@ pub struct HostCa {
     /// authority key identifier).
     pub key_identifier: Vec<u8>,
     pub self_signed: bool,
+    /// Last moment a certificate issued by this CA may be valid: the earliest end in its chain.
+    pub not_after: i64,
+    /// Every certificate of `chain` as PEM (what `ca/host-ca.pem` holds).
+    pub file_pem: String,
+    /// The host CA certificate and the intermediates below the root: what follows an agent
+    /// certificate in `/v1/certificate`.
+    pub chain_pem: String,
+    /// The trust anchor a relying party should hold (`/v1/bundle`): the host CA itself when
+    /// self-signed, else the root of the installed chain.
+    pub bundle_pem: String,
 }
 
 impl HostCa {
-    /// PEM of the host CA certificate and the intermediates below the root (what goes after
-    /// an agent certificate in `/v1/certificate`).
-    pub fn chain_pem(&self) -> Result<String, X509Error> {
-        let n = if self.self_signed {
+    fn new(
+        key_id: String,
+        key: VerifyingKey,
+        chain: Vec<Certificate>,
+    ) -> Result<HostCa, X509Error> {
+        let first = chain
+            .first()
+            .ok_or_else(|| X509Error::Invalid("host CA has no certificate".into()))?;
+        let self_signed = chain.len() == 1 && is_self_issued(first);
+        let pems: Vec<String> = chain.iter().map(x509::to_pem).collect::<Result<_, _>>()?;
+        let below_root = if self_signed {
             1
         } else {
-            self.chain.len().saturating_sub(1).max(1)
+            (pems.len() - 1).max(1)
         };
-        self.chain[..n].iter().map(x509::to_pem).collect()
-    }
-
-    /// PEM of the trust anchor a relying party should hold (`/v1/bundle`): the host CA itself
-    /// when self-signed, else the root of the installed chain.
-    pub fn bundle_pem(&self) -> Result<String, X509Error> {
-        match self.chain.last() {
-            Some(root) => x509::to_pem(root),
-            None => Err(X509Error::Invalid("host CA has no certificate".into())),
-        }
+        Ok(HostCa {
+            key_id,
+            key,
+            subject: first.tbs_certificate.subject.clone(),
+            key_identifier: subject_key_id(first),
+            self_signed,
+            not_after: chain
+                .iter()
+                .map(|c| x509::unix_of(&c.tbs_certificate.validity.not_after))
+                .min()
+                .unwrap_or(0),
+            file_pem: pems.concat(),
+            chain_pem: pems[..below_root].concat(),
+            bundle_pem: pems[pems.len() - 1].clone(),
+            chain,
+        })
     }
 }
 
@@ -103,7 +127,6 @@ impl HostCa {
 #[derive(Debug)]
 pub struct Crl {
     pub pem: String,
-    pub number: u64,
     pub this_update: i64,
     pub next_update: i64,
 }
@@ -274,7 +297,7 @@ impl Service {
                 Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.audit_record(Event::new("key.destroyed").details(json!({
+            self.audit_admin(Event::new("key.destroyed").details(json!({
                 "by": "tesserad", "key_id": stray, "reason": "stray host CA key",
             })))
             .await;
@@ -326,7 +349,7 @@ impl Service {
             tracing::error!(path = %path.display(), "host CA certificate is not for the host CA key; making a new one");
             return Ok(None);
         }
-        Ok(Some(ca_from_chain(key_id.to_string(), *key, chain)))
+        Ok(Some(HostCa::new(key_id.to_string(), *key, chain)?))
     }
 
     async fn self_sign(
@@ -340,16 +363,17 @@ impl Service {
         let not_after = now + cfg.certificates.ca_validity.0.as_secs() as i64;
         let tbs = x509::host_ca_tbs(&subject, &key, now, not_after)?;
         let cert = self.issuer.certificate(key_id, tbs).await?;
-        let pem = x509::to_pem(&cert)?;
-        write_atomic(&self.ca_cert_path(), pem.as_bytes())?;
-        self.audit_record(Event::new("hostca.created").details(json!({
+        let serial = x509::serial_hex(&cert.tbs_certificate.serial_number);
+        let ca = HostCa::new(key_id.to_string(), key, vec![cert])?;
+        self.write_ca_file(&ca)?;
+        self.audit_admin(Event::new("hostca.created").details(json!({
             "key_id": key_id,
             "subject": subject.to_string(),
-            "serial": x509::serial_hex(&cert.tbs_certificate.serial_number),
+            "serial": serial,
             "not_after": not_after,
         })))
         .await;
-        Ok(ca_from_chain(key_id.to_string(), key, vec![cert]))
+        Ok(ca)
     }
 
     /// Re-sign the CRL: every unexpired certificate of a revoked agent.
@@ -358,10 +382,8 @@ impl Service {
         let ca = self.host_ca()?;
         let now = x509::now_unix();
         let validity = self.config().certificates.crl_validity.0.as_secs() as i64;
-        let (revoked, number) = self.with_registry(|r| {
-            r.prune_certificates(now)?;
-            Ok((r.revoked_certificates(now)?, r.next_crl_number()?))
-        })?;
+        let (revoked, number) =
+            self.with_registry(|r| Ok((r.revoked_certificates(now)?, r.next_crl_number()?)))?;
         let entries: Vec<x509::RevokedEntry> = revoked
             .into_iter()
             .map(|(serial_hex, revoked_at)| x509::RevokedEntry {
@@ -381,7 +403,6 @@ impl Service {
         let pem = x509::crl_to_pem(&crl)?;
         *self.crl.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Crl {
             pem,
-            number,
             this_update: now,
             next_update: now + validity,
         }));
@@ -449,13 +470,8 @@ impl Service {
             .map_err(|e| AdminError::CertificateRejected(format!("cannot read the PEM: {e}")))?;
         check_installed_chain(&chain, &ca.key, x509::now_unix())
             .map_err(AdminError::CertificateRejected)?;
-        let text: String = chain
-            .iter()
-            .map(x509::to_pem)
-            .collect::<Result<_, _>>()
-            .map_err(HostCaError::from)?;
-        write_atomic(&self.ca_cert_path(), text.as_bytes())?;
-        let new = ca_from_chain(ca.key_id.clone(), ca.key, chain);
+        let new = HostCa::new(ca.key_id.clone(), ca.key, chain).map_err(HostCaError::from)?;
+        self.write_ca_file(&new)?;
         let details = json!({
             "by": by,
             "subject": new.subject.to_string(),
@@ -464,17 +480,16 @@ impl Service {
         });
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
         drop(guard);
-        self.audit_record(Event::new("hostca.certificate_installed").details(details))
+        self.audit_admin(Event::new("hostca.certificate_installed").details(details))
             .await;
         // The CRL's issuer is the CA certificate's subject: sign a new one now.
         self.refresh_crl().await?;
         Ok(())
     }
 
-    async fn audit_record(&self, ev: Event) {
-        if let Err(e) = self.audit.record(ev).await {
-            tracing::error!(error = %e, "could not audit a host CA change");
-        }
+    fn write_ca_file(&self, ca: &HostCa) -> Result<(), HostCaError> {
+        let path = self.ca_cert_path();
+        crate::durable::write_atomic(&path, ca.file_pem.as_bytes()).map_err(|e| state_err(&path, e))
     }
 }
 
@@ -493,37 +508,8 @@ pub fn ca_common_name(cfg: &crate::config::Config) -> String {
     host[..end].to_string()
 }
 
-/// Last moment a certificate issued by `ca` may be valid: no agent certificate outlives the
-/// CA certificate that vouches for it.
-pub fn ca_not_after(ca: &HostCa) -> i64 {
-    ca.chain
-        .iter()
-        .map(|c| x509::unix_of(&c.tbs_certificate.validity.not_after))
-        .min()
-        .unwrap_or(0)
-}
-
 fn ca_expires_soon(ca: &HostCa, now: i64) -> bool {
     x509::unix_of(&ca.chain[0].tbs_certificate.validity.not_after) - now < RENEW_BEFORE_SECS
-}
-
-fn ca_from_chain(key_id: String, key: VerifyingKey, chain: Vec<Certificate>) -> HostCa {
-    let self_signed = chain.len() == 1 && is_self_issued(&chain[0]);
-    HostCa {
-        key_id,
-        key,
-        subject: chain[0].tbs_certificate.subject.clone(),
-        key_identifier: subject_key_id(&chain[0]),
-        chain,
-        self_signed,
-    }
-}
-
-fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<(), HostCaError> {
-    crate::keystore::tpm::write_atomic(path, data).map_err(|e| match e {
-        KeyStoreError::State { source, .. } => state_err(path, source),
-        other => HostCaError::KeyStore(other),
-    })
 }
 
 #[cfg(test)]

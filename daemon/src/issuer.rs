@@ -8,10 +8,10 @@ use p256::ecdsa::VerifyingKey;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use der::Encode;
 use p256::ecdsa::Signature;
 use x509_cert::certificate::{Certificate, TbsCertificate};
 use x509_cert::crl::{CertificateList, TbsCertList};
+use x509_cert::der::Encode;
 use x509_cert::request::{CertReq, CertReqInfo};
 
 use crate::keystore::{ecdsa, owner::KeyStoreHandle, KeyEvidence, KeyStoreError};

@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod daemon;
 pub mod dbus;
 pub mod dev;
+pub mod durable;
 pub mod fault;
 pub mod hostca;
 pub mod issuer;

@@ -67,7 +67,7 @@ pub struct RepairReport {
 }
 
 impl Service {
-    async fn audit_admin(&self, ev: Event) {
+    pub(crate) async fn audit_admin(&self, ev: Event) {
         if let Err(e) = self.audit.record(ev).await {
             // The action itself has happened; hiding that would be worse than a gap.
             tracing::error!(error = %e, "could not audit an admin action");

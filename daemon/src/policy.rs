@@ -46,9 +46,10 @@ pub fn scopes_not_allowed(allowed: &[String], requested: &[String]) -> Vec<Strin
         .collect()
 }
 
-/// The TTL a token gets: the request's, else the default, never above the agent's maximum.
-/// A request above the maximum is refused (naming the maximum) rather than silently cut.
-pub fn token_ttl(
+/// The lifetime a credential (token, certificate) gets: the request's, else the default,
+/// never above the agent's maximum. A request above the maximum is refused (naming the
+/// maximum) rather than silently cut.
+pub fn credential_ttl(
     requested: Option<Duration>,
     default: Duration,
     max: Duration,
@@ -127,14 +128,14 @@ mod tests {
         );
         let m = Duration::from_secs(900);
         let d = Duration::from_secs(300);
-        assert_eq!(token_ttl(None, d, m), Ok(d));
-        assert_eq!(token_ttl(None, Duration::from_secs(3600), m), Ok(m));
+        assert_eq!(credential_ttl(None, d, m), Ok(d));
+        assert_eq!(credential_ttl(None, Duration::from_secs(3600), m), Ok(m));
         assert_eq!(
-            token_ttl(Some(Duration::from_secs(60)), d, m),
+            credential_ttl(Some(Duration::from_secs(60)), d, m),
             Ok(Duration::from_secs(60))
         );
-        assert_eq!(token_ttl(Some(Duration::from_secs(901)), d, m), Err(m));
-        assert_eq!(token_ttl(Some(Duration::ZERO), d, m), Err(m));
+        assert_eq!(credential_ttl(Some(Duration::from_secs(901)), d, m), Err(m));
+        assert_eq!(credential_ttl(Some(Duration::ZERO), d, m), Err(m));
     }
 
     #[test]

@@ -100,6 +100,17 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A suspended agent gets no credential of any kind.
+pub(crate) fn check_not_suspended(agent: &Agent) -> Result<(), Problem> {
+    if agent.status == Status::Suspended {
+        return Err(Problem::new(
+            Kind::AgentSuspended,
+            format!("agent {} is suspended", agent.name),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn keystore_problem(e: KeyStoreError) -> Problem {
     if e.is_transient() {
         Problem::new(Kind::BackendUnavailable, e.to_string()).retry_after(1)
@@ -343,12 +354,7 @@ impl Service {
 
     fn check_policy(&self, agent: &Agent, req: &TokenRequest) -> Result<Duration, Problem> {
         let cfg = self.config();
-        if agent.status == Status::Suspended {
-            return Err(Problem::new(
-                Kind::AgentSuspended,
-                format!("agent {} is suspended", agent.name),
-            ));
-        }
+        check_not_suspended(agent)?;
         if !policy::audience_allowed(&agent.policy.audiences, &req.audience) {
             return Err(Problem::new(
                 Kind::AudienceNotAllowed,
@@ -380,25 +386,23 @@ impl Service {
             .max_ttl
             .map(|d| d.0)
             .unwrap_or(cfg.tokens.max_ttl.0);
-        let ttl = policy::token_ttl(requested, cfg.tokens.default_ttl.0, max).map_err(|max| {
-            Problem::new(
-                Kind::TtlNotAllowed,
-                format!(
-                    "ttl must be between 1s and the maximum of {}",
-                    format_duration(max)
-                ),
-            )
-        })?;
-        self.check_rate(agent)?;
+        let ttl =
+            policy::credential_ttl(requested, cfg.tokens.default_ttl.0, max).map_err(|max| {
+                Problem::new(
+                    Kind::TtlNotAllowed,
+                    format!(
+                        "ttl must be between 1s and the maximum of {}",
+                        format_duration(max)
+                    ),
+                )
+            })?;
+        self.check_rate(agent, &cfg)?;
         Ok(ttl)
     }
 
     /// One per-agent budget for every credential it is issued (tokens, certificates, evidence).
-    pub(crate) fn check_rate(&self, agent: &Agent) -> Result<(), Problem> {
-        let rate = agent
-            .policy
-            .rate
-            .unwrap_or(self.config().limits.default_rate);
+    pub(crate) fn check_rate(&self, agent: &Agent, cfg: &Config) -> Result<(), Problem> {
+        let rate = agent.policy.rate.unwrap_or(cfg.limits.default_rate);
         let mut rl = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(wait) = rl.check(&agent.key_id, rate, Instant::now()) {
             return Err(Problem::new(

@@ -5,16 +5,15 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use const_oid::db::{rfc4519, rfc5280, rfc5912};
-use der::asn1::{BitString, Ia5String, OctetString, SetOfVec, Uint, Utf8StringRef};
-use der::{Any, Decode, Encode, EncodePem};
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::EncodePublicKey;
 use sha2::{Digest, Sha256};
-use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
 use x509_cert::crl::{CertificateList, RevokedCert, TbsCertList};
+use x509_cert::der::asn1::{BitString, Ia5String, OctetString, SetOfVec, Uint, Utf8StringRef};
+use x509_cert::der::oid::db::{rfc4519, rfc5280, rfc5912};
+use x509_cert::der::{self, Any, Decode, Encode, EncodePem};
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, CrlNumber, ExtendedKeyUsage, KeyUsage, KeyUsages,
@@ -24,6 +23,7 @@ use x509_cert::ext::{AsExtension, Extension};
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::request::{CertReq, CertReqInfo, ExtensionReq};
 use x509_cert::serial_number::SerialNumber;
+use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::time::{Time, Validity};
 
 #[derive(Debug, thiserror::Error)]

@@ -46,6 +46,19 @@ fn split_pem(chain: &str) -> Vec<String> {
         .collect()
 }
 
+/// A fresh P-256 private key made by openssl.
+fn new_p256_key(path: &Path) {
+    openssl_ok(&[
+        "ecparam",
+        "-genkey",
+        "-name",
+        "prime256v1",
+        "-noout",
+        "-out",
+        s(path),
+    ]);
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -368,15 +381,7 @@ fn fleet_ca_csr_round_trip() {
     // A test fleet CA.
     let ca_key = dir.join("ca.key");
     let ca = dir.join("ca.pem");
-    openssl_ok(&[
-        "ecparam",
-        "-genkey",
-        "-name",
-        "prime256v1",
-        "-noout",
-        "-out",
-        s(&ca_key),
-    ]);
+    new_p256_key(&ca_key);
     openssl_ok(&[
         "req",
         "-x509",
@@ -431,15 +436,7 @@ fn fleet_ca_csr_round_trip() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("CertificateRejected"));
     // Refused: a certificate for a different key, even from the same CA.
     let other_key = dir.join("other.key");
-    openssl_ok(&[
-        "ecparam",
-        "-genkey",
-        "-name",
-        "prime256v1",
-        "-noout",
-        "-out",
-        s(&other_key),
-    ]);
+    new_p256_key(&other_key);
     let other_csr = dir.join("other.csr");
     openssl_ok(&[
         "req",

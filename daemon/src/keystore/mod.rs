@@ -106,7 +106,7 @@ pub enum KeyEvidence {
     /// TPM2_Certify of the key by the TPM's attestation key over the caller's nonce.
     Tpm(TpmCertify),
     /// PKCS#11 attributes as the token reports them: the token's word, not hardware evidence.
-    Pkcs11Attributes(Vec<(&'static str, bool)>),
+    Pkcs11Attributes(Vec<(String, bool)>),
 }
 
 #[derive(Debug, Clone)]

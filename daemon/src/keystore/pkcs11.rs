@@ -318,43 +318,40 @@ impl KeyStore for Pkcs11KeyStore {
         validate_key_id(id)?;
         let h = self.private_handle(id)?;
         let wanted = [
-            (AttributeType::Token, "CKA_TOKEN"),
-            (AttributeType::Private, "CKA_PRIVATE"),
-            (AttributeType::Sensitive, "CKA_SENSITIVE"),
-            (AttributeType::AlwaysSensitive, "CKA_ALWAYS_SENSITIVE"),
-            (AttributeType::Extractable, "CKA_EXTRACTABLE"),
-            (AttributeType::NeverExtractable, "CKA_NEVER_EXTRACTABLE"),
-            (AttributeType::Local, "CKA_LOCAL"),
-            (AttributeType::Sign, "CKA_SIGN"),
-            (AttributeType::Decrypt, "CKA_DECRYPT"),
-            (AttributeType::Unwrap, "CKA_UNWRAP"),
-            (AttributeType::Derive, "CKA_DERIVE"),
+            AttributeType::Token,
+            AttributeType::Private,
+            AttributeType::Sensitive,
+            AttributeType::AlwaysSensitive,
+            AttributeType::Extractable,
+            AttributeType::NeverExtractable,
+            AttributeType::Local,
+            AttributeType::Sign,
+            AttributeType::Decrypt,
+            AttributeType::Unwrap,
+            AttributeType::Derive,
         ];
-        let types: Vec<AttributeType> = wanted.iter().map(|(t, _)| *t).collect();
         let attrs = self
             .session
-            .get_attributes(h, &types)
+            .get_attributes(h, &wanted)
             .map_err(|e| ck_err("C_GetAttributeValue", e))?;
-        let mut out = Vec::new();
-        for a in attrs {
-            let (t, v) = match a {
-                Attribute::Token(v) => (AttributeType::Token, v),
-                Attribute::Private(v) => (AttributeType::Private, v),
-                Attribute::Sensitive(v) => (AttributeType::Sensitive, v),
-                Attribute::AlwaysSensitive(v) => (AttributeType::AlwaysSensitive, v),
-                Attribute::Extractable(v) => (AttributeType::Extractable, v),
-                Attribute::NeverExtractable(v) => (AttributeType::NeverExtractable, v),
-                Attribute::Local(v) => (AttributeType::Local, v),
-                Attribute::Sign(v) => (AttributeType::Sign, v),
-                Attribute::Decrypt(v) => (AttributeType::Decrypt, v),
-                Attribute::Unwrap(v) => (AttributeType::Unwrap, v),
-                Attribute::Derive(v) => (AttributeType::Derive, v),
-                _ => continue,
-            };
-            if let Some((_, name)) = wanted.iter().find(|(w, _)| *w == t) {
-                out.push((*name, v));
-            }
-        }
+        // Named as the standard names them (cryptoki's Display: "CKA_SENSITIVE", ...).
+        let out = attrs
+            .iter()
+            .filter_map(|a| match a {
+                Attribute::Token(v)
+                | Attribute::Private(v)
+                | Attribute::Sensitive(v)
+                | Attribute::AlwaysSensitive(v)
+                | Attribute::Extractable(v)
+                | Attribute::NeverExtractable(v)
+                | Attribute::Local(v)
+                | Attribute::Sign(v)
+                | Attribute::Decrypt(v)
+                | Attribute::Unwrap(v)
+                | Attribute::Derive(v) => Some((a.attribute_type().to_string(), *v)),
+                _ => None,
+            })
+            .collect();
         Ok(KeyEvidence::Pkcs11Attributes(out))
     }
 }

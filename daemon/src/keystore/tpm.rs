@@ -14,7 +14,6 @@
 //! exists whole or not at all; destroy removes `.priv` first (the part that makes it usable).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -58,6 +57,8 @@ pub struct TpmKeyStore {
     /// Attestation key blobs (`ak.pub`/`ak.priv`), beside `keys/` so they are never listed
     /// as agent keys.
     ak_dir: PathBuf,
+    /// The AK's blobs once read or made, so evidence requests do not re-read them.
+    ak: Option<(Public, Private)>,
     /// EK certificates read from NV at open (DER).
     ek_certificates: Vec<Vec<u8>>,
 }
@@ -240,24 +241,31 @@ fn un_tpm2b<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], KeyStoreError>
     bytes.get(2..2 + len as usize).ok_or_else(bad)
 }
 
-/// Write a file so that it exists whole or not at all.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), KeyStoreError> {
-    let tmp = path.with_extension("tmp");
-    let res = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            fs::File::open(dir)?.sync_all()?;
+/// Write a key blob whole or not at all.
+fn write_blob(path: &Path, data: &[u8]) -> Result<(), KeyStoreError> {
+    crate::durable::write_atomic(path, &tpm2b(data)).map_err(|e| state_err(path, e))
+}
+
+/// A TPM2B blob file's payload, or None when the file does not exist.
+fn read_blob(path: &Path) -> Result<Option<Vec<u8>>, KeyStoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(un_tpm2b(&bytes, path)?.to_vec())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(state_err(path, e)),
+    }
+}
+
+/// The ECDSA signature a TPM command returned, as a low-S P-256 signature.
+fn ecdsa_of(op: &'static str, sig: TpmSignature) -> Result<Signature, KeyStoreError> {
+    match sig {
+        TpmSignature::EcDsa(s) => {
+            ecdsa::signature_from_r_s(s.signature_r().value(), s.signature_s().value())
         }
-        Ok(())
-    })();
-    res.map_err(|e| state_err(path, e))
+        _ => Err(KeyStoreError::Device {
+            op,
+            detail: "TPM returned a non-ECDSA signature".into(),
+        }),
+    }
 }
 
 /// Without a resource manager (swtpm, `/dev/tpm0`) a daemon that was killed leaves its
@@ -325,6 +333,7 @@ impl TpmKeyStore {
             max_loaded: max_loaded.max(1),
             loaded: Vec::new(),
             ak_dir: state_dir.join("tpm"),
+            ak: None,
             ek_certificates,
         })
     }
@@ -337,28 +346,36 @@ impl TpmKeyStore {
     }
 
     fn read_public(&self, id: &str) -> Result<Public, KeyStoreError> {
-        let path = self.pub_path(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(KeyStoreError::KeyNotFound(id.to_string()))
-            }
-            Err(e) => return Err(state_err(&path, e)),
-        };
-        Public::unmarshall(un_tpm2b(&bytes, &path)?).map_err(|e| tpm_err("read public blob", e))
+        let bytes = read_blob(&self.pub_path(id))?
+            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))?;
+        Public::unmarshall(&bytes).map_err(|e| tpm_err("read public blob", e))
     }
 
     fn read_private(&self, id: &str) -> Result<Private, KeyStoreError> {
-        let path = self.priv_path(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(KeyStoreError::KeyNotFound(id.to_string()))
-            }
-            Err(e) => return Err(state_err(&path, e)),
-        };
-        Private::try_from(un_tpm2b(&bytes, &path)?.to_vec())
-            .map_err(|e| tpm_err("read private blob", e))
+        let bytes = read_blob(&self.priv_path(id))?
+            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))?;
+        Private::try_from(bytes).map_err(|e| tpm_err("read private blob", e))
+    }
+
+    /// TPM2_Create under the primary, both halves saved as blobs (.pub first: a lone .pub is
+    /// harmless and listed, so reconciliation can clear it). Needs a free object slot.
+    fn create_saved(
+        &mut self,
+        template: Public,
+        pub_path: &Path,
+        priv_path: &Path,
+    ) -> Result<(Public, Private), KeyStoreError> {
+        let created = self
+            .ctx
+            .create(self.primary, template, None, None, None, None)
+            .map_err(|e| tpm_err("create key", e))?;
+        let pub_bytes = created
+            .out_public
+            .marshall()
+            .map_err(|e| tpm_err("marshal public", e))?;
+        write_blob(pub_path, &pub_bytes)?;
+        write_blob(priv_path, created.out_private.value())?;
+        Ok((created.out_public, created.out_private))
     }
 
     /// Handle of a loaded key, loading it (and evicting the least recently used) if needed.
@@ -404,30 +421,25 @@ impl TpmKeyStore {
     /// Load the attestation key, creating it on first use. Its blobs are written whole or not
     /// at all, so a crash leaves either the old AK or none (and a new one is made).
     fn load_ak(&mut self) -> Result<(KeyHandle, Public), KeyStoreError> {
-        let pub_path = self.ak_dir.join("ak.pub");
-        let priv_path = self.ak_dir.join("ak.priv");
-        let (public, private) = if pub_path.exists() && priv_path.exists() {
-            let pb = fs::read(&pub_path).map_err(|e| state_err(&pub_path, e))?;
-            let vb = fs::read(&priv_path).map_err(|e| state_err(&priv_path, e))?;
-            let public = Public::unmarshall(un_tpm2b(&pb, &pub_path)?)
-                .map_err(|e| tpm_err("read AK public blob", e))?;
-            let private = Private::try_from(un_tpm2b(&vb, &priv_path)?.to_vec())
-                .map_err(|e| tpm_err("read AK private blob", e))?;
-            (public, private)
-        } else {
-            let template = attestation_key_template().map_err(|e| tpm_err("AK template", e))?;
-            let created = self
-                .ctx
-                .create(self.primary, template, None, None, None, None)
-                .map_err(|e| tpm_err("create attestation key", e))?;
-            let pub_bytes = created
-                .out_public
-                .marshall()
-                .map_err(|e| tpm_err("marshal AK public", e))?;
-            // .priv last: the pair counts as present only when both exist.
-            write_atomic(&pub_path, &tpm2b(&pub_bytes))?;
-            write_atomic(&priv_path, &tpm2b(created.out_private.value()))?;
-            (created.out_public, created.out_private)
+        let (public, private) = match self.ak.clone() {
+            Some(blobs) => blobs,
+            None => {
+                let pub_path = self.ak_dir.join("ak.pub");
+                let priv_path = self.ak_dir.join("ak.priv");
+                let blobs = match (read_blob(&pub_path)?, read_blob(&priv_path)?) {
+                    (Some(pb), Some(vb)) => (
+                        Public::unmarshall(&pb).map_err(|e| tpm_err("read AK public blob", e))?,
+                        Private::try_from(vb).map_err(|e| tpm_err("read AK private blob", e))?,
+                    ),
+                    _ => {
+                        let template =
+                            attestation_key_template().map_err(|e| tpm_err("AK template", e))?;
+                        self.create_saved(template, &pub_path, &priv_path)?
+                    }
+                };
+                self.ak = Some(blobs.clone());
+                blobs
+            }
         };
         let h = self
             .ctx
@@ -465,18 +477,9 @@ impl KeyStore for TpmKeyStore {
         // TPM2_Create needs a free object slot of its own while it works.
         self.evict_to(self.max_loaded.saturating_sub(1))?;
         let template = agent_key_template().map_err(|e| tpm_err("key template", e))?;
-        let created = self
-            .ctx
-            .create(self.primary, template, None, None, None, None)
-            .map_err(|e| tpm_err("create key", e))?;
-        let public = verifying_key_of(&created.out_public)?;
-        let pub_bytes = created
-            .out_public
-            .marshall()
-            .map_err(|e| tpm_err("marshal public", e))?;
-        // .pub first: a lone .pub is harmless and listed, so reconciliation can clear it.
-        write_atomic(&self.pub_path(id), &tpm2b(&pub_bytes))?;
-        write_atomic(&self.priv_path(id), &tpm2b(created.out_private.value()))?;
+        let (out_public, _) =
+            self.create_saved(template, &self.pub_path(id), &self.priv_path(id))?;
+        let public = verifying_key_of(&out_public)?;
         Ok(CreatedKey {
             id: id.to_string(),
             public,
@@ -508,15 +511,7 @@ impl KeyStore for TpmKeyStore {
             .ctx
             .sign(h, digest, scheme, ticket)
             .map_err(|e| tpm_err("sign", e))?;
-        match sig {
-            TpmSignature::EcDsa(s) => {
-                ecdsa::signature_from_r_s(s.signature_r().value(), s.signature_s().value())
-            }
-            _ => Err(KeyStoreError::Device {
-                op: "sign",
-                detail: "TPM returned a non-ECDSA signature".into(),
-            }),
-        }
+        ecdsa_of("sign", sig)
     }
 
     fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
@@ -570,17 +565,10 @@ impl KeyStore for TpmKeyStore {
             });
         }
         let key_public = self.read_public(id)?;
-        // The certified key, the AK and the primary must fit in the TPM's slots together.
-        let others: Vec<String> = self
-            .loaded
-            .iter()
-            .map(|(k, _)| k.clone())
-            .filter(|k| k != id)
-            .collect();
-        for k in others {
-            self.unload(&k)?;
-        }
+        // The certified key, the AK and the primary must fit in the TPM's slots together:
+        // load the key (most recently used) and flush every other one.
         let key = self.handle(id)?;
+        self.evict_to(1)?;
         let (ak, ak_pub) = self.load_ak()?;
         let qualifying = Data::try_from(nonce.to_vec()).map_err(|e| tpm_err("nonce", e));
         let result = qualifying.and_then(|q| {
@@ -605,17 +593,7 @@ impl KeyStore for TpmKeyStore {
         let attest = attest
             .marshall()
             .map_err(|e| tpm_err("marshal attest", e))?;
-        let signature = match sig {
-            TpmSignature::EcDsa(s) => {
-                ecdsa::signature_from_r_s(s.signature_r().value(), s.signature_s().value())?
-            }
-            _ => {
-                return Err(KeyStoreError::Device {
-                    op: "certify",
-                    detail: "TPM returned a non-ECDSA signature".into(),
-                })
-            }
-        };
+        let signature = ecdsa_of("certify", sig)?;
         let ak_public = verifying_key_of(&ak_pub)?;
         // Our re-encoding of the attest structure must be the bytes the TPM signed.
         {
