@@ -143,9 +143,17 @@ impl Event {
 
 type Job = (Event, oneshot::Sender<Result<u64, AuditError>>);
 
+enum Msg {
+    Record(Job),
+    /// Write nothing more: the writer syncs, closes its file and ends.
+    Close,
+}
+
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
+    /// The writer thread, joined once by [`Audit::close`].
+    thread: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 struct Writer {
@@ -179,33 +187,56 @@ impl Audit {
             rotate_bytes,
         };
         w.open_file()?;
-        let (tx, mut rx) = mpsc::channel::<Job>(4096);
-        std::thread::Builder::new()
+        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let thread = std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
+                let mut closing = false;
+                while let Some(Msg::Record(first)) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < 512 {
                         match rx.try_recv() {
-                            Ok(j) => batch.push(j),
+                            Ok(Msg::Record(j)) => batch.push(j),
+                            Ok(Msg::Close) => {
+                                closing = true;
+                                break;
+                            }
                             Err(_) => break,
                         }
                     }
                     w.write_batch(batch);
+                    if closing {
+                        break;
+                    }
+                }
+                // Records sent after Close get `Stopped` when their reply senders drop.
+                rx.close();
+                if let Some(f) = w.file.take() {
+                    let _ = f.sync_all();
                 }
             })
             .map_err(|e| io_err(dir, e))?;
-        Ok((Audit { tx }, torn))
+        let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
+        Ok((Audit { tx, thread }, torn))
     }
 
     /// Record an event durably; returns its `seq` once it is on disk.
     pub async fn record(&self, ev: Event) -> Result<u64, AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((ev, reply))
+            .send(Msg::Record((ev, reply)))
             .await
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Write what is queued, close the file and join the writer thread. Later records fail
+    /// with `Stopped`. Idempotent.
+    pub async fn close(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(handle) = handle else { return };
+        let _ = self.tx.send(Msg::Close).await;
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }
 }
 

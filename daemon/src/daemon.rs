@@ -189,7 +189,9 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     if owns_socket {
         let _ = std::fs::remove_file(&cfg.socket);
     }
-    svc.audit.record(Event::new("daemon.stopped")).await?;
+    let stopped = svc.audit.record(Event::new("daemon.stopped")).await;
+    svc.close().await;
+    stopped?;
     tracing::info!("tesserad stopped");
     Ok(())
 }

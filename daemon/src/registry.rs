@@ -25,6 +25,8 @@ pub enum RegistryError {
     Corrupt(String),
     #[error("agent {0:?} is no longer active")]
     NotLive(String),
+    #[error("the registry is closed (the daemon is stopping)")]
+    Closed,
 }
 
 /// Which processes are this agent. All given must match; `uid` or `unit` is required.

@@ -31,7 +31,8 @@ pub enum AgentEvent {
 
 pub struct Service {
     pub(crate) cfg: RwLock<Arc<Config>>,
-    pub(crate) registry: Mutex<Registry>,
+    /// `None` once [`Service::close`] has closed it at shutdown.
+    registry: Mutex<Option<Registry>>,
     /// Live agents, re-read from the registry after every change (the hot path reads this).
     live: RwLock<Arc<Vec<Agent>>>,
     /// Revoked agents, newest first, re-read with `live`: a refused caller is told whether it
@@ -132,7 +133,7 @@ impl Service {
         let (events, _) = broadcast::channel(256);
         Ok(Arc::new(Service {
             cfg: RwLock::new(Arc::new(cfg)),
-            registry: Mutex::new(registry),
+            registry: Mutex::new(Some(registry)),
             live: RwLock::new(Arc::new(live)),
             revoked: RwLock::new(Arc::new(revoked)),
             issuer: Issuer::new(keystore.clone()),
@@ -162,7 +163,25 @@ impl Service {
         f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
         let mut guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+        match guard.as_mut() {
+            Some(r) => f(r),
+            None => Err(RegistryError::Closed),
+        }
+    }
+
+    /// The last steps of a stop, after every door has closed and `daemon.stopped` is
+    /// recorded: close the key store on its own thread and join it (TPM objects flushed,
+    /// PKCS#11 session closed, `C_Finalize`, module unloaded), then the audit writer, then
+    /// the registry. Nothing of a device is left to be torn down by process exit.
+    pub async fn close(&self) {
+        self.keystore.shutdown().await;
+        self.audit.close().await;
+        let reg = self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(reg);
     }
 
     /// Re-read live agents after a change.

@@ -170,7 +170,8 @@ impl Daemon {
     pub fn reload(&self) {
         let before = self.log_text().matches(" reloaded").count();
         self.signal(nix::sys::signal::Signal::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: enrolling hundreds of SoftHSM keys takes about 150 ms each.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while self.log_text().matches(" reloaded").count() == before {
             assert!(
                 Instant::now() < deadline,

@@ -3,7 +3,8 @@
 //! through a bounded queue. A full queue is reported as `Busy` (the API answers 503 +
 //! Retry-After) instead of queueing without bound.
 
-use std::thread;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 
 use p256::ecdsa::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +23,8 @@ enum Request {
     Destroy(String, Reply<()>),
     List(Reply<Vec<String>>),
     Attest(String, Vec<u8>, Reply<KeyEvidence>),
+    /// Close the device on the owner thread and end it (see [`KeyStoreHandle::shutdown`]).
+    Stop,
 }
 
 /// Cheap to clone; every clone feeds the same device thread.
@@ -29,6 +32,8 @@ enum Request {
 pub struct KeyStoreHandle {
     tx: mpsc::Sender<Request>,
     backend: BackendKind,
+    /// The owner thread, taken and joined once by [`KeyStoreHandle::shutdown`].
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl KeyStoreHandle {
@@ -40,7 +45,7 @@ impl KeyStoreHandle {
     {
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("keystore".into())
             .spawn(move || {
                 let mut store = match open() {
@@ -54,15 +59,39 @@ impl KeyStoreHandle {
                     }
                 };
                 while let Some(req) = rx.blocking_recv() {
+                    if let Request::Stop = req {
+                        break;
+                    }
                     serve(store.as_mut(), req);
                 }
+                // The device is closed here, on its own thread, before `shutdown` returns:
+                // TPM objects flushed, PKCS#11 session closed, C_Finalize, module unloaded.
+                drop(store);
+                // Whatever was still queued behind Stop is answered `Stopped` when dropped.
+                rx.close();
             })
             .map_err(|e| KeyStoreError::Device {
                 op: "spawn key store thread",
                 detail: e.to_string(),
             })?;
         let backend = ready_rx.recv().map_err(|_| KeyStoreError::Stopped)??;
-        Ok(KeyStoreHandle { tx, backend })
+        Ok(KeyStoreHandle {
+            tx,
+            backend,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Close the device and join its owner thread. Requests queued before this are served
+    /// first; later ones fail with `Stopped`. A device library must never be torn down while
+    /// the process exits (SoftHSM's C++ destructors would run on two threads at once), so
+    /// the daemon calls this before `main` returns. Idempotent.
+    pub async fn shutdown(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(handle) = handle else { return };
+        // `send` waits for room: the stop goes behind everything already queued.
+        let _ = self.tx.send(Request::Stop).await;
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }
 
     pub fn backend(&self) -> BackendKind {
@@ -126,5 +155,6 @@ fn serve(store: &mut dyn KeyStore, req: Request) {
         Request::Attest(id, nonce, r) => {
             let _ = r.send(store.attest(&id, &nonce));
         }
+        Request::Stop => {}
     }
 }
