@@ -121,6 +121,21 @@ pub struct Caller {
     pub cgroup: Option<String>,
 }
 
+impl Caller {
+    /// This caller as the audit trail records it.
+    pub fn record(&self) -> crate::audit::CallerRecord {
+        crate::audit::CallerRecord {
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            exe: self.exe.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            exe_sha256: self.exe_sha256.clone(),
+            unit: self.unit.clone(),
+            cgroup: self.cgroup.clone(),
+        }
+    }
+}
+
 /// SHA-256 of executables, keyed by what changes when the file does. Concurrent misses for
 /// the same file wait for one hash instead of each reading the whole file.
 #[derive(Default)]
@@ -128,12 +143,23 @@ pub struct ExeHashCache {
     map: Mutex<HashMap<ExeKey, Arc<Mutex<Option<String>>>>>,
 }
 
-type ExeKey = (u64, u64, u64, i64, i64);
+/// Device, inode, size, mtime and ctime (seconds and nanoseconds). ctime matters: the owner
+/// of a file can rewrite it and set mtime back, but any change of content or metadata moves
+/// ctime, and nobody can set it.
+type ExeKey = (u64, u64, u64, i64, i64, i64, i64);
 
 impl ExeHashCache {
     fn hash(&self, file: &mut fs::File) -> std::io::Result<String> {
         let md = file.metadata()?;
-        let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
+        let key = (
+            md.dev(),
+            md.ino(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        );
         let slot = {
             let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
             if m.len() > 4096 {
@@ -206,12 +232,27 @@ fn parse_cgroup_v2(text: &str) -> Option<String> {
         .map(|p| p.trim().to_string())
 }
 
-/// The innermost systemd service or scope a cgroup path belongs to.
+/// The systemd unit a cgroup path belongs to, as the system manager sees it.
+///
+/// In the system manager's tree it is the outermost `.service`/`.scope` component: the unit
+/// systemd made. Cgroups a delegated unit (or a container) creates below itself never rename
+/// it, so `/system.slice/evil.service/victim.service` is `evil.service`. A process inside a
+/// user manager (`.../user@UID.service/...`) is in a unit that user made and named: it is
+/// written `user@UID:name.service`, which can never equal a system unit's name, so a user
+/// cannot join a system service's agent with `systemd-run --user --unit=...`.
 pub fn unit_of_cgroup(path: &str) -> Option<String> {
-    path.split('/')
-        .rev()
-        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .map(str::to_string)
+    let is_unit = |c: &&str| c.ends_with(".service") || c.ends_with(".scope");
+    let mut comps = path.split('/').filter(|c| !c.is_empty());
+    let outer = comps.find(is_unit)?;
+    let user_manager = outer
+        .strip_prefix("user@")
+        .and_then(|r| r.strip_suffix(".service"))
+        .filter(|uid| uid.parse::<u32>().is_ok());
+    match (user_manager, comps.find(is_unit)) {
+        (Some(uid), Some(inner)) => Some(format!("user@{uid}:{inner}")),
+        // The user manager process itself, or anything of the system manager.
+        _ => Some(outer.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -220,16 +261,39 @@ mod tests {
 
     #[test]
     fn units_from_cgroups() {
+        let unit = |p: &str| unit_of_cgroup(p);
         assert_eq!(
-            unit_of_cgroup("/system.slice/research-bot.service").as_deref(),
+            unit("/system.slice/research-bot.service").as_deref(),
             Some("research-bot.service")
         );
         assert_eq!(
-            unit_of_cgroup("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service")
-                .as_deref(),
-            Some("bot.service")
+            unit("/system.slice/system-getty.slice/getty@tty1.service").as_deref(),
+            Some("getty@tty1.service")
         );
-        assert_eq!(unit_of_cgroup("/"), None);
+        // A user's own units never look like system units.
+        assert_eq!(
+            unit("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service").as_deref(),
+            Some("user@1000:bot.service")
+        );
+        assert_eq!(
+            unit("/user.slice/user-1000.slice/user@1000.service/init.scope").as_deref(),
+            Some("user@1000:init.scope")
+        );
+        assert_eq!(
+            unit("/user.slice/user-1000.slice/user@1000.service").as_deref(),
+            Some("user@1000.service")
+        );
+        // Cgroups a delegated unit makes below itself do not rename it.
+        assert_eq!(
+            unit("/system.slice/evil.service/victim.service").as_deref(),
+            Some("evil.service")
+        );
+        assert_eq!(
+            unit("/user.slice/user-1000.slice/session-3.scope").as_deref(),
+            Some("session-3.scope")
+        );
+        assert_eq!(unit("/"), None);
+        assert_eq!(unit("/user.slice/victim.service.d"), None);
         assert_eq!(
             parse_cgroup_v2("0::/a/b.service\n").as_deref(),
             Some("/a/b.service")

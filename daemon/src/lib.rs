@@ -1,28 +1,26 @@
 //! tesserad: hardware-backed identities for local AI agents.
 //!
-//! Data flows one way: `api` (socket) → `caller` (who is this process?) → `registry`
-//! (which agent, what policy?) → `issuer` (build the credential) → `keystore` (sign in
-//! hardware) → `audit` (record) → reply.
+//! One folder per part, data flowing one way (checked by `tests/tests/layout.rs`):
+//!
+//! ```text
+//! bin -> runtime -> doors -> credentials -> agents, caller -> keystore, audit
+//! ```
+//!
+//! - `runtime`: config, dev mode, systemd, logging, the wiring, signals and stop
+//! - `doors`: protocol adapters (socket HTTP/JSON, D-Bus, RFC 9457 problems)
+//! - `credentials`: the pipeline every door calls (identify, match, policy, build, sign, audit)
+//! - `agents`: registry, lifecycle (enrol/revoke/suspend + repair), agents_dir, policy
+//! - `caller`: kernel facts about the process at the other end; knows no agent
+//! - `keystore`: the devices and their owner threads; `audit`: the hash-chained trail
+//! - `durable`, `duration`, `fault`: small shared helpers
 
-pub mod agents_dir;
-pub mod api;
+pub mod agents;
 pub mod audit;
 pub mod caller;
-pub mod config;
 pub mod credentials;
-pub mod daemon;
-pub mod dbus;
-pub mod dev;
+pub mod doors;
 pub mod durable;
+pub mod duration;
 pub mod fault;
-pub mod hostca;
-pub mod issuer;
 pub mod keystore;
-pub mod lifecycle;
-pub mod logging;
-pub mod policy;
-pub mod problem;
-pub mod registry;
-pub mod service;
-pub mod systemd;
-pub mod x509;
+pub mod runtime;

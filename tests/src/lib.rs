@@ -51,6 +51,44 @@ pub fn shared_tempdir() -> tempfile::TempDir {
     d
 }
 
+/// One `#[test]` per backend for a test function that takes a [`Backend`]:
+/// `both_backends!(name)` makes `name::tpm` and `name::pkcs11`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn tpm() {
+                super::$name($crate::Backend::tpm());
+            }
+
+            #[test]
+            fn pkcs11() {
+                super::$name($crate::Backend::pkcs11());
+            }
+        }
+    };
+}
+
+/// The claims of a compact JWT, unverified (for checks that relate a token to the audit;
+/// signatures are checked elsewhere with jsonwebtoken).
+pub fn jwt_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url payload");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// A small runtime for driving the async SDK client from a test.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -252,15 +252,7 @@ fn kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(backend: Bac
     }
 }
 
-#[test]
-fn tpm_kill9_under_load_keeps_every_delivered_token() {
-    kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_kill9_under_load_keeps_every_delivered_token() {
-    kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log);
 
 #[test]
 fn rotation_and_a_torn_tail_keep_one_verifiable_chain() {

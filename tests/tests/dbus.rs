@@ -221,15 +221,7 @@ fn revoke_cuts_off_exactly_that_agent(backend: Backend) {
     assert_ne!(new_kid, alpha_kid, "a new key for the new agent");
 }
 
-#[test]
-fn tpm_revoke_cuts_off_exactly_that_agent() {
-    revoke_cuts_off_exactly_that_agent(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_revoke_cuts_off_exactly_that_agent() {
-    revoke_cuts_off_exactly_that_agent(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(revoke_cuts_off_exactly_that_agent);
 
 /// `gdbus` (GLib, not our code) as `uid` calling a Credentials method.
 fn gdbus_as(env: &Env, uid: u32, method: &str, args: &[&str]) -> Output {
@@ -359,15 +351,7 @@ fn backend_again(b: &Backend) -> Backend {
     }
 }
 
-#[test]
-fn tpm_non_admins_are_refused_twice() {
-    non_admins_are_refused_twice(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_non_admins_are_refused_twice() {
-    non_admins_are_refused_twice(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(non_admins_are_refused_twice);
 
 fn suspend_resume_and_kill_switch(backend: Backend) {
     let env = start(backend, BusPolicy::Shipped, vec![]);
@@ -434,15 +418,7 @@ fn suspend_resume_and_kill_switch(backend: Backend) {
     assert_eq!(e.problem(), Some(tessera::ProblemType::AgentRevoked));
 }
 
-#[test]
-fn tpm_suspend_resume_and_kill_switch() {
-    suspend_resume_and_kill_switch(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_suspend_resume_and_kill_switch() {
-    suspend_resume_and_kill_switch(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(suspend_resume_and_kill_switch);
 
 fn crash_between_revoke_record_and_destroy(backend: Backend) {
     let mut env = start(
@@ -470,15 +446,7 @@ fn crash_between_revoke_record_and_destroy(backend: Backend) {
     );
 }
 
-#[test]
-fn tpm_crash_between_revoke_record_and_destroy() {
-    crash_between_revoke_record_and_destroy(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_crash_between_revoke_record_and_destroy() {
-    crash_between_revoke_record_and_destroy(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(crash_between_revoke_record_and_destroy);
 
 #[test]
 fn bad_arguments_give_named_errors_and_change_nothing() {

@@ -92,15 +92,7 @@ fn ten_keys_sign_shuffled_and_survive_restart(backend: Backend) {
     assert_eq!(listed, ids);
 }
 
-#[test]
-fn tpm_ten_keys_sign_shuffled_and_survive_restart() {
-    ten_keys_sign_shuffled_and_survive_restart(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_ten_keys_sign_shuffled_and_survive_restart() {
-    ten_keys_sign_shuffled_and_survive_restart(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(ten_keys_sign_shuffled_and_survive_restart);
 
 fn destroy_is_final(backend: Backend) -> (tempfile::TempDir, Backend) {
     let state = shared_tempdir();

@@ -169,15 +169,7 @@ fn agents_dir_enrols_updates_revokes_and_reports_bad_files(backend: Backend) {
     assert_ne!(who2.key_id, kid_before, "re-enrolled with a new key");
 }
 
-#[test]
-fn tpm_agents_dir_enrols_updates_revokes_and_reports_bad_files() {
-    agents_dir_enrols_updates_revokes_and_reports_bad_files(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_agents_dir_enrols_updates_revokes_and_reports_bad_files() {
-    agents_dir_enrols_updates_revokes_and_reports_bad_files(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(agents_dir_enrols_updates_revokes_and_reports_bad_files);
 
 /// Kill -9 at each enrolment crash point; after restart the agent is wholly there or not at
 /// all and no orphan key is left in the device.

@@ -94,8 +94,14 @@ impl Load {
         }
     }
 
+    /// Stop the clients (if still asking) and wait for them.
     fn finish(self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Wait until every client is done; the number of tokens issued.
+    fn join(self) -> usize {
         self.thread.join().expect("load thread");
         self.issued.load(Ordering::Relaxed)
     }
@@ -178,7 +184,7 @@ fn stop_under_load_is_orderly(backend: Backend) {
 
         // After the load: every client finished, then the signal.
         let load = start_load(&d, 10);
-        let issued = load.finish();
+        let issued = load.join();
         assert_eq!(issued, CLIENTS * 10, "round {round}: every token issued");
         check_stopped(&mut d, sig, &format!("round {round}, after load"));
 
@@ -188,12 +194,4 @@ fn stop_under_load_is_orderly(backend: Backend) {
     }
 }
 
-#[test]
-fn tpm_stop_under_load_is_orderly() {
-    stop_under_load_is_orderly(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_stop_under_load_is_orderly() {
-    stop_under_load_is_orderly(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(stop_under_load_is_orderly);

@@ -138,15 +138,7 @@ fn file_enrolled_agent_gets_a_verifiable_token(backend: Backend) {
     assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
 }
 
-#[test]
-fn tpm_file_enrolled_agent_gets_a_verifiable_token() {
-    file_enrolled_agent_gets_a_verifiable_token(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_file_enrolled_agent_gets_a_verifiable_token() {
-    file_enrolled_agent_gets_a_verifiable_token(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(file_enrolled_agent_gets_a_verifiable_token);
 
 /// Run `exe` (an agentcall copy) as `uid`, asking for a token.
 fn agentcall(exe: &Path, uid: u32, socket: &Path, what: &[&str]) -> Value {
@@ -232,15 +224,7 @@ fn callers_are_told_apart_by_uid_and_executable(backend: Backend) {
     assert!(other["body"].get("token").is_none());
 }
 
-#[test]
-fn tpm_callers_are_told_apart_by_uid_and_executable() {
-    callers_are_told_apart_by_uid_and_executable(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_callers_are_told_apart_by_uid_and_executable() {
-    callers_are_told_apart_by_uid_and_executable(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(callers_are_told_apart_by_uid_and_executable);
 
 async fn raw(d: &Daemon, body: &[u8]) -> (u16, Option<u64>, Value) {
     let (s, retry, b) = d
@@ -343,15 +327,7 @@ fn policy_refusals_have_stable_types(backend: Backend) {
     assert_eq!(denied, 10, "every refused token request audited");
 }
 
-#[test]
-fn tpm_policy_refusals_have_stable_types() {
-    policy_refusals_have_stable_types(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_policy_refusals_have_stable_types() {
-    policy_refusals_have_stable_types(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(policy_refusals_have_stable_types);
 
 fn many_concurrent_tokens_all_verify_and_never_repeat(backend: Backend) {
     let d = Daemon::start_with(
@@ -409,15 +385,7 @@ fn many_concurrent_tokens_all_verify_and_never_repeat(backend: Backend) {
     assert_eq!(audited, jtis);
 }
 
-#[test]
-fn tpm_many_concurrent_tokens_all_verify_and_never_repeat() {
-    many_concurrent_tokens_all_verify_and_never_repeat(Backend::tpm());
-}
-
-#[test]
-fn pkcs11_many_concurrent_tokens_all_verify_and_never_repeat() {
-    many_concurrent_tokens_all_verify_and_never_repeat(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(many_concurrent_tokens_all_verify_and_never_repeat);
 
 #[test]
 fn slow_clients_are_cut_off_by_the_header_timeout() {

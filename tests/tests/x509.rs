@@ -215,15 +215,7 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
     assert!(issued[0]["caller"]["pid"].as_i64().is_some());
 }
 
-#[test]
-fn agent_certificate_checks_out_tpm() {
-    agent_certificate_checks_out_with_openssl_and_webpki(Backend::tpm());
-}
-
-#[test]
-fn agent_certificate_checks_out_pkcs11() {
-    agent_certificate_checks_out_with_openssl_and_webpki(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(agent_certificate_checks_out_with_openssl_and_webpki);
 
 fn revocation_reaches_the_crl(backend: Backend) {
     let mut d = Daemon::start_with(
@@ -312,15 +304,7 @@ fn revocation_reaches_the_crl(backend: Backend) {
     check_revoked(&d, "crl-restart.pem");
 }
 
-#[test]
-fn revocation_reaches_the_crl_tpm() {
-    revocation_reaches_the_crl(Backend::tpm());
-}
-
-#[test]
-fn revocation_reaches_the_crl_pkcs11() {
-    revocation_reaches_the_crl(Backend::pkcs11());
-}
+tessera_e2e::both_backends!(revocation_reaches_the_crl);
 
 /// `tessera host csr`, signed by an openssl test CA, `tessera host install-cert`.
 #[test]

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tesserad::config::{Config, DEFAULT_CONFIG_PATH};
-use tesserad::dev::{self, DevBackend};
+use tesserad::runtime::config::{Config, DEFAULT_CONFIG_PATH};
+use tesserad::runtime::dev::{self, DevBackend};
 
 #[derive(Parser)]
 #[command(
@@ -33,7 +33,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tesserad::logging::init();
+    tesserad::runtime::logging::init();
     // Everything we create (state, keys, audit) is ours alone; the socket is opened up explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if let Some(path) = &args.check_config {
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res = rt.block_on(tesserad::daemon::run(cfg, config_path.as_deref()));
+    let res = rt.block_on(tesserad::runtime::run(cfg, config_path.as_deref()));
     drop(dev_env);
     match res {
         Ok(()) => ExitCode::SUCCESS,

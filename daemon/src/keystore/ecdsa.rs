@@ -1,7 +1,12 @@
 //! ECDSA encodings in one place: devices give raw r and s (TPM values may be shorter than 32
-//! bytes), JOSE wants r‖s of 64 bytes, X.509 wants DER. Always normalise to low-S.
+//! bytes), JOSE wants r‖s of 64 bytes, X.509 wants DER. Always normalise to low-S. Public keys
+//! as JWKs with their RFC 7638 thumbprint live here too.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
 use p256::ecdsa::{Signature, VerifyingKey};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::KeyStoreError;
 
@@ -58,11 +63,24 @@ pub fn to_jose(sig: &Signature) -> [u8; 64] {
     out
 }
 
+/// RFC 7517 public JWK for a P-256 key, with `kid` = RFC 7638 thumbprint.
+pub fn jwk_of(key: &VerifyingKey) -> (String, Value) {
+    // Uncompressed SEC1: 0x04 || X (32) || Y (32).
+    let point = key.to_encoded_point(false);
+    let bytes = point.as_bytes();
+    let x = B64.encode(&bytes[1..33]);
+    let y = B64.encode(&bytes[33..65]);
+    // RFC 7638: required members only, lexicographic order, no whitespace.
+    let thumb_input = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+    let kid = B64.encode(Sha256::digest(thumb_input.as_bytes()));
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"});
+    (kid, jwk)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use p256::ecdsa::{signature::hazmat::PrehashVerifier, SigningKey};
-    use sha2::{Digest, Sha256};
 
     #[test]
     fn short_r_and_s_are_padded_and_high_s_normalised() {
@@ -82,6 +100,21 @@ mod tests {
         let norm = signature_from_r_s(&hb[..32], &hb[32..]).unwrap();
         assert!(norm.normalize_s().is_none());
         sk.verifying_key().verify_prehash(&digest, &norm).unwrap();
+    }
+
+    #[test]
+    fn thumbprint_matches_rfc7638_example_shape() {
+        let sk = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let (kid, jwk) = jwk_of(sk.verifying_key());
+        assert_eq!(kid.len(), 43);
+        assert_eq!(jwk["kid"], kid);
+        // Independent recomputation from the JWK members.
+        let input = format!(
+            "{{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"{}\",\"y\":\"{}\"}}",
+            jwk["x"].as_str().unwrap(),
+            jwk["y"].as_str().unwrap()
+        );
+        assert_eq!(kid, B64.encode(Sha256::digest(input.as_bytes())));
     }
 
     #[test]

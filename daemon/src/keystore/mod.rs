@@ -13,7 +13,42 @@ pub mod owner;
 pub mod pkcs11;
 pub mod tpm;
 
+use std::path::PathBuf;
+
 use p256::ecdsa::{Signature, VerifyingKey};
+use serde::Deserialize;
+
+/// `[backend]`: which device and how to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    Tpm {
+        #[serde(default = "default_tcti")]
+        tcti: String,
+        #[serde(default = "default_max_loaded")]
+        max_loaded_keys: usize,
+    },
+    Pkcs11 {
+        #[serde(default = "default_module")]
+        module: PathBuf,
+        #[serde(default = "default_token_label")]
+        token_label: String,
+        pin_file: PathBuf,
+    },
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_max_loaded() -> usize {
+    tpm::DEFAULT_MAX_LOADED
+}
+fn default_module() -> PathBuf {
+    "/usr/lib/softhsm/libsofthsm2.so".into()
+}
+fn default_token_label() -> String {
+    "tessera".into()
+}
 
 /// Which kind of device backs the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -163,10 +198,9 @@ pub fn new_key_id(prefix: &str) -> String {
 
 /// Open the backend a config names. Runs on the key store thread (see [`owner`]).
 pub fn open(
-    backend: &crate::config::BackendConfig,
+    backend: &BackendConfig,
     state_dir: &std::path::Path,
 ) -> Result<Box<dyn KeyStore>, KeyStoreError> {
-    use crate::config::BackendConfig;
     match backend {
         BackendConfig::Tpm {
             tcti,

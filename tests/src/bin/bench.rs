@@ -11,8 +11,8 @@ use tessera_e2e::daemon::Options;
 use tessera_e2e::devices::write_config;
 use tessera_e2e::{shared_tempdir, Backend, Daemon};
 use tesserad::audit::{Audit, Event};
-use tesserad::config::Config;
 use tesserad::keystore;
+use tesserad::runtime::config::Config;
 
 const AUD: &str = "https://api.example.com";
 
@@ -70,7 +70,13 @@ fn tokens(d: &Daemon, clients: usize, per_client: usize) -> Stats {
     credentials(d, Credential::Token, clients, per_client)
 }
 
-fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) -> Stats {
+/// `workers` concurrent tasks, each timing `per_worker` calls of `call(worker)` on a
+/// two-thread runtime: every latency, and the throughput over the wall time.
+fn timed_workers<C, F>(workers: usize, per_worker: usize, call: C) -> Stats
+where
+    C: Fn(usize) -> Box<dyn FnMut() -> F + Send>,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,27 +85,13 @@ fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) 
     rt.block_on(async {
         let t0 = Instant::now();
         let mut tasks = vec![];
-        for _ in 0..clients {
-            let c = d.client();
+        for w in 0..workers {
+            let mut one = call(w);
             tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per_client);
-                for _ in 0..per_client {
+                let mut lat = Vec::with_capacity(per_worker);
+                for _ in 0..per_worker {
                     let t = Instant::now();
-                    match what {
-                        Credential::Token => {
-                            c.token(&TokenOptions::new(AUD)).await.expect("token");
-                        }
-                        Credential::Certificate => {
-                            c.certificate(&CertificateOptions::default())
-                                .await
-                                .expect("certificate");
-                        }
-                        Credential::Attestation => {
-                            c.attestation(&rand::random::<[u8; 32]>(), None)
-                                .await
-                                .expect("attestation");
-                        }
-                    }
+                    one().await;
                     lat.push(t.elapsed());
                 }
                 lat
@@ -113,37 +105,52 @@ fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) 
     })
 }
 
+fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) -> Stats {
+    timed_workers(clients, per_client, |_| {
+        let c = Arc::new(d.client());
+        Box::new(move || {
+            let c = c.clone();
+            async move {
+                match what {
+                    Credential::Token => {
+                        c.token(&TokenOptions::new(AUD)).await.expect("token");
+                    }
+                    Credential::Certificate => {
+                        c.certificate(&CertificateOptions::default())
+                            .await
+                            .expect("certificate");
+                    }
+                    Credential::Attestation => {
+                        c.attestation(&rand::random::<[u8; 32]>(), None)
+                            .await
+                            .expect("attestation");
+                    }
+                }
+            }
+        })
+    })
+}
+
 fn audit_only(writers: usize, per_writer: usize) -> Stats {
     let dir = shared_tempdir();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (audit, _) = Audit::open(dir.path(), 1 << 30).unwrap();
-        let audit = Arc::new(audit);
-        let t0 = Instant::now();
-        let mut tasks = vec![];
-        for _ in 0..writers {
-            let a = audit.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut lat = vec![];
-                for i in 0..per_writer {
-                    let t = Instant::now();
-                    a.record(Event::new("token.issued").details(serde_json::json!({"jti": i})))
-                        .await
-                        .unwrap();
-                    lat.push(t.elapsed());
-                }
-                lat
-            }));
-        }
-        let mut all = vec![];
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        stats(all, t0.elapsed())
+    let (audit, _) = {
+        // Audit::open starts its writer thread; no runtime is needed for that.
+        Audit::open(dir.path(), 1 << 30).unwrap()
+    };
+    let audit = Arc::new(audit);
+    timed_workers(writers, per_writer, |_| {
+        let a = audit.clone();
+        let mut i = 0u64;
+        Box::new(move || {
+            let a = a.clone();
+            i += 1;
+            let n = i;
+            async move {
+                a.record(Event::new("token.issued").details(serde_json::json!({"jti": n})))
+                    .await
+                    .unwrap();
+            }
+        })
     })
 }
 

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use serde_json::json;
-use tesserad::config::Config;
 use tesserad::keystore::{self, KeyStore};
+use tesserad::runtime::config::Config;
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("read-value") {

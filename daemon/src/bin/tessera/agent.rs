@@ -258,7 +258,7 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 }
             }
             AgentSub::Show { name } => {
-                let path = OwnedObjectPath::try_from(tesserad::dbus::agent_path(&name))
+                let path = OwnedObjectPath::try_from(tesserad::doors::dbus::agent_path(&name))
                     .map_err(zbus::Error::from)?;
                 let props = agent_props(&conn, &path).await?;
                 if as_json {

@@ -127,7 +127,7 @@ pub fn verify_attestation(a: VerifyArgs, as_json: bool) -> ExitCode {
     };
     match attestation::verify(&ev, &expect) {
         Ok(v) => {
-            let (kid, _) = tesserad::issuer::jwk_of(&v.key);
+            let (kid, _) = tesserad::keystore::ecdsa::jwk_of(&v.key);
             let bound = if expect.key.is_some() {
                 "equals the given certificate/JWK"
             } else {

@@ -292,7 +292,7 @@ async fn run(cli: Cli) -> ExitCode {
                         c.sub,
                         c.aud,
                         c.jti,
-                        tesserad::service::rfc3339(c.exp)
+                        tesserad::credentials::rfc3339(c.exp)
                     );
                     ExitCode::SUCCESS
                 }

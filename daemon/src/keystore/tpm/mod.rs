@@ -12,6 +12,18 @@
 //!
 //! Crash safety: a key's files are written to a temp name, fsynced and renamed, so a key either
 //! exists whole or not at all; destroy removes `.priv` first (the part that makes it usable).
+//!
+//! This file: the context, the primary and the key operations; `templates`: the object
+//! templates; `blobs`: key files on disk; `attest`: the AK, EK certificates and TPM2_Certify.
+
+mod attest;
+mod blobs;
+mod templates;
+
+use attest::read_ek_certificates;
+use blobs::{read_blob, write_blob};
+use templates::primary_template;
+pub use templates::{agent_key_template, attestation_key_template};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -63,20 +75,6 @@ pub struct TpmKeyStore {
     ek_certificates: Vec<Vec<u8>>,
 }
 
-/// NV indices where TCG-compliant TPMs keep EK certificates (TCG EK Credential Profile 2.x):
-/// RSA 2048 and ECC P-256 (low range), then the high range (RSA 2048..4096, ECC P-256..P-521).
-const EK_CERT_INDICES: [u32; 9] = [
-    0x01c0_0002,
-    0x01c0_000a,
-    0x01c0_0012,
-    0x01c0_0014,
-    0x01c0_0016,
-    0x01c0_0018,
-    0x01c0_001a,
-    0x01c0_001c,
-    0x01c0_001e,
-];
-
 fn tpm_err(op: &'static str, e: tss_esapi::Error) -> KeyStoreError {
     if let tss_esapi::Error::Tss2Error(rc) = e {
         match rc.kind() {
@@ -106,107 +104,6 @@ fn state_err(path: &Path, source: std::io::Error) -> KeyStoreError {
     }
 }
 
-/// The storage primary's fixed template: same template + same owner seed = same key.
-fn primary_template() -> Result<Public, tss_esapi::Error> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .with_sign_encrypt(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attrs)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new()
-                .with_symmetric(SymmetricDefinitionObject::AES_128_CFB)
-                .with_ecc_scheme(EccScheme::Null)
-                .with_curve(EccCurve::NistP256)
-                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
-                .with_is_signing_key(false)
-                .with_is_decryption_key(true)
-                .with_restricted(true)
-                .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
-}
-
-/// Agent keys: fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, sign only.
-pub fn agent_key_template() -> Result<Public, tss_esapi::Error> {
-    ecdsa_key_template(false)
-}
-
-/// The attestation key: a restricted ECDSA P-256 signing key, so it signs only structures
-/// the TPM itself produced (quotes, certifications), never an outside digest that could
-/// pass for one.
-pub fn attestation_key_template() -> Result<Public, tss_esapi::Error> {
-    ecdsa_key_template(true)
-}
-
-/// An ECDSA P-256 (SHA-256) signing key made inside this TPM, never to leave it.
-fn ecdsa_key_template(restricted: bool) -> Result<Public, tss_esapi::Error> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        // The AK has no secret worth guessing; agent keys keep dictionary-attack protection.
-        .with_no_da(restricted)
-        .with_restricted(restricted)
-        .with_decrypt(false)
-        .with_sign_encrypt(true)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attrs)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new()
-                .with_symmetric(SymmetricDefinitionObject::Null)
-                .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
-                .with_curve(EccCurve::NistP256)
-                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
-                .with_is_signing_key(true)
-                .with_is_decryption_key(false)
-                .with_restricted(restricted)
-                .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
-}
-
-/// EK certificates present in NV (a TPM without them, or one that refuses the read, has none).
-fn read_ek_certificates(ctx: &mut Context) -> Vec<Vec<u8>> {
-    use tss_esapi::abstraction::nv;
-    use tss_esapi::handles::NvIndexTpmHandle;
-    use tss_esapi::interface_types::resource_handles::NvAuth;
-    let defined: Vec<u32> = match nv::list(ctx) {
-        Ok(list) => list.iter().map(|(p, _)| u32::from(p.nv_index())).collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list TPM NV indices; no EK certificates");
-            return Vec::new();
-        }
-    };
-    let mut out = Vec::new();
-    for index in EK_CERT_INDICES.iter().filter(|i| defined.contains(i)) {
-        let read = NvIndexTpmHandle::new(*index).and_then(|h| nv::read_full(ctx, NvAuth::Owner, h));
-        match read {
-            Ok(der) if !der.is_empty() => out.push(der),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(index = format!("{index:#010x}"), error = %e, "cannot read EK certificate")
-            }
-        }
-    }
-    out
-}
-
 fn verifying_key_of(public: &Public) -> Result<VerifyingKey, KeyStoreError> {
     match public {
         Public::Ecc { unique, .. } => {
@@ -216,42 +113,6 @@ fn verifying_key_of(public: &Public) -> Result<VerifyingKey, KeyStoreError> {
             op: "public key",
             detail: "TPM object is not an ECC key".into(),
         }),
-    }
-}
-
-/// TPM2B_* framing: a big-endian u16 size, then the bytes.
-fn tpm2b(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() + 2);
-    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-    out.extend_from_slice(bytes);
-    out
-}
-
-fn un_tpm2b<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], KeyStoreError> {
-    let bad = || {
-        state_err(
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated TPM2B blob"),
-        )
-    };
-    let len = u16::from_be_bytes([
-        *bytes.first().ok_or_else(bad)?,
-        *bytes.get(1).ok_or_else(bad)?,
-    ]);
-    bytes.get(2..2 + len as usize).ok_or_else(bad)
-}
-
-/// Write a key blob whole or not at all.
-fn write_blob(path: &Path, data: &[u8]) -> Result<(), KeyStoreError> {
-    crate::durable::write_atomic(path, &tpm2b(data)).map_err(|e| state_err(path, e))
-}
-
-/// A TPM2B blob file's payload, or None when the file does not exist.
-fn read_blob(path: &Path) -> Result<Option<Vec<u8>>, KeyStoreError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(un_tpm2b(&bytes, path)?.to_vec())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(state_err(path, e)),
     }
 }
 
@@ -338,25 +199,6 @@ impl TpmKeyStore {
         })
     }
 
-    fn pub_path(&self, id: &str) -> PathBuf {
-        self.keys_dir.join(format!("{id}.pub"))
-    }
-    fn priv_path(&self, id: &str) -> PathBuf {
-        self.keys_dir.join(format!("{id}.priv"))
-    }
-
-    fn read_public(&self, id: &str) -> Result<Public, KeyStoreError> {
-        let bytes = read_blob(&self.pub_path(id))?
-            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))?;
-        Public::unmarshall(&bytes).map_err(|e| tpm_err("read public blob", e))
-    }
-
-    fn read_private(&self, id: &str) -> Result<Private, KeyStoreError> {
-        let bytes = read_blob(&self.priv_path(id))?
-            .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))?;
-        Private::try_from(bytes).map_err(|e| tpm_err("read private blob", e))
-    }
-
     /// TPM2_Create under the primary, both halves saved as blobs (.pub first: a lone .pub is
     /// harmless and listed, so reconciliation can clear it). Needs a free object slot.
     fn create_saved(
@@ -416,36 +258,6 @@ impl TpmKeyStore {
                 .map_err(|e| tpm_err("flush key", e))?;
         }
         Ok(())
-    }
-
-    /// Load the attestation key, creating it on first use. Its blobs are written whole or not
-    /// at all, so a crash leaves either the old AK or none (and a new one is made).
-    fn load_ak(&mut self) -> Result<(KeyHandle, Public), KeyStoreError> {
-        let (public, private) = match self.ak.clone() {
-            Some(blobs) => blobs,
-            None => {
-                let pub_path = self.ak_dir.join("ak.pub");
-                let priv_path = self.ak_dir.join("ak.priv");
-                let blobs = match (read_blob(&pub_path)?, read_blob(&priv_path)?) {
-                    (Some(pb), Some(vb)) => (
-                        Public::unmarshall(&pb).map_err(|e| tpm_err("read AK public blob", e))?,
-                        Private::try_from(vb).map_err(|e| tpm_err("read AK private blob", e))?,
-                    ),
-                    _ => {
-                        let template =
-                            attestation_key_template().map_err(|e| tpm_err("AK template", e))?;
-                        self.create_saved(template, &pub_path, &priv_path)?
-                    }
-                };
-                self.ak = Some(blobs.clone());
-                blobs
-            }
-        };
-        let h = self
-            .ctx
-            .load(self.primary, private, public.clone())
-            .map_err(|e| tpm_err("load attestation key", e))?;
-        Ok((h, public))
     }
 
     /// Directory holding the key blobs (tests read them with tpm2-tools).
@@ -556,63 +368,6 @@ impl KeyStore for TpmKeyStore {
     }
 
     fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
-        use tss_esapi::structures::Data;
-        validate_key_id(id)?;
-        if nonce.is_empty() || nonce.len() > MAX_NONCE {
-            return Err(KeyStoreError::Device {
-                op: "certify",
-                detail: format!("nonce must be 1 to {MAX_NONCE} bytes"),
-            });
-        }
-        let key_public = self.read_public(id)?;
-        // The certified key, the AK and the primary must fit in the TPM's slots together:
-        // load the key (most recently used) and flush every other one.
-        let key = self.handle(id)?;
-        self.evict_to(1)?;
-        let (ak, ak_pub) = self.load_ak()?;
-        let qualifying = Data::try_from(nonce.to_vec()).map_err(|e| tpm_err("nonce", e));
-        let result = qualifying.and_then(|q| {
-            self.ctx
-                .execute_with_sessions(
-                    (
-                        Some(AuthSession::Password),
-                        Some(AuthSession::Password),
-                        None,
-                    ),
-                    |ctx| ctx.certify(key.into(), ak, q, SignatureScheme::Null),
-                )
-                .map_err(|e| tpm_err("certify", e))
-        });
-        // The AK is loaded only for this call; give its slot back whatever happened.
-        let flushed = self
-            .ctx
-            .flush_context(ak.into())
-            .map_err(|e| tpm_err("flush attestation key", e));
-        let (attest, sig) = result?;
-        flushed?;
-        let attest = attest
-            .marshall()
-            .map_err(|e| tpm_err("marshal attest", e))?;
-        let signature = ecdsa_of("certify", sig)?;
-        let ak_public = verifying_key_of(&ak_pub)?;
-        // Our re-encoding of the attest structure must be the bytes the TPM signed.
-        {
-            use p256::ecdsa::signature::Verifier;
-            ak_public
-                .verify(&attest, &signature)
-                .map_err(|e| KeyStoreError::Device {
-                    op: "certify",
-                    detail: format!("AK signature does not verify over the attest bytes: {e}"),
-                })?;
-        }
-        Ok(KeyEvidence::Tpm(TpmCertify {
-            attest,
-            signature,
-            ak_public,
-            key_public: key_public
-                .marshall()
-                .map_err(|e| tpm_err("marshal key public", e))?,
-            ek_certificates: self.ek_certificates.clone(),
-        }))
+        self.certify(id, nonce)
     }
 }

@@ -18,13 +18,12 @@ use x509_cert::ext::pkix::SubjectKeyIdentifier;
 use x509_cert::name::Name;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::agents::{Ids, RegistryError};
 use crate::audit::Event;
-use crate::issuer::IssueError;
+use crate::credentials::issuer::IssueError;
+use crate::credentials::x509::{self, X509Error};
+use crate::credentials::Credentials;
 use crate::keystore::{new_key_id, KeyStoreError};
-use crate::lifecycle::AdminError;
-use crate::registry::RegistryError;
-use crate::service::Service;
-use crate::x509::{self, X509Error};
 
 pub const HOSTCA_KEY_PREFIX: &str = "hostca";
 const META_KEY_ID: &str = "hostca.key_id";
@@ -49,16 +48,18 @@ pub enum HostCaError {
     },
     #[error("host CA is not ready")]
     NotReady,
+    #[error("{0}")]
+    InvalidArgs(String),
+    #[error("certificate rejected: {0}")]
+    CertificateRejected(String),
 }
 
-impl From<HostCaError> for AdminError {
-    fn from(e: HostCaError) -> Self {
-        match e {
-            HostCaError::KeyStore(k) | HostCaError::Issue(IssueError::KeyStore(k)) => {
-                AdminError::Backend(k)
-            }
-            HostCaError::Registry(r) => AdminError::Registry(r),
-            other => AdminError::Failed(other.to_string()),
+impl HostCaError {
+    /// The key store error underneath, if that is what failed.
+    pub fn keystore(&self) -> Option<&KeyStoreError> {
+        match self {
+            HostCaError::KeyStore(k) | HostCaError::Issue(IssueError::KeyStore(k)) => Some(k),
+            _ => None,
         }
     }
 }
@@ -129,6 +130,9 @@ pub struct Crl {
     pub pem: String,
     pub this_update: i64,
     pub next_update: i64,
+    /// [`crate::agents::Agents::generation`] read before the CRL was built: a later change
+    /// (a revocation) makes it out of date.
+    pub generation: u64,
 }
 
 fn state_err(path: &std::path::Path, source: std::io::Error) -> HostCaError {
@@ -235,9 +239,9 @@ pub fn check_installed_chain(
     Ok(())
 }
 
-impl Service {
+impl Credentials {
     fn ca_dir(&self) -> PathBuf {
-        self.config().state_dir.join("ca")
+        self.ca_dir.clone()
     }
 
     fn ca_cert_path(&self) -> PathBuf {
@@ -255,10 +259,10 @@ impl Service {
     /// At start: find or make the CA key, load or make its certificate, destroy stray CA
     /// keys, build the CRL.
     pub async fn init_host_ca(&self) -> Result<(), HostCaError> {
-        let _guard = self.admin.lock().await;
+        let _guard = self.ca_lock.lock().await;
         let dir = self.ca_dir();
         std::fs::create_dir_all(&dir).map_err(|e| state_err(&dir, e))?;
-        let known = self.with_registry(|r| r.meta(META_KEY_ID))?;
+        let known = self.agents.meta(META_KEY_ID)?;
         let existing = match &known {
             Some(id) => match self.keystore.public_key(id).await {
                 Ok(k) => Some((id.clone(), k)),
@@ -278,7 +282,7 @@ impl Service {
                 }
                 let id = new_key_id(HOSTCA_KEY_PREFIX);
                 // Durable name first: a crash after this leaves an id without a key.
-                self.with_registry(|r| r.set_meta(META_KEY_ID, &id))?;
+                self.agents.set_meta(META_KEY_ID, &id)?;
                 crate::fault::point("hostca-after-name");
                 let created = self.keystore.create(&id).await?;
                 crate::fault::point("hostca-after-key");
@@ -297,10 +301,14 @@ impl Service {
                 Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.audit_admin(Event::new("key.destroyed").details(json!({
-                "by": "tesserad", "key_id": stray, "reason": "stray host CA key",
-            })))
-            .await;
+            self.audit
+                .record_or_log(
+                    Event::new("key.destroyed").details(json!({
+                        "by": "tesserad", "key_id": stray, "reason": "stray host CA key",
+                    })),
+                    "a host CA key destruction",
+                )
+                .await;
         }
         let now = x509::now_unix();
         let loaded = if new_key {
@@ -358,32 +366,53 @@ impl Service {
         key: VerifyingKey,
         now: i64,
     ) -> Result<HostCa, HostCaError> {
-        let cfg = self.config();
-        let subject = x509::cn_name(&ca_common_name(&cfg))?;
+        let cfg = self.settings();
+        let subject = x509::cn_name(&ca_common_name(&cfg.ids))?;
         let not_after = now + cfg.certificates.ca_validity.0.as_secs() as i64;
         let tbs = x509::host_ca_tbs(&subject, &key, now, not_after)?;
         let cert = self.issuer.certificate(key_id, tbs).await?;
         let serial = x509::serial_hex(&cert.tbs_certificate.serial_number);
         let ca = HostCa::new(key_id.to_string(), key, vec![cert])?;
         self.write_ca_file(&ca)?;
-        self.audit_admin(Event::new("hostca.created").details(json!({
-            "key_id": key_id,
-            "subject": subject.to_string(),
-            "serial": serial,
-            "not_after": not_after,
-        })))
-        .await;
+        self.audit
+            .record_or_log(
+                Event::new("hostca.created").details(json!({
+                    "key_id": key_id,
+                    "subject": subject.to_string(),
+                    "serial": serial,
+                    "not_after": not_after,
+                })),
+                "the host CA's creation",
+            )
+            .await;
         Ok(ca)
     }
 
     /// Re-sign the CRL: every unexpired certificate of a revoked agent.
     pub async fn refresh_crl(&self) -> Result<(), HostCaError> {
         let _guard = self.crl_lock.lock().await;
+        self.sign_crl().await
+    }
+
+    /// The generation of the agents the current CRL was built from (0: none yet).
+    pub(crate) fn crl_generation(&self) -> u64 {
+        self.crl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.generation)
+            .unwrap_or(0)
+    }
+
+    /// Build and sign the CRL; the caller holds `crl_lock`.
+    async fn sign_crl(&self) -> Result<(), HostCaError> {
         let ca = self.host_ca()?;
+        // Read before the records: a revocation committed after this moves the generation on,
+        // so the CRL built here is never taken for newer than it is.
+        let generation = self.agents.generation();
         let now = x509::now_unix();
-        let validity = self.config().certificates.crl_validity.0.as_secs() as i64;
-        let (revoked, number) =
-            self.with_registry(|r| Ok((r.revoked_certificates(now)?, r.next_crl_number()?)))?;
+        let validity = self.settings().certificates.crl_validity.0.as_secs() as i64;
+        let (revoked, number) = self.agents.crl_entries(now)?;
         let entries: Vec<x509::RevokedEntry> = revoked
             .into_iter()
             .map(|(serial_hex, revoked_at)| x509::RevokedEntry {
@@ -405,6 +434,7 @@ impl Service {
             pem,
             this_update: now,
             next_update: now + validity,
+            generation,
         }));
         self.crl_stale
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -413,7 +443,7 @@ impl Service {
     }
 
     /// After a revocation: the revocation stands even if the CRL cannot be signed now; the
-    /// next `/v1/crl` tries again.
+    /// next `/v1/crl` tries again (it also re-signs whenever the agents changed since).
     pub(crate) async fn refresh_crl_logged(&self) {
         if let Err(e) = self.refresh_crl().await {
             self.crl_stale
@@ -422,21 +452,33 @@ impl Service {
         }
     }
 
-    /// The current CRL, re-signed first if a revocation could not be signed or it is half
-    /// way to `nextUpdate`.
-    pub async fn current_crl(&self) -> Result<Arc<Crl>, HostCaError> {
+    /// The CRL if nothing it depends on has moved: same agents generation, signed without a
+    /// failure since, and less than half way to `nextUpdate`.
+    fn fresh_crl(&self) -> Option<Arc<Crl>> {
         let now = x509::now_unix();
-        let fresh = self
-            .crl
+        let generation = self.agents.generation();
+        self.crl
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+            .filter(|c| c.generation == generation)
             .filter(|c| now < c.this_update + (c.next_update - c.this_update) / 2)
-            .filter(|_| !self.crl_stale.load(std::sync::atomic::Ordering::SeqCst));
-        if let Some(c) = fresh {
+            .filter(|_| !self.crl_stale.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The current CRL, re-signed first if the agents changed since it was built (a
+    /// revocation), a signing failed, or it is half way to `nextUpdate`.
+    pub async fn current_crl(&self) -> Result<Arc<Crl>, HostCaError> {
+        if let Some(c) = self.fresh_crl() {
             return Ok(c);
         }
-        self.refresh_crl().await?;
+        {
+            // Checked again under the lock: concurrent requests sign once, not once each.
+            let _guard = self.crl_lock.lock().await;
+            if self.fresh_crl().is_none() {
+                self.sign_crl().await?;
+            }
+        }
         self.crl
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -446,31 +488,27 @@ impl Service {
 
     /// PKCS#10 request for the host CA key (for a fleet CA to sign). `subject` defaults to
     /// `CN=<host id>`.
-    pub async fn host_csr(&self, common_name: Option<&str>) -> Result<String, AdminError> {
+    pub async fn host_csr(&self, common_name: Option<&str>) -> Result<String, HostCaError> {
         let ca = self.host_ca()?;
         let cn = common_name
             .map(str::to_string)
-            .unwrap_or_else(|| ca_common_name(&self.config()));
-        let subject = x509::cn_name(&cn).map_err(|e| AdminError::InvalidArgs(e.to_string()))?;
-        let info = x509::host_csr_info(&subject, &ca.key).map_err(HostCaError::from)?;
-        let req = self
-            .issuer
-            .csr(&ca.key_id, info)
-            .await
-            .map_err(HostCaError::from)?;
-        Ok(x509::to_pem(&req).map_err(HostCaError::from)?)
+            .unwrap_or_else(|| ca_common_name(&self.settings().ids));
+        let subject = x509::cn_name(&cn).map_err(|e| HostCaError::InvalidArgs(e.to_string()))?;
+        let info = x509::host_csr_info(&subject, &ca.key)?;
+        let req = self.issuer.csr(&ca.key_id, info).await?;
+        Ok(x509::to_pem(&req)?)
     }
 
     /// Replace the host CA certificate with one issued by an external CA (PEM: the host
     /// certificate, then its issuers up to the root). Checked before anything is written.
-    pub async fn install_host_certificate(&self, pem: &str, by: &str) -> Result<(), AdminError> {
-        let guard = self.admin.lock().await;
+    pub async fn install_host_certificate(&self, pem: &str, by: &str) -> Result<(), HostCaError> {
+        let guard = self.ca_lock.lock().await;
         let ca = self.host_ca()?;
         let chain = x509::certs_from_pem(pem)
-            .map_err(|e| AdminError::CertificateRejected(format!("cannot read the PEM: {e}")))?;
+            .map_err(|e| HostCaError::CertificateRejected(format!("cannot read the PEM: {e}")))?;
         check_installed_chain(&chain, &ca.key, x509::now_unix())
-            .map_err(AdminError::CertificateRejected)?;
-        let new = HostCa::new(ca.key_id.clone(), ca.key, chain).map_err(HostCaError::from)?;
+            .map_err(HostCaError::CertificateRejected)?;
+        let new = HostCa::new(ca.key_id.clone(), ca.key, chain)?;
         self.write_ca_file(&new)?;
         let details = json!({
             "by": by,
@@ -480,7 +518,11 @@ impl Service {
         });
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
         drop(guard);
-        self.audit_admin(Event::new("hostca.certificate_installed").details(details))
+        self.audit
+            .record_or_log(
+                Event::new("hostca.certificate_installed").details(details),
+                "a host certificate installation",
+            )
             .await;
         // The CRL's issuer is the CA certificate's subject: sign a new one now.
         self.refresh_crl().await?;
@@ -495,12 +537,12 @@ impl Service {
 
 /// The host CA's common name: the host id (`spiffe://<trust domain>/host/<host>`), or, when
 /// that is longer than X.509's 64-byte limit for a common name, the host name cut to 64 bytes.
-pub fn ca_common_name(cfg: &crate::config::Config) -> String {
-    let id = cfg.host_id();
+pub fn ca_common_name(ids: &Ids) -> String {
+    let id = ids.host_id();
     if id.len() <= 64 {
         return id;
     }
-    let host = cfg.host_name();
+    let host = &ids.host_name;
     let mut end = host.len().min(64);
     while !host.is_char_boundary(end) {
         end -= 1;
@@ -516,21 +558,22 @@ fn ca_expires_soon(ca: &HostCa, now: i64) -> bool {
 mod tests {
     use super::*;
 
+    fn ids(trust_domain: &str, host: &str) -> Ids {
+        Ids {
+            trust_domain: trust_domain.into(),
+            host_name: host.into(),
+            id_template: "spiffe://{trust_domain}/host/{host}/agent/{name}".into(),
+        }
+    }
+
     #[test]
     fn ca_common_name_fits_x509() {
-        let short = crate::config::Config::parse(
-            "trust_domain = \"example.org\"\nhost = \"web-1\"\n[backend]\nkind = \"tpm\"\n",
-            "test",
-        )
-        .unwrap();
-        assert_eq!(ca_common_name(&short), "spiffe://example.org/host/web-1");
+        assert_eq!(
+            ca_common_name(&ids("example.org", "web-1")),
+            "spiffe://example.org/host/web-1"
+        );
         let long_host = "h".repeat(70);
-        let long = crate::config::Config::parse(
-            &format!("trust_domain = \"a-rather-long-trust-domain.example.org\"\nhost = \"{long_host}\"\n[backend]\nkind = \"tpm\"\n"),
-            "test",
-        )
-        .unwrap();
-        let cn = ca_common_name(&long);
+        let cn = ca_common_name(&ids("a-rather-long-trust-domain.example.org", &long_host));
         assert_eq!(cn.len(), 64);
         assert!(x509::cn_name(&cn).is_ok());
     }

@@ -6,7 +6,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::keystore::tpm::DEFAULT_MAX_LOADED;
+use crate::agents::{self, Ids};
+use crate::audit::AuditConfig;
+use crate::credentials;
+use crate::credentials::settings::{CertificatesConfig, TokensConfig};
+use crate::doors;
+use crate::duration::{format_duration, Dur};
+use crate::keystore::BackendConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,34 +26,6 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("config {path}: {message}")]
     Invalid { path: String, message: String },
-}
-
-/// A duration written like `5m`, `90s`, `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl serde::Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(self.0))
-    }
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"90s\", \"5m\", \"1h\""))
-}
-
-pub fn format_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,86 +58,6 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum BackendConfig {
-    Tpm {
-        #[serde(default = "default_tcti")]
-        tcti: String,
-        #[serde(default = "default_max_loaded")]
-        max_loaded_keys: usize,
-    },
-    Pkcs11 {
-        #[serde(default = "default_module")]
-        module: PathBuf,
-        #[serde(default = "default_token_label")]
-        token_label: String,
-        pin_file: PathBuf,
-    },
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokensConfig {
-    #[serde(default = "default_ttl")]
-    pub default_ttl: Dur,
-    #[serde(default = "default_max_ttl")]
-    pub max_ttl: Dur,
-}
-
-impl Default for TokensConfig {
-    fn default() -> Self {
-        TokensConfig {
-            default_ttl: default_ttl(),
-            max_ttl: default_max_ttl(),
-        }
-    }
-}
-
-/// X.509 agent certificates from the host CA.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificatesConfig {
-    /// Lifetime of an agent certificate when the caller asks for none (clamped to the agent's
-    /// limit: its policy `max_cert_ttl`, else its token `max_ttl`).
-    #[serde(default = "default_cert_ttl")]
-    pub default_ttl: Dur,
-    /// Ceiling for any agent's `max_cert_ttl`.
-    #[serde(default = "default_cert_max_ttl")]
-    pub max_ttl: Dur,
-    /// How long a CRL is valid (`nextUpdate`); it is re-signed at half this age and at every
-    /// revocation.
-    #[serde(default = "default_crl_validity")]
-    pub crl_validity: Dur,
-    /// Validity of the self-signed host CA certificate.
-    #[serde(default = "default_ca_validity")]
-    pub ca_validity: Dur,
-}
-
-impl Default for CertificatesConfig {
-    fn default() -> Self {
-        CertificatesConfig {
-            default_ttl: default_cert_ttl(),
-            max_ttl: default_cert_max_ttl(),
-            crl_validity: default_crl_validity(),
-            ca_validity: default_ca_validity(),
-        }
-    }
-}
-
-fn default_cert_ttl() -> Dur {
-    Dur(Duration::from_secs(3600))
-}
-fn default_cert_max_ttl() -> Dur {
-    Dur(Duration::from_secs(24 * 3600))
-}
-fn default_crl_validity() -> Dur {
-    Dur(Duration::from_secs(24 * 3600))
-}
-fn default_ca_validity() -> Dur {
-    Dur(Duration::from_secs(10 * 365 * 24 * 3600))
-}
-
-#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest request body accepted, bytes.
@@ -183,22 +81,6 @@ impl Default for LimitsConfig {
             header_read_timeout: default_header_timeout(),
             max_connections: default_max_connections(),
             default_rate: default_rate(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// Rotate the audit file once it grows past this many bytes.
-    #[serde(default = "default_rotate_bytes")]
-    pub rotate_bytes: u64,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        AuditConfig {
-            rotate_bytes: default_rotate_bytes(),
         }
     }
 }
@@ -236,24 +118,6 @@ fn default_agents_dir() -> PathBuf {
 fn default_id_template() -> String {
     "spiffe://{trust_domain}/host/{host}/agent/{name}".into()
 }
-fn default_tcti() -> String {
-    "device:/dev/tpmrm0".into()
-}
-fn default_max_loaded() -> usize {
-    DEFAULT_MAX_LOADED
-}
-fn default_module() -> PathBuf {
-    "/usr/lib/softhsm/libsofthsm2.so".into()
-}
-fn default_token_label() -> String {
-    "tessera".into()
-}
-fn default_ttl() -> Dur {
-    Dur(Duration::from_secs(300))
-}
-fn default_max_ttl() -> Dur {
-    Dur(Duration::from_secs(3600))
-}
 fn default_max_body() -> usize {
     16 * 1024
 }
@@ -265,9 +129,6 @@ fn default_max_connections() -> usize {
 }
 fn default_rate() -> u32 {
     600
-}
-fn default_rotate_bytes() -> u64 {
-    64 * 1024 * 1024
 }
 fn default_bus() -> String {
     "system".into()
@@ -359,16 +220,47 @@ impl Config {
         })
     }
 
-    /// The issuer (`iss`) of every token from this host.
-    pub fn host_id(&self) -> String {
-        format!("spiffe://{}/host/{}", self.trust_domain, self.host_name())
+    pub fn ids(&self) -> Ids {
+        Ids {
+            trust_domain: self.trust_domain.clone(),
+            host_name: self.host_name(),
+            id_template: self.id_template.clone(),
+        }
     }
 
-    pub fn agent_id(&self, name: &str) -> String {
-        self.id_template
-            .replace("{trust_domain}", &self.trust_domain)
-            .replace("{host}", &self.host_name())
-            .replace("{name}", name)
+    /// The issuer (`iss`) of every token from this host.
+    pub fn host_id(&self) -> String {
+        self.ids().host_id()
+    }
+
+    /// What the agents part needs.
+    pub fn agents_settings(&self) -> agents::Settings {
+        agents::Settings {
+            ids: self.ids(),
+            max_token_ttl: self.tokens.max_ttl.0,
+            max_cert_ttl: self.certificates.max_ttl.0,
+        }
+    }
+
+    /// What the credentials pipeline needs.
+    pub fn credentials_settings(&self) -> credentials::Settings {
+        credentials::Settings {
+            ids: self.ids(),
+            tokens: self.tokens.clone(),
+            certificates: self.certificates.clone(),
+            default_rate: self.limits.default_rate,
+        }
+    }
+
+    /// What the doors need.
+    pub fn door_settings(&self) -> doors::Settings {
+        doors::Settings {
+            max_body_bytes: self.limits.max_body_bytes,
+            header_read_timeout: self.limits.header_read_timeout.0,
+            max_connections: self.limits.max_connections,
+            bus: self.dbus.bus.clone(),
+            admin_group: self.dbus.admin_group.clone(),
+        }
     }
 }
 

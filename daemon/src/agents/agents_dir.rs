@@ -2,15 +2,21 @@
 //! SIGHUP and on D-Bus `Reload()`. A new file enrols, a changed file updates (same key), a
 //! removed file revokes. A file that does not parse is reported by name and line and leaves
 //! that agent exactly as it was (it is neither updated nor revoked).
+//!
+//! A revocation sticks: when an admin revoked a file-declared agent (or pulled the kill
+//! switch), the revoked record keeps the file's SHA-256, and that same file is reported
+//! (`held`, log and audit `agent.file_held`), never enrolled again. Changing the file, or
+//! removing it and adding it back, is the admin's deliberate act that enrols it anew.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
 
-use crate::lifecycle::AdminError;
-use crate::registry::{validate_name, Policy, Selectors, Source};
-use crate::service::Service;
+use crate::agents::{validate_name, AdminError, Agents, Policy, Selectors, Source, Status};
+use crate::audit::Event;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,14 +31,21 @@ pub struct ReconcileReport {
     pub enrolled: Vec<String>,
     pub updated: Vec<String>,
     pub revoked: Vec<String>,
+    /// `file: why` for files of agents an admin revoked (not enrolled again until changed).
+    pub held: Vec<String>,
     /// `file: problem` for every file that was not applied.
     pub errors: Vec<String>,
 }
 
-enum Parsed {
-    Ok(Selectors, Policy),
-    Bad,
+/// A file that parsed: selectors, policy and the hex SHA-256 of its bytes (`None`: it did
+/// not parse and was reported).
+struct Spec {
+    selectors: Selectors,
+    policy: Policy,
+    hash: String,
 }
+
+type Parsed = Option<Spec>;
 
 fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
     let shown = path.display();
@@ -40,11 +53,15 @@ fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
         Ok(t) => t,
         Err(e) => {
             report.errors.push(format!("{shown}: cannot read: {e}"));
-            return Parsed::Bad;
+            return None;
         }
     };
     match toml::from_str::<AgentFile>(&text) {
-        Ok(f) => Parsed::Ok(f.selectors, f.policy),
+        Ok(f) => Some(Spec {
+            selectors: f.selectors,
+            policy: f.policy,
+            hash: hex::encode(Sha256::digest(text.as_bytes())),
+        }),
         Err(e) => {
             let line = e
                 .span()
@@ -53,12 +70,13 @@ fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
             report
                 .errors
                 .push(format!("{shown}:{line}: {}", e.message().trim_end()));
-            Parsed::Bad
+            None
         }
     }
 }
 
-impl Service {
+impl Agents {
+    /// Make the registry match `dir` (start, SIGHUP, D-Bus `Reload()`).
     pub async fn reconcile_agents_dir(&self, dir: &Path) -> Result<ReconcileReport, AdminError> {
         let mut report = ReconcileReport::default();
         let mut files: BTreeMap<String, Parsed> = BTreeMap::new();
@@ -92,17 +110,48 @@ impl Service {
         }
 
         for (name, parsed) in &files {
-            let Parsed::Ok(selectors, policy) = parsed else {
+            let Some(Spec {
+                selectors,
+                policy,
+                hash,
+            }) = parsed
+            else {
                 continue;
             };
+            let file = dir.join(format!("{name}.toml"));
             let existing = self.with_registry(|r| r.get_live(name))?;
+            if existing.is_none() {
+                let latest = self.with_registry(|r| r.get_latest(name))?;
+                if let Some(prev) = latest.filter(|p| {
+                    p.status == Status::Revoked
+                        && p.source == Source::File
+                        && p.file_hash.as_deref() == Some(hash.as_str())
+                }) {
+                    let why = format!(
+                        "agent {name} was revoked ({}); it stays revoked until this file changes",
+                        prev.revoke_reason.as_deref().unwrap_or("no reason given")
+                    );
+                    tracing::warn!(file = %file.display(), "{why}");
+                    self.audit
+                        .record_or_log(
+                            Event::new("agent.file_held")
+                                .agent(&prev.name, &prev.id)
+                                .details(json!({"file": file, "file_sha256": hash})),
+                            "a held agent file",
+                        )
+                        .await;
+                    report.held.push(format!("{}: {why}", file.display()));
+                    continue;
+                }
+            }
             let res = match existing {
                 None => self
-                    .enroll(
+                    .enroll_from(
                         name,
                         selectors.clone(),
                         policy.clone(),
                         Source::File,
+                        Some(hash),
                         "agents_dir",
                     )
                     .await
@@ -110,24 +159,45 @@ impl Service {
                 Some(a) if a.source != Source::File => Err(AdminError::AlreadyExists(format!(
                     "agent {name} was enrolled over D-Bus; the file is ignored"
                 ))),
-                Some(a) if a.selectors == *selectors && a.policy == *policy => Ok(()),
+                Some(a)
+                    if a.selectors == *selectors
+                        && a.policy == *policy
+                        && a.file_hash.as_deref() == Some(hash.as_str()) =>
+                {
+                    Ok(())
+                }
+                Some(a) if a.selectors == *selectors && a.policy == *policy => {
+                    // Same meaning, other bytes (a comment): remember the new file's hash.
+                    self.update(
+                        name,
+                        selectors.clone(),
+                        policy.clone(),
+                        Some(hash),
+                        "agents_dir",
+                    )
+                    .await
+                }
                 Some(_) => self
-                    .update(name, selectors.clone(), policy.clone(), "agents_dir")
+                    .update(
+                        name,
+                        selectors.clone(),
+                        policy.clone(),
+                        Some(hash),
+                        "agents_dir",
+                    )
                     .await
                     .map(|()| report.updated.push(name.clone())),
             };
             if let Err(e) = res {
-                report.errors.push(format!(
-                    "{}: {e}",
-                    dir.join(format!("{name}.toml")).display()
-                ));
+                report.errors.push(format!("{}: {e}", file.display()));
             }
         }
 
         for a in self.with_registry(|r| r.live())? {
             if a.source == Source::File && !files.contains_key(&a.name) {
                 match self
-                    .revoke(&a.name, "agent file removed", "agents_dir")
+                    // Not held: adding the file back is the admin's act and enrols it again.
+                    .revoke_with(&a.name, "agent file removed", "agents_dir", false)
                     .await
                 {
                     Ok(()) => report.revoked.push(a.name),

@@ -1,6 +1,6 @@
 //! The agent API: HTTP/1.1 + JSON over the Unix socket. A thin adapter: each connection's
 //! peer is taken from the kernel at accept time ([`Peer`]), each request re-identified, and
-//! everything else is [`Service`]'s. Limits: connections served at once, header read
+//! everything else is the [`Credentials`] pipeline's. Limits: connections served at once, header read
 //! timeout, body size.
 
 use std::convert::Infallible;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,10 +21,12 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
 use crate::caller::Peer;
-use crate::problem::{Kind, Problem};
-use crate::service::{Service, TokenRequest};
+use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::{Credentials, TokenRequest};
+use crate::doors::problem::problem_response;
+use crate::doors::SharedSettings;
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Resp {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
@@ -39,23 +41,6 @@ fn pem_response(content_type: &'static str, body: String) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-pub fn problem_response(p: &Problem) -> Resp {
-    let body = serde_json::to_vec(&p.body()).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() =
-        StatusCode::from_u16(p.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if let Some(s) = p.retry_after {
-        if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-            r.headers_mut().insert(RETRY_AFTER, v);
-        }
-    }
     r
 }
 
@@ -109,7 +94,8 @@ pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str
 }
 
 async fn route(
-    svc: Arc<Service>,
+    svc: Arc<Credentials>,
+    settings: SharedSettings,
     peer: Arc<Peer>,
     req: Request<Incoming>,
 ) -> Result<Resp, Problem> {
@@ -126,7 +112,7 @@ async fn route(
             Ok(json_response(StatusCode::OK, &svc.whoami(&caller, wanted)?))
         }
         (Method::POST, "/v1/token") => {
-            let max = svc.config().limits.max_body_bytes;
+            let max = crate::doors::read(&settings).max_body_bytes;
             let caller = svc.identify(peer).await?;
             let body: TokenRequest = match read_json(req, max).await {
                 Ok(b) => b,
@@ -179,14 +165,17 @@ async fn route(
 
 /// Serve until `shutdown` resolves, then drain open connections (bounded by `drain`).
 pub async fn serve(
-    svc: Arc<Service>,
+    svc: Arc<Credentials>,
+    settings: SharedSettings,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
-    let cfg = svc.config();
-    let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
-    let header_timeout = cfg.limits.header_read_timeout.0;
+    let (max_connections, header_timeout) = {
+        let s = crate::doors::read(&settings);
+        (s.max_connections, s.header_read_timeout)
+    };
+    let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -214,11 +203,13 @@ pub async fn serve(
             }
         };
         let svc = svc.clone();
+        let settings = settings.clone();
         let service = service_fn(move |req| {
             let svc = svc.clone();
+            let settings = settings.clone();
             let peer = peer.clone();
             async move {
-                let resp = match route(svc, peer, req).await {
+                let resp = match route(svc, settings, peer, req).await {
                     Ok(r) => r,
                     Err(p) => problem_response(&p),
                 };

@@ -1,61 +1,60 @@
-//! The request pipeline shared by every adapter (socket, D-Bus):
-//! caller (kernel facts) → registry match → policy → issuer (signs in hardware) → audit → reply.
-//! Adapters only translate transport to these calls and [`Problem`]s back.
+//! The pipeline every door calls: identify the caller (kernel facts) → match an agent →
+//! policy → build → sign (the issuer, the only code that asks for signatures) → audit →
+//! reply. Doors translate their transport to these calls and [`Problem`]s back.
+//!
+//! - `issuer`: asks the key store to sign what this part built; `jwt`, `x509`: the
+//!   structures; `hostca`: the host CA and its CRL; `certificate`, `evidence`: agent
+//!   certificates and key attestation; `problem`: refusals with stable names.
+
+pub mod certificate;
+pub mod evidence;
+pub mod hostca;
+pub mod issuer;
+pub mod jwt;
+pub mod problem;
+pub mod settings;
+pub mod x509;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
+use crate::agents::policy::{self, RateLimiter};
+use crate::agents::{Agent, Agents, EventKind, Status};
 use crate::audit::{Audit, Event};
 use crate::caller::{self, Caller, CallerError, ExeHashCache, Peer};
-use crate::config::{format_duration, parse_duration, Config};
-use crate::issuer::Issuer;
+use crate::duration::{format_duration, parse_duration};
 use crate::keystore::{owner::KeyStoreHandle, KeyStoreError};
-use crate::policy::{self, RateLimiter};
-use crate::problem::{Kind, Problem};
-use crate::registry::{Agent, Registry, RegistryError, Status};
+use issuer::Issuer;
+use problem::{Kind, Problem};
+pub use settings::Settings;
 
-/// What changed, for D-Bus signals and anyone else who listens.
-#[derive(Debug, Clone)]
-pub enum AgentEvent {
-    Enrolled(String),
-    Revoked(String, String),
-    Suspended(String),
-    Resumed(String),
-    Updated(String),
-}
-
-pub struct Service {
-    pub(crate) cfg: RwLock<Arc<Config>>,
-    /// `None` once [`Service::close`] has closed it at shutdown.
-    registry: Mutex<Option<Registry>>,
-    /// Live agents, re-read from the registry after every change (the hot path reads this).
-    live: RwLock<Arc<Vec<Agent>>>,
-    /// Revoked agents, newest first, re-read with `live`: a refused caller is told whether it
-    /// was revoked without a registry query on every refusal.
-    revoked: RwLock<Arc<Vec<Agent>>>,
+pub struct Credentials {
+    agents: Arc<Agents>,
+    settings: RwLock<Arc<Settings>>,
     pub(crate) keystore: KeyStoreHandle,
     pub(crate) issuer: Issuer,
-    /// The host CA, set by [`Service::init_host_ca`] at start.
-    pub(crate) ca: RwLock<Option<Arc<crate::hostca::HostCa>>>,
-    pub(crate) crl: RwLock<Option<Arc<crate::hostca::Crl>>>,
+    audit: Audit,
+    /// `<state>/ca`: the host CA certificate file.
+    ca_dir: PathBuf,
+    /// The host CA, set by [`Credentials::init_host_ca`] at start.
+    ca: RwLock<Option<Arc<hostca::HostCa>>>,
+    crl: RwLock<Option<Arc<hostca::Crl>>>,
     /// Serialises CRL signing so a newer CRL is never replaced by an older one.
-    pub(crate) crl_lock: tokio::sync::Mutex<()>,
-    /// A revocation whose CRL could not be signed yet.
-    pub(crate) crl_stale: std::sync::atomic::AtomicBool,
-    pub(crate) audit: Audit,
+    crl_lock: tokio::sync::Mutex<()>,
+    /// A CRL that could not be signed when it should have been.
+    crl_stale: std::sync::atomic::AtomicBool,
+    /// Serialises changes of the host CA (start-up, install-cert).
+    ca_lock: tokio::sync::Mutex<()>,
     rate: Mutex<RateLimiter>,
     /// Per-agent (issued count, last issued at), kept in memory on the hot path and written to
-    /// the registry by [`Service::flush_counters`]; the audit trail is the authoritative record.
+    /// the registry by [`Credentials::flush_counters`]; the audit trail is the authoritative record.
     issued: Mutex<HashMap<i64, (u64, u64, bool)>>,
     exe_cache: ExeHashCache,
-    /// Serialises enrolment, revocation and reconciliation.
-    pub(crate) admin: tokio::sync::Mutex<()>,
-    pub events: broadcast::Sender<AgentEvent>,
 }
 
 /// `POST /v1/token` body (also what D-Bus `GetToken` maps to).
@@ -91,6 +90,7 @@ pub struct WhoAmI {
     pub key_id: Option<String>,
 }
 
+/// A Unix time as RFC 3339 (UTC).
 pub fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
@@ -99,6 +99,17 @@ pub fn rfc3339(unix: i64) -> String {
                 .ok()
         })
         .unwrap_or_default()
+}
+
+/// Longest token for `agent`: its policy `max_ttl`, never above the daemon's `tokens.max_ttl`
+/// as it is now (lowering it applies to agents enrolled before).
+pub(crate) fn token_limit(agent: &Agent, s: &Settings) -> Duration {
+    let global = s.tokens.max_ttl.0;
+    agent
+        .policy
+        .max_ttl
+        .map(|d| d.0.min(global))
+        .unwrap_or(global)
 }
 
 /// A suspended agent gets no credential of any kind.
@@ -121,82 +132,82 @@ pub(crate) fn keystore_problem(e: KeyStoreError) -> Problem {
     }
 }
 
-impl Service {
+impl Credentials {
     pub fn new(
-        cfg: Config,
-        registry: Registry,
+        settings: Settings,
+        agents: Arc<Agents>,
         keystore: KeyStoreHandle,
         audit: Audit,
-    ) -> Result<Arc<Service>, RegistryError> {
-        let live = registry.live()?;
-        let revoked = registry.revoked()?;
-        let (events, _) = broadcast::channel(256);
-        Ok(Arc::new(Service {
-            cfg: RwLock::new(Arc::new(cfg)),
-            registry: Mutex::new(Some(registry)),
-            live: RwLock::new(Arc::new(live)),
-            revoked: RwLock::new(Arc::new(revoked)),
+        state_dir: &std::path::Path,
+    ) -> Arc<Credentials> {
+        Arc::new(Credentials {
+            agents,
+            settings: RwLock::new(Arc::new(settings)),
             issuer: Issuer::new(keystore.clone()),
             keystore,
+            audit,
+            ca_dir: state_dir.join("ca"),
             ca: RwLock::new(None),
             crl: RwLock::new(None),
             crl_lock: tokio::sync::Mutex::new(()),
             crl_stale: std::sync::atomic::AtomicBool::new(false),
-            audit,
+            ca_lock: tokio::sync::Mutex::new(()),
             rate: Mutex::new(RateLimiter::default()),
             issued: Mutex::new(HashMap::new()),
             exe_cache: ExeHashCache::default(),
-            admin: tokio::sync::Mutex::new(()),
-            events,
-        }))
+        })
     }
 
-    pub fn config(&self) -> Arc<Config> {
-        self.cfg
+    /// The agents this pipeline issues for (their lifecycle is the doors' to drive).
+    pub fn agents(&self) -> &Arc<Agents> {
+        &self.agents
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub(crate) fn with_registry<T>(
-        &self,
-        f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
-    ) -> Result<T, RegistryError> {
-        let mut guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_mut() {
-            Some(r) => f(r),
-            None => Err(RegistryError::Closed),
-        }
+    /// New settings (config reload).
+    pub fn set_settings(&self, s: Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
     }
 
-    /// The last steps of a stop, after every door has closed and `daemon.stopped` is
-    /// recorded: close the key store on its own thread and join it (TPM objects flushed,
-    /// PKCS#11 session closed, `C_Finalize`, module unloaded), then the audit writer, then
-    /// the registry. Nothing of a device is left to be torn down by process exit.
+    /// Follow agent changes: a revoked agent's CRL entry is signed at once (the CRL is also
+    /// rebuilt on demand when it is older than the agents' generation) and its rate budget
+    /// forgotten. Runs until the event channel closes.
+    pub fn spawn_event_follower(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let mut events = self.agents.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        me.refresh_crl_logged().await;
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                if let EventKind::Revoked { .. } = ev.kind {
+                    if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
+                        me.forget_rate(&a.key_id);
+                    }
+                    if me.crl_generation() < ev.generation {
+                        me.refresh_crl_logged().await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Close the key store on its owner thread (TPM
+    /// objects flushed, PKCS#11 session closed, `C_Finalize`, module unloaded), joined before
+    /// this returns. Part of the daemon's stop; nothing of a device is left to process exit.
     pub async fn close(&self) {
         self.keystore.shutdown().await;
-        self.audit.close().await;
-        let reg = self
-            .registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        drop(reg);
-    }
-
-    /// Re-read live agents after a change.
-    pub(crate) fn refresh(&self) -> Result<(), RegistryError> {
-        let (live, revoked) = self.with_registry(|r| Ok((r.live()?, r.revoked()?)))?;
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
-        Ok(())
-    }
-
-    pub fn live_agents(&self) -> Arc<Vec<Agent>> {
-        self.live
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -220,7 +231,7 @@ impl Service {
 
     /// Which agent this caller is. `wanted` names one when several match.
     pub fn match_agent(&self, caller: &Caller, wanted: Option<&str>) -> Result<Agent, Problem> {
-        let live = self.live_agents();
+        let live = self.agents.live();
         let matching: Vec<&Agent> = live
             .iter()
             .filter(|a| a.selectors.matches(caller))
@@ -230,22 +241,15 @@ impl Service {
             [one] => Ok((*one).clone()),
             [] => {
                 // Tell a revoked agent that it is revoked, not that it is unknown.
-                let revoked = self
-                    .revoked
-                    .read()
-                    .map(|r| r.clone())
-                    .unwrap_or_else(|p| p.into_inner().clone());
+                let revoked = self.agents.revoked();
                 let hit = revoked
                     .iter()
                     .find(|a| a.selectors.matches(caller) && wanted.is_none_or(|w| a.name == w));
                 match hit {
+                    // The admin's reason is for admins (audit, D-Bus signal), not for callers.
                     Some(a) => Err(Problem::new(
                         Kind::AgentRevoked,
-                        format!(
-                            "agent {} was revoked: {}",
-                            a.name,
-                            a.revoke_reason.as_deref().unwrap_or_default()
-                        ),
+                        format!("agent {} was revoked", a.name),
                     )),
                     None => Err(Problem::new(
                         Kind::UnknownCaller,
@@ -281,13 +285,66 @@ impl Service {
     }
 
     fn effective_policy(&self, a: &Agent) -> Value {
-        let cfg = self.config();
+        let s = self.settings();
         json!({
             "audiences": a.policy.audiences,
             "scopes": a.policy.scopes,
-            "max_ttl": format_duration(a.policy.max_ttl.map(|d| d.0).unwrap_or(cfg.tokens.max_ttl.0)),
-            "rate": a.policy.rate.unwrap_or(cfg.limits.default_rate),
+            "max_ttl": format_duration(token_limit(a, &s)),
+            "rate": a.policy.rate.unwrap_or(s.default_rate),
         })
+    }
+
+    /// Record an admin call a door refused (not root, not in the admin group); `details`
+    /// names the problem, the method and who asked.
+    pub async fn audit_refused_admin(&self, details: Value) {
+        self.audit
+            .record_or_log(
+                Event::new("access.denied").details(details),
+                "a refused admin call",
+            )
+            .await;
+    }
+
+    /// Let a credential built for `agent` leave: under the issuance gate, check the agent is
+    /// still active, then write the credential's audit record. A revocation that committed
+    /// meanwhile wins (the credential is refused and never leaves); one that commits later
+    /// finds this record already in the audit. No credential leaves without this returning Ok.
+    pub(crate) async fn release(
+        &self,
+        caller: &Caller,
+        agent: &Agent,
+        ev: Event,
+        what: &str,
+    ) -> Result<(), Problem> {
+        let refused = {
+            let _gate = self.agents.issuance().await;
+            if self.agents.may_release(agent) {
+                return self.audit.record(ev).await.map(|_| ()).map_err(|e| {
+                    Problem::new(Kind::AuditUnavailable, format!("{e}; no {what} was issued"))
+                        .retry_after(5)
+                });
+            }
+            let suspended = self
+                .agents
+                .live()
+                .iter()
+                .any(|a| a.row == agent.row && a.status == Status::Suspended);
+            let kind = if suspended {
+                Kind::AgentSuspended
+            } else {
+                Kind::AgentRevoked
+            };
+            Problem::new(
+                kind,
+                format!(
+                    "agent {} was revoked or suspended while its {what} was made; none was issued",
+                    agent.name
+                ),
+            )
+        };
+        Err(self
+            .deny(caller, Some(agent), refused, json!({"credential": what}))
+            .await)
     }
 
     /// Record a refusal; a refusal stands even if the audit cannot take it.
@@ -298,11 +355,13 @@ impl Service {
         p: Problem,
         req: Value,
     ) -> Problem {
-        let mut ev = Event::new("access.denied").caller(caller).details(json!({
-            "problem": p.kind.slug(),
-            "reason": p.detail,
-            "request": req,
-        }));
+        let mut ev = Event::new("access.denied")
+            .caller(caller.record())
+            .details(json!({
+                "problem": p.kind.slug(),
+                "reason": p.detail,
+                "request": req,
+            }));
         if let Some(a) = agent {
             ev = ev.agent(&a.name, &a.id);
         }
@@ -325,16 +384,10 @@ impl Service {
         };
         match self.check_policy(&agent, &req) {
             Ok(ttl) => {
-                let cfg = self.config();
+                let host_id = self.settings().ids.host_id();
                 let issued = match self
                     .issuer
-                    .jwt(
-                        &cfg.host_id(),
-                        &agent,
-                        &req.audience,
-                        &req.scopes,
-                        ttl.as_secs(),
-                    )
+                    .jwt(&host_id, &agent, &req.audience, &req.scopes, ttl.as_secs())
                     .await
                 {
                     Ok(t) => t,
@@ -342,7 +395,7 @@ impl Service {
                 };
                 let ev = Event::new("token.issued")
                     .agent(&agent.name, &agent.id)
-                    .caller(caller)
+                    .caller(caller.record())
                     .details(json!({
                         "jti": issued.jti,
                         "aud": req.audience,
@@ -351,14 +404,7 @@ impl Service {
                         "exp": issued.exp,
                         "kid": agent.kid,
                     }));
-                // No credential leaves without its durable record.
-                if let Err(e) = self.audit.record(ev).await {
-                    return Err(Problem::new(
-                        Kind::AuditUnavailable,
-                        format!("{e}; no token was issued"),
-                    )
-                    .retry_after(5));
-                }
+                self.release(caller, &agent, ev, "token").await?;
                 self.count_issued(&agent, issued.iat);
                 Ok(TokenResponse {
                     token: issued.token,
@@ -372,7 +418,7 @@ impl Service {
     }
 
     fn check_policy(&self, agent: &Agent, req: &TokenRequest) -> Result<Duration, Problem> {
-        let cfg = self.config();
+        let cfg = self.settings();
         check_not_suspended(agent)?;
         if !policy::audience_allowed(&agent.policy.audiences, &req.audience) {
             return Err(Problem::new(
@@ -400,11 +446,7 @@ impl Service {
             }
             None => None,
         };
-        let max = agent
-            .policy
-            .max_ttl
-            .map(|d| d.0)
-            .unwrap_or(cfg.tokens.max_ttl.0);
+        let max = token_limit(agent, &cfg);
         let ttl =
             policy::credential_ttl(requested, cfg.tokens.default_ttl.0, max).map_err(|max| {
                 Problem::new(
@@ -420,8 +462,8 @@ impl Service {
     }
 
     /// One per-agent budget for every credential it is issued (tokens, certificates, evidence).
-    pub(crate) fn check_rate(&self, agent: &Agent, cfg: &Config) -> Result<(), Problem> {
-        let rate = agent.policy.rate.unwrap_or(cfg.limits.default_rate);
+    pub(crate) fn check_rate(&self, agent: &Agent, cfg: &Settings) -> Result<(), Problem> {
+        let rate = agent.policy.rate.unwrap_or(cfg.default_rate);
         let mut rl = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(wait) = rl.check(&agent.key_id, rate, Instant::now()) {
             return Err(Problem::new(
@@ -454,7 +496,8 @@ impl Service {
         {
             return (*c, *l);
         }
-        self.live_agents()
+        self.agents
+            .live()
             .iter()
             .find(|a| a.row == row)
             .map(|a| (a.issued_count, a.last_issued_at.unwrap_or(0) as u64))
@@ -462,7 +505,7 @@ impl Service {
     }
 
     /// Write changed issue counters to the registry.
-    pub fn flush_counters(&self) -> Result<(), RegistryError> {
+    pub fn flush_counters(&self) -> Result<(), crate::agents::RegistryError> {
         let dirty: Vec<(i64, u64, u64)> = {
             let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
             counts
@@ -477,12 +520,7 @@ impl Service {
         if dirty.is_empty() {
             return Ok(());
         }
-        self.with_registry(|r| {
-            for (row, count, last) in &dirty {
-                r.set_issued(*row, *count, *last as i64)?;
-            }
-            Ok(())
-        })
+        self.agents.set_issued(&dirty)
     }
 
     pub(crate) fn forget_rate(&self, key_id: &str) {
@@ -495,7 +533,8 @@ impl Service {
     /// RFC 7517 key set of every live agent key (a revoked key is gone at once).
     pub fn jwks(&self) -> Value {
         let keys: Vec<Value> = self
-            .live_agents()
+            .agents
+            .live()
             .iter()
             .filter_map(|a| a.jwk.clone())
             .collect();

@@ -11,16 +11,20 @@
 //!   crash after 1: the next start destroys the key and finishes 3; a revoked agent never
 //!   comes back. A destroy that fails is returned to the admin and retried at every start.
 //! Orphans: a key in the device that no record refers to is destroyed at start.
+//!
+//! Every state change bumps the generation and is published as an [`crate::agents::AgentEvent`]
+//! once it is durable and visible in memory.
 
 use serde_json::json;
 
-use crate::audit::AuditError;
-use crate::audit::Event;
+use crate::agents::registry::{NewAgent, RegistryError};
+use crate::agents::{
+    validate_name, Agent, Agents, EventKind, KeyState, Policy, Selectors, Source, Status,
+};
+use crate::audit::{AuditError, Event};
 use crate::fault;
-use crate::issuer::jwk_of;
+use crate::keystore::ecdsa::jwk_of;
 use crate::keystore::{new_key_id, KeyStoreError};
-use crate::registry::{validate_name, Agent, Policy, RegistryError, Selectors, Source, Status};
-use crate::service::{AgentEvent, Service};
 
 pub const AGENT_KEY_PREFIX: &str = "agent";
 
@@ -40,10 +44,6 @@ pub enum AdminError {
     Registry(RegistryError),
     #[error("audit: {0}")]
     Audit(#[from] AuditError),
-    #[error("certificate rejected: {0}")]
-    CertificateRejected(String),
-    #[error("{0}")]
-    Failed(String),
 }
 
 impl From<RegistryError> for AdminError {
@@ -66,12 +66,10 @@ pub struct RepairReport {
     pub missing_keys: Vec<String>,
 }
 
-impl Service {
-    pub(crate) async fn audit_admin(&self, ev: Event) {
-        if let Err(e) = self.audit.record(ev).await {
-            // The action itself has happened; hiding that would be worse than a gap.
-            tracing::error!(error = %e, "could not audit an admin action");
-        }
+impl Agents {
+    async fn audit_admin(&self, ev: Event) {
+        // The action itself has happened; hiding that would be worse than a gap.
+        self.audit.record_or_log(ev, "an admin action").await;
     }
 
     fn validate_spec(
@@ -82,11 +80,9 @@ impl Service {
     ) -> Result<(), AdminError> {
         validate_name(name).map_err(AdminError::InvalidArgs)?;
         selectors.validate().map_err(AdminError::InvalidArgs)?;
+        let s = self.settings();
         policy
-            .validate(
-                self.config().tokens.max_ttl.0,
-                self.config().certificates.max_ttl.0,
-            )
+            .validate(s.max_token_ttl, s.max_cert_ttl)
             .map_err(AdminError::InvalidArgs)
     }
 
@@ -99,12 +95,34 @@ impl Service {
         source: Source,
         by: &str,
     ) -> Result<Agent, AdminError> {
+        self.enroll_from(name, selectors, policy, source, None, by)
+            .await
+    }
+
+    /// Enrol; `file_hash` is the SHA-256 of the `agents_dir` file it comes from.
+    pub(crate) async fn enroll_from(
+        &self,
+        name: &str,
+        selectors: Selectors,
+        policy: Policy,
+        source: Source,
+        file_hash: Option<&str>,
+        by: &str,
+    ) -> Result<Agent, AdminError> {
         self.validate_spec(name, &selectors, &policy)?;
         let _guard = self.admin.lock().await;
-        let spiffe_id = self.config().agent_id(name);
+        let spiffe_id = self.settings().ids.agent_id(name);
         let key_id = new_key_id(AGENT_KEY_PREFIX);
         let row = self.with_registry(|r| {
-            r.insert_pending(name, &spiffe_id, source, &selectors, &policy, &key_id)
+            r.insert_pending(&NewAgent {
+                name,
+                spiffe_id: &spiffe_id,
+                source,
+                selectors: &selectors,
+                policy: &policy,
+                key_id: &key_id,
+                file_hash,
+            })
         })?;
         fault::point("enroll-after-record");
         let created = match self.keystore.create(&key_id).await {
@@ -117,7 +135,7 @@ impl Service {
         fault::point("enroll-after-key");
         let (kid, jwk) = jwk_of(&created.public);
         self.with_registry(|r| r.activate(row, &kid, &jwk))?;
-        self.refresh()?;
+        let generation = self.refresh()?;
         let agent = self.with_registry(|r| r.get_live(name))?.ok_or_else(|| {
             AdminError::NotFound(format!("agent {name} vanished during enrolment"))
         })?;
@@ -125,7 +143,7 @@ impl Service {
             "by": by, "source": source, "selectors": selectors, "policy": policy, "kid": kid,
         })))
         .await;
-        let _ = self.events.send(AgentEvent::Enrolled(name.to_string()));
+        self.publish(generation, name, EventKind::Enrolled);
         Ok(agent)
     }
 
@@ -135,13 +153,14 @@ impl Service {
         name: &str,
         selectors: Selectors,
         policy: Policy,
+        file_hash: Option<&str>,
         by: &str,
     ) -> Result<(), AdminError> {
         self.validate_spec(name, &selectors, &policy)?;
         let _guard = self.admin.lock().await;
         let a = self.live_by_name(name)?;
-        self.with_registry(|r| r.update_spec(a.row, &selectors, &policy))?;
-        self.refresh()?;
+        self.with_registry(|r| r.update_spec(a.row, &selectors, &policy, file_hash))?;
+        let generation = self.refresh()?;
         self.audit_admin(
             Event::new("agent.updated")
                 .agent(&a.name, &a.id)
@@ -150,7 +169,7 @@ impl Service {
                 })),
         )
         .await;
-        let _ = self.events.send(AgentEvent::Updated(name.to_string()));
+        self.publish(generation, name, EventKind::Updated);
         Ok(())
     }
 
@@ -176,24 +195,36 @@ impl Service {
             return Ok(());
         }
         self.with_registry(|r| r.set_status(a.row, status))?;
-        self.refresh()?;
+        let generation = self.refresh()?;
         self.audit_admin(
             Event::new(event)
                 .agent(&a.name, &a.id)
                 .details(json!({"by": by})),
         )
         .await;
-        let ev = if suspended {
-            AgentEvent::Suspended(name.to_string())
+        let kind = if suspended {
+            EventKind::Suspended
         } else {
-            AgentEvent::Resumed(name.to_string())
+            EventKind::Resumed
         };
-        let _ = self.events.send(ev);
+        self.publish(generation, name, kind);
         Ok(())
     }
 
-    /// Revoke: durable record, then destroy the key, then report. Idempotent.
+    /// Revoke (an admin's act): durable record, then destroy the key, then report.
+    /// Idempotent. A file-declared agent stays revoked while its file is unchanged.
     pub async fn revoke(&self, name: &str, reason: &str, by: &str) -> Result<(), AdminError> {
+        self.revoke_with(name, reason, by, true).await
+    }
+
+    /// Revoke; `hold` keeps a file-declared agent from coming back from the same file.
+    pub(crate) async fn revoke_with(
+        &self,
+        name: &str,
+        reason: &str,
+        by: &str,
+        hold: bool,
+    ) -> Result<(), AdminError> {
         let _guard = self.admin.lock().await;
         let a = match self.with_registry(|r| r.get_live(name))? {
             Some(a) => a,
@@ -201,7 +232,7 @@ impl Service {
                 return match self.with_registry(|r| r.get_latest(name))? {
                     Some(prev) if prev.status == Status::Revoked => {
                         // Already revoked; finish a destroy that failed before, if any.
-                        if prev.key_state != crate::registry::KeyState::Destroyed {
+                        if prev.key_state != KeyState::Destroyed {
                             self.destroy_key(&prev, by).await?;
                         }
                         Ok(())
@@ -210,30 +241,51 @@ impl Service {
                 };
             }
         };
-        self.revoke_locked(&a, reason, by).await
+        let generation = self
+            .mark_revoked(std::slice::from_ref(&a), reason, by, hold)
+            .await?;
+        fault::point("revoke-after-record");
+        let destroyed = self.destroy_key(&a, by).await;
+        // The event comes after the key is gone (or its destruction failed and is reported to
+        // the admin and retried at start); the agent is revoked either way. Subscribers
+        // re-sign the CRL and emit the D-Bus signal; anything built from the agents records
+        // the generation it saw, so the CRL served after this reply includes the agent.
+        self.publish(
+            generation,
+            &a.name,
+            EventKind::Revoked {
+                reason: reason.to_string(),
+            },
+        );
+        destroyed
     }
 
-    async fn revoke_locked(&self, a: &Agent, reason: &str, by: &str) -> Result<(), AdminError> {
-        self.with_registry(|r| r.mark_revoked(a.row, reason))?;
-        self.refresh()?;
-        self.audit_admin(
-            Event::new("agent.revoked")
+    /// Steps 1-2 of revocation for `agents`, under the issuance gate's write side: one durable
+    /// transaction, memory refreshed once, `agent.revoked` audited for each. Credentials whose
+    /// issuance passed its last liveness check before this are in the audit before these
+    /// records; none is released after (see [`Agents::issuance`]).
+    async fn mark_revoked(
+        &self,
+        agents: &[Agent],
+        reason: &str,
+        by: &str,
+        hold: bool,
+    ) -> Result<u64, AdminError> {
+        let _gate = self.gate.write().await;
+        let rows: Vec<i64> = agents.iter().map(|a| a.row).collect();
+        self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?;
+        let generation = self.refresh()?;
+        let mut records = tokio::task::JoinSet::new();
+        for a in agents {
+            let audit = self.audit.clone();
+            let ev = Event::new("agent.revoked")
                 .agent(&a.name, &a.id)
-                .details(json!({
-                    "by": by, "reason": reason, "kid": a.kid,
-                })),
-        )
-        .await;
-        fault::point("revoke-after-record");
-        let destroyed = self.destroy_key(a, by).await;
-        // Its certificates go on the CRL before anyone is told.
-        self.refresh_crl_logged().await;
-        // The signal comes after the key is gone (or its destruction failed and is reported to
-        // the admin and retried at start); the agent is revoked either way.
-        let _ = self
-            .events
-            .send(AgentEvent::Revoked(a.name.clone(), reason.to_string()));
-        destroyed
+                .details(json!({"by": by, "reason": reason, "kid": a.kid}));
+            // Concurrent records share fsyncs (group commit): the kill switch stays fast.
+            records.spawn(async move { audit.record_or_log(ev, "a revocation").await });
+        }
+        while records.join_next().await.is_some() {}
+        Ok(generation)
     }
 
     async fn destroy_key(&self, a: &Agent, by: &str) -> Result<(), AdminError> {
@@ -245,7 +297,6 @@ impl Service {
             }
         }
         self.with_registry(|r| r.mark_key_destroyed(a.row))?;
-        self.forget_rate(&a.key_id);
         self.audit_admin(
             Event::new("key.destroyed")
                 .agent(&a.name, &a.id)
@@ -257,21 +308,30 @@ impl Service {
         Ok(())
     }
 
-    /// The kill switch: every live agent revoked, every key destroyed. Returns who was revoked.
+    /// The kill switch: every live agent revoked in one transaction (refused from then on),
+    /// then every key destroyed, then one event per agent (one CRL). Returns who was revoked.
     pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
         let _guard = self.admin.lock().await;
         let live = self.with_registry(|r| r.live())?;
+        let generation = self.mark_revoked(&live, reason, by, true).await?;
         let mut first_err = None;
-        let mut names = Vec::new();
         for a in &live {
-            names.push(a.name.clone());
-            if let Err(e) = self.revoke_locked(a, reason, by).await {
+            if let Err(e) = self.destroy_key(a, by).await {
                 first_err.get_or_insert(e);
             }
         }
+        for a in &live {
+            self.publish(
+                generation,
+                &a.name,
+                EventKind::Revoked {
+                    reason: reason.to_string(),
+                },
+            );
+        }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(names),
+            None => Ok(live.iter().map(|a| a.name.clone()).collect()),
         }
     }
 

@@ -1,5 +1,6 @@
-//! D-Bus adapter (zbus): `org.tessera.Tessera1` with the `Manager` (admin), one `Agent` object
-//! per live agent, and `Credentials` (for agents). Thin: every call goes to [`Service`].
+//! D-Bus adapter (zbus): `org.tessera.Tessera1` with the `Manager` (admin, `manager`), one
+//! `Agent` object per live agent (`agent`), and `Credentials` (for agents, `credentials`).
+//! Thin: every call goes to the credentials pipeline or the agents' lifecycle.
 //!
 //! Authorization happens twice: the shipped bus policy lets only root and `admin_group` send
 //! to `Manager`/`Agent`, and every admin method here checks the caller's uid and groups again
@@ -7,23 +8,31 @@
 //! same way (uid + pid from the bus daemon, then the kernel facts of that pid), never from
 //! arguments.
 
+mod agent;
+mod credentials;
+mod manager;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::{json, Value as Json};
 use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 use zbus::names::BusName;
-use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue, Value};
-use zbus::{connection, interface, Connection};
+use zbus::zvariant::{ObjectPath, OwnedValue, Value};
+use zbus::{connection, Connection};
 
+use crate::agents::{AdminError, EventKind, ReconcileReport};
 use crate::caller::Peer;
-use crate::lifecycle::AdminError;
-use crate::problem::{Kind, Problem};
-use crate::registry::{Agent, Policy, Selectors, Source};
-use crate::service::{AgentEvent, Service, TokenRequest};
+use crate::credentials::hostca::HostCaError;
+use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::Credentials as Pipeline;
+use crate::doors::SharedSettings;
+pub use agent::AgentObject;
+pub use credentials::Credentials;
+pub use manager::Manager;
 
 pub const BUS_NAME: &str = "org.tessera.Tessera1";
 pub const PATH: &str = "/org/tessera/Tessera1";
@@ -63,8 +72,20 @@ impl From<AdminError> for TesseraError {
             AdminError::Backend(_) => TesseraError::Backend(msg),
             AdminError::Registry(_) => TesseraError::Failed(msg),
             AdminError::Audit(_) => TesseraError::AuditUnavailable(msg),
-            AdminError::CertificateRejected(_) => TesseraError::CertificateRejected(msg),
-            AdminError::Failed(_) => TesseraError::Failed(msg),
+        }
+    }
+}
+
+impl From<HostCaError> for TesseraError {
+    fn from(e: HostCaError) -> Self {
+        let msg = e.to_string();
+        if e.keystore().is_some() {
+            return TesseraError::Backend(msg);
+        }
+        match e {
+            HostCaError::InvalidArgs(_) => TesseraError::InvalidArgs(msg),
+            HostCaError::CertificateRejected(_) => TesseraError::CertificateRejected(msg),
+            _ => TesseraError::Failed(msg),
         }
     }
 }
@@ -213,9 +234,16 @@ fn primary_gid(pid: u32) -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// `Manager.Reload()`: re-read the config and `agents_dir`, which is the runtime's to do; it
+/// hands the door this hook.
+pub type ReloadHook = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<ReconcileReport, String>> + Send>> + Send + Sync,
+>;
+
 struct Ctx {
-    svc: Arc<Service>,
-    config_path: Option<PathBuf>,
+    svc: Arc<Pipeline>,
+    settings: SharedSettings,
+    reload: ReloadHook,
     /// Names of the agent objects currently exported.
     exported: tokio::sync::Mutex<Vec<String>>,
 }
@@ -228,19 +256,17 @@ impl Ctx {
         hdr: &Header<'_>,
     ) -> Result<String, TesseraError> {
         let (uid, pid) = bus_creds(conn, hdr).await?;
-        let group = self.svc.config().dbus.admin_group.clone();
+        let group = crate::doors::read(&self.settings).admin_group;
         if uid == 0 || in_group(uid, &group) {
             Ok(format!("dbus uid {uid} pid {pid}"))
         } else {
             let reason = format!("uid {uid} is neither root nor in group {group}");
             let method = hdr.member().map(|m| m.to_string()).unwrap_or_default();
-            let ev = crate::audit::Event::new("access.denied").details(json!({
+            let ev = json!({
                 "problem": "admin-access-denied", "reason": reason,
                 "method": method, "uid": uid, "pid": pid,
-            }));
-            if let Err(e) = self.svc.audit.record(ev).await {
-                tracing::error!(error = %e, "could not audit a refused admin call");
-            }
+            });
+            self.svc.audit_refused_admin(ev).await;
             Err(TesseraError::AccessDenied(reason))
         }
     }
@@ -265,309 +291,14 @@ impl Ctx {
     }
 }
 
-pub struct Manager(Arc<Ctx>);
-pub struct Credentials(Arc<Ctx>);
-pub struct AgentObject {
-    ctx: Arc<Ctx>,
-    name: String,
-}
-
-#[interface(name = "org.tessera.Tessera1.Manager")]
-impl Manager {
-    async fn enroll(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name: String,
-        selectors: HashMap<String, OwnedValue>,
-        policy: HashMap<String, OwnedValue>,
-    ) -> Result<OwnedObjectPath, TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        let sel: Selectors = serde_json::from_value(dict_to_json("selector", &selectors)?)
-            .map_err(|e| TesseraError::InvalidArgs(format!("selectors: {e}")))?;
-        let pol: Policy = serde_json::from_value(dict_to_json("policy", &policy)?)
-            .map_err(|e| TesseraError::InvalidArgs(format!("policy: {e}")))?;
-        let a = self
-            .0
-            .svc
-            .enroll(&name, sel, pol, Source::Dbus, &by)
-            .await?;
-        sync_objects(conn, &self.0).await;
-        OwnedObjectPath::try_from(agent_path(&a.name))
-            .map_err(|e| TesseraError::Failed(e.to_string()))
-    }
-
-    async fn list_agents(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-    ) -> Result<Vec<OwnedObjectPath>, TesseraError> {
-        self.0.require_admin(conn, &hdr).await?;
-        Ok(self
-            .0
-            .svc
-            .live_agents()
-            .iter()
-            .filter_map(|a| OwnedObjectPath::try_from(agent_path(&a.name)).ok())
-            .collect())
-    }
-
-    async fn revoke(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name: String,
-        reason: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        self.0.svc.revoke(&name, &reason, &by).await?;
-        sync_objects(conn, &self.0).await;
-        Ok(())
-    }
-
-    async fn suspend(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        self.0.svc.set_suspended(&name, true, &by).await?;
-        sync_objects(conn, &self.0).await;
-        Ok(())
-    }
-
-    async fn resume(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        self.0.svc.set_suspended(&name, false, &by).await?;
-        sync_objects(conn, &self.0).await;
-        Ok(())
-    }
-
-    async fn revoke_all(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        reason: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        let res = self.0.svc.revoke_all(&reason, &by).await;
-        sync_objects(conn, &self.0).await;
-        res?;
-        Ok(())
-    }
-
-    async fn reload(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-    ) -> Result<(), TesseraError> {
-        self.0.require_admin(conn, &hdr).await?;
-        let report = crate::daemon::reload(&self.0.svc, self.0.config_path.as_deref())
-            .await
-            .map_err(|e| TesseraError::InvalidArgs(format!("{e:#}")))?;
-        if report.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(TesseraError::InvalidArgs(report.errors.join("; ")))
-        }
-    }
-
-    /// PKCS#10 request (PEM) for the host CA key, for a fleet CA to sign. An empty
-    /// `common_name` means the host id.
-    async fn host_certificate_request(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        common_name: String,
-    ) -> Result<String, TesseraError> {
-        self.0.require_admin(conn, &hdr).await?;
-        let cn = (!common_name.is_empty()).then_some(common_name.as_str());
-        Ok(self.0.svc.host_csr(cn).await?)
-    }
-
-    /// Install a host CA certificate issued by an external CA (PEM: the host certificate,
-    /// then its issuers up to the root). Refused unless it is for the host CA key and the
-    /// chain verifies.
-    async fn install_host_certificate(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        pem: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.0.require_admin(conn, &hdr).await?;
-        Ok(self.0.svc.install_host_certificate(&pem, &by).await?)
-    }
-
-    #[zbus(property)]
-    fn version(&self) -> String {
-        env!("CARGO_PKG_VERSION").to_string()
-    }
-
-    #[zbus(property)]
-    fn backend(&self) -> String {
-        self.0.svc.backend_name().to_string()
-    }
-
-    #[zbus(property)]
-    fn agent_count(&self) -> u32 {
-        self.0.svc.live_agents().len() as u32
-    }
-
-    #[zbus(signal)]
-    async fn agent_enrolled(
-        e: &SignalEmitter<'_>,
-        name: &str,
-        path: ObjectPath<'_>,
-    ) -> zbus::Result<()>;
-    #[zbus(signal)]
-    async fn agent_revoked(e: &SignalEmitter<'_>, name: &str, reason: &str) -> zbus::Result<()>;
-    #[zbus(signal)]
-    async fn agent_suspended(e: &SignalEmitter<'_>, name: &str) -> zbus::Result<()>;
-    #[zbus(signal)]
-    async fn agent_resumed(e: &SignalEmitter<'_>, name: &str) -> zbus::Result<()>;
-}
-
-#[interface(name = "org.tessera.Tessera1.Credentials")]
-impl Credentials {
-    async fn who_am_i(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-    ) -> Result<HashMap<String, OwnedValue>, TesseraError> {
-        let caller = self.0.caller(conn, &hdr).await?;
-        let w = self.0.svc.whoami(&caller, None)?;
-        let mut m = json_to_dict(&w.policy);
-        m.insert("name".into(), owned(Value::from(w.name.as_str())));
-        m.insert("id".into(), owned(Value::from(w.id.as_str())));
-        m.insert(
-            "status".into(),
-            owned(Value::from(json!(w.status).as_str().unwrap_or(""))),
-        );
-        m.insert(
-            "key_id".into(),
-            owned(Value::from(w.key_id.unwrap_or_default().as_str())),
-        );
-        Ok(m)
-    }
-
-    /// `ttl_seconds` 0 means the default TTL. Returns the token and its `exp` (Unix seconds).
-    async fn get_token(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        audience: String,
-        scopes: Vec<String>,
-        ttl_seconds: u64,
-    ) -> Result<(String, u64), TesseraError> {
-        let caller = self.0.caller(conn, &hdr).await?;
-        let req = TokenRequest {
-            audience,
-            scopes,
-            ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
-            agent: None,
-        };
-        let t = self.0.svc.issue_token(&caller, req).await?;
-        Ok((t.token, t.exp as u64))
-    }
-}
-
-impl AgentObject {
-    fn agent(&self) -> zbus::fdo::Result<Agent> {
-        self.ctx
-            .svc
-            .live_agents()
-            .iter()
-            .find(|a| a.name == self.name)
-            .cloned()
-            .ok_or_else(|| zbus::fdo::Error::UnknownObject(format!("agent {} is gone", self.name)))
-    }
-}
-
-#[interface(name = "org.tessera.Tessera1.Agent")]
-impl AgentObject {
-    #[zbus(property)]
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-    #[zbus(property)]
-    fn id(&self) -> zbus::fdo::Result<String> {
-        Ok(self.agent()?.id)
-    }
-    #[zbus(property)]
-    fn status(&self) -> zbus::fdo::Result<String> {
-        Ok(self.agent()?.status.as_str().to_string())
-    }
-    #[zbus(property)]
-    fn selectors(&self) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
-        Ok(json_to_dict(&json!(self.agent()?.selectors)))
-    }
-    #[zbus(property)]
-    fn policy(&self) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
-        Ok(json_to_dict(&json!(self.agent()?.policy)))
-    }
-    #[zbus(property)]
-    fn key_id(&self) -> zbus::fdo::Result<String> {
-        Ok(self.agent()?.kid.unwrap_or_default())
-    }
-    #[zbus(property)]
-    fn created_at(&self) -> zbus::fdo::Result<u64> {
-        Ok(self.agent()?.created_at as u64)
-    }
-    #[zbus(property)]
-    fn issued_count(&self) -> zbus::fdo::Result<u64> {
-        let row = self.agent()?.row;
-        Ok(self.ctx.svc.issued(row).0)
-    }
-    #[zbus(property)]
-    fn last_issued_at(&self) -> zbus::fdo::Result<u64> {
-        let row = self.agent()?.row;
-        Ok(self.ctx.svc.issued(row).1)
-    }
-
-    async fn revoke(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        reason: String,
-    ) -> Result<(), TesseraError> {
-        let by = self.ctx.require_admin(conn, &hdr).await?;
-        self.ctx.svc.revoke(&self.name, &reason, &by).await?;
-        sync_objects(conn, &self.ctx).await;
-        Ok(())
-    }
-
-    async fn suspend(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-    ) -> Result<(), TesseraError> {
-        let by = self.ctx.require_admin(conn, &hdr).await?;
-        Ok(self.ctx.svc.set_suspended(&self.name, true, &by).await?)
-    }
-
-    async fn resume(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-    ) -> Result<(), TesseraError> {
-        let by = self.ctx.require_admin(conn, &hdr).await?;
-        Ok(self.ctx.svc.set_suspended(&self.name, false, &by).await?)
-    }
-}
-
 /// Make the exported agent objects match the live agents. Called before an admin method
 /// returns (so a returned path exists) and on every change event.
 async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
     let mut exported = ctx.exported.lock().await;
     let live: Vec<String> = ctx
         .svc
-        .live_agents()
+        .agents()
+        .live()
         .iter()
         .map(|a| a.name.clone())
         .collect();
@@ -578,10 +309,7 @@ async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
             .await;
     }
     for name in live.iter().filter(|n| !exported.contains(n)) {
-        let obj = AgentObject {
-            ctx: ctx.clone(),
-            name: name.clone(),
-        };
+        let obj = AgentObject::new(ctx.clone(), name.clone());
         if let Err(e) = server.at(agent_path(name).as_str(), obj).await {
             tracing::warn!(agent = %name, error = %e, "cannot export agent object");
         }
@@ -592,10 +320,11 @@ async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
 /// Connect to the configured bus, own the name (no replacement allowed), export the
 /// objects, and keep them and the signals in step with the service. `None` when `bus = "none"`.
 pub async fn start(
-    svc: Arc<Service>,
-    config_path: Option<PathBuf>,
-) -> anyhow::Result<Option<Connection>> {
-    let bus = svc.config().dbus.bus.clone();
+    svc: Arc<Pipeline>,
+    settings: SharedSettings,
+    reload: ReloadHook,
+) -> Result<Option<Connection>, zbus::Error> {
+    let bus = crate::doors::read(&settings).bus;
     let builder = match bus.as_str() {
         "none" => return Ok(None),
         "system" => connection::Builder::system()?,
@@ -604,7 +333,8 @@ pub async fn start(
     };
     let ctx = Arc::new(Ctx {
         svc: svc.clone(),
-        config_path,
+        settings,
+        reload,
         exported: Default::default(),
     });
     let conn = builder
@@ -615,9 +345,11 @@ pub async fn start(
         .serve_at(PATH, Credentials(ctx.clone()))?
         .build()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot own {BUS_NAME} on the {bus} bus: {e}"))?;
+        .map_err(|e| {
+            zbus::Error::Failure(format!("cannot own {BUS_NAME} on the {bus} bus: {e}"))
+        })?;
     sync_objects(&conn, &ctx).await;
-    let mut events = svc.events.subscribe();
+    let mut events = svc.agents().subscribe();
     let c = conn.clone();
     tokio::spawn(async move {
         loop {
@@ -631,15 +363,16 @@ pub async fn start(
                 continue;
             };
             let e = iface.signal_emitter();
-            let res = match &ev {
-                AgentEvent::Enrolled(n) => match ObjectPath::try_from(agent_path(n)) {
+            let n = ev.name.as_str();
+            let res = match &ev.kind {
+                EventKind::Enrolled => match ObjectPath::try_from(agent_path(n)) {
                     Ok(p) => Manager::agent_enrolled(e, n, p).await,
                     Err(_) => Ok(()),
                 },
-                AgentEvent::Revoked(n, r) => Manager::agent_revoked(e, n, r).await,
-                AgentEvent::Suspended(n) => Manager::agent_suspended(e, n).await,
-                AgentEvent::Resumed(n) => Manager::agent_resumed(e, n).await,
-                AgentEvent::Updated(_) => Ok(()),
+                EventKind::Revoked { reason } => Manager::agent_revoked(e, n, reason).await,
+                EventKind::Suspended => Manager::agent_suspended(e, n).await,
+                EventKind::Resumed => Manager::agent_resumed(e, n).await,
+                EventKind::Updated => Ok(()),
             };
             if let Err(err) = res {
                 tracing::warn!(error = %err, "cannot emit D-Bus signal");

@@ -1,6 +1,6 @@
 //! X.509 structures tessera issues: the host CA certificate, agent certificates, the CRL and
 //! the host CA's PKCS#10 request. Pure construction and assembly; the signature itself comes
-//! from the key store (see [`crate::hostca`]), so each object is built as "to be signed" DER,
+//! from the key store (see [`crate::credentials::hostca`]), so each object is built as "to be signed" DER,
 //! its SHA-256 digest is signed in hardware, and the DER ECDSA signature is attached here.
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -107,7 +107,7 @@ pub fn unix_of(t: &Time) -> i64 {
         .unwrap_or(0)
 }
 
-pub use crate::registry::now_unix;
+pub use crate::agents::now_unix;
 
 fn ext<T: AsExtension>(value: &T, subject: &Name) -> Result<Extension, X509Error> {
     Ok(value.to_extension(subject, &[])?)

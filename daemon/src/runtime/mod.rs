@@ -1,7 +1,18 @@
-//! Start-up, serving and shutdown of `tesserad`.
+//! The daemon's wiring: config, dev mode, systemd, logging, start-up, signals and stop.
 //!
-//! Order: state dir → audit → key store → registry → crash repair → host CA → agents_dir →
-//! socket → ready. A failure before "ready" exits non-zero with the reason; nothing is half-started.
+//! Start: state dir → audit → key store → registry → crash repair → host CA → agents_dir →
+//! D-Bus name → socket → ready. A failure before "ready" exits non-zero with the reason;
+//! nothing is half-started.
+//!
+//! Stop (SIGTERM, SIGINT): stop accepting and release the bus name → drain connections →
+//! flush issue counters → `daemon.stopped` recorded → key store closed on its owner thread and
+//! joined (TPM objects flushed, PKCS#11 `C_Finalize`, module unloaded) → audit writer joined
+//! → registry closed → return. Nothing of a device is left for process exit to tear down.
+
+pub mod config;
+pub mod dev;
+pub mod logging;
+pub mod systemd;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -14,11 +25,13 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::agents::registry::Registry;
+use crate::agents::{Agents, ReconcileReport};
 use crate::audit::{Audit, Event};
-use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::doors::{self, SharedSettings};
 use crate::keystore::{self, owner::KeyStoreHandle};
-use crate::registry::Registry;
-use crate::service::Service;
+use config::Config;
 
 fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
@@ -63,8 +76,51 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// The running daemon's parts, as the runtime holds them.
+pub struct Daemon {
+    pub credentials: Arc<Credentials>,
+    pub agents: Arc<Agents>,
+    pub audit: Audit,
+    pub doors: SharedSettings,
+    /// The configuration in force (replaced on reload).
+    config: std::sync::RwLock<Arc<Config>>,
+    config_path: Option<std::path::PathBuf>,
+}
+
+impl Daemon {
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Re-read the config (what can change without a restart) and `agents_dir`.
+    pub async fn reload(&self) -> Result<ReconcileReport> {
+        if let Some(p) = &self.config_path {
+            let new = Config::load(p)?;
+            let old = self.config();
+            if new.state_dir != old.state_dir || new.socket != old.socket {
+                tracing::warn!("state_dir and socket changes take effect at the next restart");
+            }
+            let mut merged = new;
+            merged.state_dir = old.state_dir.clone();
+            merged.socket = old.socket.clone();
+            merged.backend = old.backend.clone();
+            self.agents.set_settings(merged.agents_settings());
+            self.credentials.set_settings(merged.credentials_settings());
+            *self.doors.write().unwrap_or_else(|p| p.into_inner()) = merged.door_settings();
+            *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+        }
+        let dir = self.config().agents_dir.clone();
+        let r = self.agents.reconcile_agents_dir(&dir).await?;
+        tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = ?r.errors, "reloaded");
+        Ok(r)
+    }
+}
+
 /// Everything that runs before the socket opens; used by `run` and by tests of start-up.
-pub async fn start(cfg: Config) -> Result<Arc<Service>> {
+pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon>> {
     check_state_dir(&cfg.state_dir, &cfg.socket)?;
     let (audit, torn) = Audit::open(&cfg.state_dir.join("audit"), cfg.audit.rotate_bytes)
         .context("cannot open the audit trail")?;
@@ -82,44 +138,73 @@ pub async fn start(cfg: Config) -> Result<Arc<Service>> {
         .context("cannot open the key store")?;
     let registry =
         Registry::open(&cfg.state_dir.join("registry.db")).context("cannot open the registry")?;
-    let svc = Service::new(cfg.clone(), registry, ks, audit)?;
-    svc.audit
+    let agents = Agents::new(cfg.agents_settings(), registry, ks.clone(), audit.clone())?;
+    let creds = Credentials::new(
+        cfg.credentials_settings(),
+        agents.clone(),
+        ks,
+        audit.clone(),
+        &cfg.state_dir,
+    );
+    audit
         .record(Event::new("daemon.started").details(json!({
-            "version": env!("CARGO_PKG_VERSION"), "backend": svc.backend_name(), "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"), "backend": creds.backend_name(), "pid": std::process::id(),
         })))
         .await?;
-    let report = svc.repair().await.context("start-up repair failed")?;
+    let report = agents.repair().await.context("start-up repair failed")?;
     if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
         tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
     }
-    svc.init_host_ca()
+    creds
+        .init_host_ca()
         .await
         .context("cannot set up the host CA")?;
-    let r = svc.reconcile_agents_dir(&cfg.agents_dir).await?;
+    let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
     tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
-    Ok(svc)
+    Ok(Arc::new(Daemon {
+        credentials: creds,
+        agents,
+        audit,
+        doors: Arc::new(std::sync::RwLock::new(cfg.door_settings())),
+        config: std::sync::RwLock::new(Arc::new(cfg)),
+        config_path: config_path.map(Path::to_path_buf),
+    }))
 }
 
 /// Run until SIGTERM/SIGINT. SIGHUP re-reads `agents_dir` (and the config file, if any).
 pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
-    let svc = start(cfg.clone()).await?;
+    let d = start(cfg.clone(), config_path).await?;
+    let svc = d.credentials.clone();
+    let follower = svc.spawn_event_follower();
     // The bus name first, then the socket: once the socket answers, everything is up.
-    let dbus = crate::dbus::start(svc.clone(), config_path.map(Path::to_path_buf))
+    let reload_hook: doors::dbus::ReloadHook = {
+        let d = Arc::downgrade(&d);
+        Arc::new(move || {
+            let d = d.clone();
+            Box::pin(async move {
+                match d.upgrade() {
+                    Some(d) => d.reload().await.map_err(|e| format!("{e:#}")),
+                    None => Err("the daemon is stopping".to_string()),
+                }
+            })
+        })
+    };
+    let dbus = doors::dbus::start(svc.clone(), d.doors.clone(), reload_hook)
         .await
         .context("D-Bus")?;
     // Socket activation: systemd owns the socket file; otherwise we bind it ourselves.
-    let (listener, owns_socket) = match crate::systemd::inherited_listener()
-        .context("cannot use the socket passed by systemd")?
-    {
-        Some(l) => (l, false),
-        None => (bind_socket(&cfg.socket)?, true),
-    };
+    let (listener, owns_socket) =
+        match systemd::inherited_listener().context("cannot use the socket passed by systemd")? {
+            Some(l) => (l, false),
+            None => (bind_socket(&cfg.socket)?, true),
+        };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::api::serve(
+    let server = tokio::spawn(doors::socket::serve(
         svc.clone(),
+        d.doors.clone(),
         listener,
         async move {
             let _ = stop_rx.await;
@@ -140,18 +225,17 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
                 // Expired certificates need no CRL entry: forget them every 5 minutes so the
                 // table stays the size of what is still valid.
                 if n.is_multiple_of(150) {
-                    let now = crate::registry::now_unix();
-                    if let Err(e) = svc.with_registry(|r| r.prune_certificates(now)) {
+                    if let Err(e) = svc.agents().prune_certificates(crate::agents::now_unix()) {
                         tracing::warn!(error = %e, "cannot prune expired certificates");
                     }
                 }
             }
         })
     };
-    let watchdog = crate::systemd::spawn_watchdog();
+    let watchdog = systemd::spawn_watchdog();
     let status = format!(
         "serving {} agent(s) on {} ({})",
-        svc.live_agents().len(),
+        d.agents.live().len(),
         if owns_socket {
             cfg.socket.display().to_string()
         } else {
@@ -159,62 +243,46 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
         },
         svc.backend_name()
     );
-    crate::systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = svc.live_agents().len(), "tesserad ready");
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = d.agents.live().len(), "tesserad ready");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                crate::systemd::notify(&[NotifyState::Reloading]);
-                if let Err(e) = reload(&svc, config_path).await {
+                systemd::notify(&[NotifyState::Reloading]);
+                if let Err(e) = d.reload().await {
                     tracing::error!(error = %e, "reload failed; keeping the running configuration");
                 }
-                crate::systemd::notify(&[NotifyState::Ready]);
+                systemd::notify(&[NotifyState::Ready]);
             }
         }
     }
     tracing::info!("stopping: draining connections");
-    crate::systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    // Release the bus name first so a new instance can take it, then drain the socket.
+    if let Some(c) = &dbus {
+        let _ = c.release_name(doors::dbus::BUS_NAME).await;
+    }
+    drop(dbus);
     let _ = stop_tx.send(());
     let _ = server.await;
     if let Some(w) = watchdog {
         w.abort();
     }
     flusher.abort();
-    drop(dbus);
+    follower.abort();
     if let Err(e) = svc.flush_counters() {
         tracing::warn!(error = %e, "cannot write issue counters");
     }
     if owns_socket {
         let _ = std::fs::remove_file(&cfg.socket);
     }
-    let stopped = svc.audit.record(Event::new("daemon.stopped")).await;
+    let stopped = d.audit.record(Event::new("daemon.stopped")).await;
     svc.close().await;
+    d.audit.close().await;
+    d.agents.close();
     stopped?;
     tracing::info!("tesserad stopped");
     Ok(())
-}
-
-/// Re-read the config (what can change without a restart) and `agents_dir`.
-pub async fn reload(
-    svc: &Arc<Service>,
-    config_path: Option<&Path>,
-) -> Result<crate::agents_dir::ReconcileReport> {
-    if let Some(p) = config_path {
-        let new = Config::load(p)?;
-        let old = svc.config();
-        if new.state_dir != old.state_dir || new.socket != old.socket {
-            tracing::warn!("state_dir and socket changes take effect at the next restart");
-        }
-        let mut merged = new;
-        merged.state_dir = old.state_dir.clone();
-        merged.socket = old.socket.clone();
-        merged.backend = old.backend.clone();
-        *svc.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
-    }
-    let dir = svc.config().agents_dir.clone();
-    let r = svc.reconcile_agents_dir(&dir).await?;
-    tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = ?r.errors, "reloaded");
-    Ok(r)
 }

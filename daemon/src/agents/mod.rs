@@ -1,0 +1,264 @@
+//! Enrolled agents: who they are (selectors), what they may ask for (policy), their status and
+//! the device key that is their identity.
+//!
+//! [`Agents`] owns the registry and the in-memory view the hot path reads (live and revoked
+//! agents, re-read after every change), runs the enrolment and revocation state machines
+//! (`lifecycle`) and the declarative `agents_dir` reconcile, and publishes every change as an
+//! [`AgentEvent`] with a generation number. Parts above it (credentials, doors, runtime)
+//! subscribe; nothing here calls up.
+//!
+//! - `registry`: SQLite records (agents, certificates, meta)
+//! - `record`: an agent as recorded; `selectors`: matching callers; `policy`: what it may ask
+//! - `lifecycle`: enrol / update / suspend / revoke / repair; `agents_dir`: declarative files
+
+pub mod agents_dir;
+pub mod lifecycle;
+pub mod policy;
+pub mod record;
+pub mod registry;
+pub mod selectors;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::audit::Audit;
+use crate::keystore::owner::KeyStoreHandle;
+pub use agents_dir::ReconcileReport;
+pub use lifecycle::{AdminError, RepairReport, AGENT_KEY_PREFIX};
+pub use policy::Policy;
+pub use record::{now_unix, validate_name, Agent, KeyState, Source, Status};
+use registry::Registry;
+pub use registry::RegistryError;
+pub use selectors::Selectors;
+
+/// How ids are made: `trust_domain`, the host name and `id_template`.
+#[derive(Debug, Clone)]
+pub struct Ids {
+    pub trust_domain: String,
+    pub host_name: String,
+    pub id_template: String,
+}
+
+impl Ids {
+    /// The issuer (`iss`) of every token from this host.
+    pub fn host_id(&self) -> String {
+        format!("spiffe://{}/host/{}", self.trust_domain, self.host_name)
+    }
+
+    pub fn agent_id(&self, name: &str) -> String {
+        self.id_template
+            .replace("{trust_domain}", &self.trust_domain)
+            .replace("{host}", &self.host_name)
+            .replace("{name}", name)
+    }
+}
+
+/// What this part needs from the configuration; built and replaced by the runtime.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub ids: Ids,
+    /// Ceilings a policy's `max_ttl` / `max_cert_ttl` may not exceed.
+    pub max_token_ttl: Duration,
+    pub max_cert_ttl: Duration,
+}
+
+/// What happened to an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Enrolled,
+    Updated,
+    Suspended,
+    Resumed,
+    Revoked { reason: String },
+}
+
+/// One change, published after it is durable. `generation` is the value of
+/// [`Agents::generation`] once the change is visible in memory.
+#[derive(Debug, Clone)]
+pub struct AgentEvent {
+    pub generation: u64,
+    pub name: String,
+    pub kind: EventKind,
+}
+
+pub struct Agents {
+    settings: RwLock<Arc<Settings>>,
+    /// `None` once [`Agents::close`] has closed it at shutdown.
+    registry: Mutex<Option<Registry>>,
+    /// Live agents, re-read from the registry after every change (the hot path reads this).
+    live: RwLock<Arc<Vec<Agent>>>,
+    /// Revoked agents, newest first, re-read with `live`: a refused caller is told whether it
+    /// was revoked without a registry query on every refusal.
+    revoked: RwLock<Arc<Vec<Agent>>>,
+    /// Bumped every time `live`/`revoked` are re-read after a change.
+    generation: AtomicU64,
+    pub(crate) keystore: KeyStoreHandle,
+    pub(crate) audit: Audit,
+    /// Serialises enrolment, revocation and reconciliation.
+    admin: tokio::sync::Mutex<()>,
+    /// The issuance gate: read by every credential from its last liveness check until its
+    /// audit record is written, written by revocation while it commits the revoked records,
+    /// refreshes memory and audits them. So no credential of an agent leaves after its revoked
+    /// record is durable, and every one that left is in the audit before `agent.revoked`.
+    gate: tokio::sync::RwLock<()>,
+    events: broadcast::Sender<AgentEvent>,
+}
+
+impl Agents {
+    pub fn new(
+        settings: Settings,
+        registry: Registry,
+        keystore: KeyStoreHandle,
+        audit: Audit,
+    ) -> Result<Arc<Agents>, RegistryError> {
+        let live = registry.live()?;
+        let revoked = registry.revoked()?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Agents {
+            settings: RwLock::new(Arc::new(settings)),
+            registry: Mutex::new(Some(registry)),
+            live: RwLock::new(Arc::new(live)),
+            revoked: RwLock::new(Arc::new(revoked)),
+            generation: AtomicU64::new(1),
+            keystore,
+            audit,
+            admin: tokio::sync::Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            events,
+        }))
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// New settings (config reload); agents already enrolled keep their ids.
+    pub fn set_settings(&self, s: Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    fn with_registry<T>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(r) => f(r),
+            None => Err(RegistryError::Closed),
+        }
+    }
+
+    /// Close the registry (last step of a stop); later calls fail with `Closed`.
+    pub fn close(&self) {
+        let reg = self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(reg);
+    }
+
+    /// Re-read live agents after a change and bump the generation.
+    fn refresh(&self) -> Result<u64, RegistryError> {
+        let (live, revoked) = self.with_registry(|r| Ok((r.live()?, r.revoked()?)))?;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
+        Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Changes so far; anything derived from the agents (the CRL) records the generation it
+    /// was built at and is rebuilt when this has moved on.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn publish(&self, generation: u64, name: &str, kind: EventKind) {
+        let _ = self.events.send(AgentEvent {
+            generation,
+            name: name.to_string(),
+            kind,
+        });
+    }
+
+    /// Every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn live(&self) -> Arc<Vec<Agent>> {
+        self.live
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Revoked agents, newest first.
+    pub fn revoked(&self) -> Arc<Vec<Agent>> {
+        self.revoked
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Hold while releasing a credential: check [`Agents::may_release`] under it, then write
+    /// the audit record, then drop it. Revocation waits for holders and blocks new ones.
+    pub async fn issuance(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// Whether a credential built for `agent` may still leave: it is active (not revoked or
+    /// suspended since it was matched). Call under [`Agents::issuance`].
+    pub fn may_release(&self, agent: &Agent) -> bool {
+        self.live()
+            .iter()
+            .any(|a| a.row == agent.row && a.status == Status::Active)
+    }
+
+    /// Record an issued agent certificate, only while its agent is still live (so a racing
+    /// revocation's CRL includes it); `NotLive` otherwise.
+    pub fn record_certificate(
+        &self,
+        agent: &Agent,
+        serial_hex: &str,
+        not_after: i64,
+    ) -> Result<(), RegistryError> {
+        self.with_registry(|r| r.record_certificate(agent, serial_hex, not_after))
+    }
+
+    /// (serial, revoked_at) of every unexpired certificate of a revoked agent, and the next
+    /// CRL number.
+    pub fn crl_entries(&self, now: i64) -> Result<(Vec<(String, i64)>, u64), RegistryError> {
+        self.with_registry(|r| Ok((r.revoked_certificates(now)?, r.next_crl_number()?)))
+    }
+
+    /// Forget expired certificate records.
+    pub fn prune_certificates(&self, now: i64) -> Result<usize, RegistryError> {
+        self.with_registry(|r| r.prune_certificates(now))
+    }
+
+    /// A value of the registry's `meta` table (state other parts keep with the agents so it
+    /// commits with the same durability).
+    pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        self.with_registry(|r| r.meta(key))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), RegistryError> {
+        self.with_registry(|r| r.set_meta(key, value))
+    }
+
+    /// Write issue counters `(row, count, last issued at)`.
+    pub fn set_issued(&self, counts: &[(i64, u64, u64)]) -> Result<(), RegistryError> {
+        self.with_registry(|r| {
+            for (row, count, last) in counts {
+                r.set_issued(*row, *count, *last as i64)?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,71 @@
+//! Selectors: which processes are an agent, matched against kernel facts about a caller.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::caller::Caller;
+
+/// Which processes are this agent. All given must match; `uid` or `unit` is required.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selectors {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+impl Selectors {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.uid.is_none() && self.unit.is_none() {
+            return Err("selectors need at least one of uid or unit".into());
+        }
+        if let Some(exe) = &self.exe {
+            if !exe.is_absolute() {
+                return Err(format!("selector exe {:?} must be an absolute path", exe));
+            }
+        }
+        if let Some(h) = &self.exe_sha256 {
+            if h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err("selector exe_sha256 must be 64 lowercase hex digits".into());
+            }
+        }
+        if let Some(u) = &self.unit {
+            if u.is_empty() || u.contains('/') {
+                return Err(format!("selector unit {u:?} is not a unit name"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, c: &Caller) -> bool {
+        self.uid.is_none_or(|u| u == c.uid)
+            && self.gid.is_none_or(|g| g == c.gid)
+            && self.exe.as_ref().is_none_or(|e| c.exe.as_ref() == Some(e))
+            && self
+                .exe_sha256
+                .as_ref()
+                .is_none_or(|h| c.exe_sha256.as_ref() == Some(h))
+            && self
+                .unit
+                .as_ref()
+                .is_none_or(|u| c.unit.as_ref() == Some(u))
+            && self
+                .cgroup
+                .as_ref()
+                .is_none_or(|g| c.cgroup.as_ref() == Some(g))
+    }
+}

@@ -1,0 +1,126 @@
+//! Reading the chain back: the files in order and the check `tessera audit verify` runs.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::{io_err, record_hash, AuditError, CURRENT, GENESIS};
+
+pub(super) fn first_seq(path: &Path) -> Result<Option<u64>, AuditError> {
+    let f = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut line = String::new();
+    BufReader::new(f)
+        .read_line(&mut line)
+        .map_err(|e| io_err(path, e))?;
+    Ok(serde_json::from_str::<Value>(&line)
+        .ok()
+        .and_then(|v| v["seq"].as_u64()))
+}
+
+/// Audit files in chain order: rotated ones by first seq, then the current one.
+pub fn files_in_order(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let mut rotated: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| io_err(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".log"))
+        })
+        .collect();
+    rotated.sort();
+    let current = dir.join(CURRENT);
+    if current.exists() {
+        rotated.push(current);
+    }
+    Ok(rotated)
+}
+
+/// Result of checking a trail.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub files: usize,
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub last_hash: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Broken {
+    pub seq: u64,
+    pub file: String,
+    pub line: usize,
+    pub reason: String,
+}
+
+/// Check the whole chain under `path` (a directory, or a single file).
+pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
+    let files = if path.is_dir() {
+        files_in_order(path)?
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut prev: Option<String> = None;
+    let mut expected_seq: Option<u64> = None;
+    let mut records = 0u64;
+    let mut first_seq = None;
+    for file in &files {
+        let f = File::open(file).map_err(|e| io_err(file, e))?;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|e| io_err(file, e))?;
+            let broken = |seq: u64, reason: String| Broken {
+                seq,
+                file: file.display().to_string(),
+                line: i + 1,
+                reason,
+            };
+            let next = expected_seq.unwrap_or(1);
+            let v: Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(broken(next, format!("not a JSON record: {e}")))),
+            };
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            if record_hash(&v) != v["hash"].as_str().unwrap_or("") {
+                return Ok(Err(broken(
+                    seq,
+                    "record content does not match its hash (edited)".into(),
+                )));
+            }
+            let want_prev = prev.clone().unwrap_or_else(|| GENESIS.to_string());
+            let first_of_partial = prev.is_none() && !path.is_dir();
+            if let Some(exp) = expected_seq {
+                if seq != exp {
+                    return Ok(Err(broken(
+                        exp,
+                        format!("expected seq {exp}, found {seq} (records removed, reordered or inserted)"),
+                    )));
+                }
+            } else if seq != 1 && !first_of_partial {
+                return Ok(Err(broken(
+                    1,
+                    format!("chain starts at seq {seq}, not 1 (records removed)"),
+                )));
+            }
+            if v["prev"].as_str() != Some(want_prev.as_str()) && !first_of_partial {
+                return Ok(Err(broken(
+                    seq,
+                    "prev does not match the previous record's hash (records removed, reordered or inserted)".into(),
+                )));
+            }
+            first_seq.get_or_insert(seq);
+            prev = v["hash"].as_str().map(str::to_string);
+            expected_seq = Some(seq + 1);
+            records += 1;
+        }
+    }
+    Ok(Ok(Summary {
+        files: files.len(),
+        records,
+        first_seq,
+        last_seq: expected_seq.map(|s| s - 1),
+        last_hash: prev.unwrap_or_else(|| GENESIS.to_string()),
+    }))
+}

@@ -1,0 +1,232 @@
+//! The writer thread's side: group commit with `fdatasync`, rollback of a failed write,
+//! rotation, and the repair of a torn tail at start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use super::verify::{files_in_order, first_seq};
+use super::{canonical, io_err, record_hash, AuditError, Event, Job, TornTail, CURRENT, GENESIS};
+
+pub(super) struct Writer {
+    pub(super) dir: PathBuf,
+    pub(super) file: Option<File>,
+    pub(super) size: u64,
+    pub(super) seq: u64,
+    pub(super) prev: String,
+    pub(super) rotate_bytes: u64,
+}
+
+impl Writer {
+    pub(super) fn current(&self) -> PathBuf {
+        self.dir.join(CURRENT)
+    }
+
+    pub(super) fn open_file(&mut self) -> Result<(), AuditError> {
+        let path = self.current();
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        self.size = f.metadata().map_err(|e| io_err(&path, e))?.len();
+        self.file = Some(f);
+        Ok(())
+    }
+
+    pub(super) fn build(&self, ev: &Event, seq: u64, prev: &str) -> (Value, String) {
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut rec = Map::new();
+        rec.insert("seq".into(), json!(seq));
+        rec.insert("time".into(), json!(time));
+        rec.insert("event".into(), json!(ev.event));
+        rec.insert(
+            "agent".into(),
+            ev.agent
+                .as_ref()
+                .map(|a| json!({"name": a.name, "id": a.id}))
+                .unwrap_or(Value::Null),
+        );
+        rec.insert(
+            "caller".into(),
+            ev.caller
+                .as_ref()
+                .and_then(|c| serde_json::to_value(c).ok())
+                .unwrap_or(Value::Null),
+        );
+        rec.insert("details".into(), ev.details.clone());
+        rec.insert("prev".into(), json!(prev));
+        let mut rec = Value::Object(rec);
+        let hash = record_hash(&rec);
+        rec["hash"] = json!(hash);
+        (rec, hash)
+    }
+
+    pub(super) fn write_batch(&mut self, batch: Vec<Job>) {
+        let mut buf = String::new();
+        let mut seq = self.seq;
+        let mut prev = self.prev.clone();
+        let mut built = Vec::with_capacity(batch.len());
+        for (ev, _) in &batch {
+            seq += 1;
+            let (rec, hash) = self.build(ev, seq, &prev);
+            buf.push_str(&canonical(&rec));
+            buf.push('\n');
+            built.push(rec);
+            prev = hash;
+        }
+        match self.append(buf.as_bytes()) {
+            Ok(()) => {
+                self.seq = seq;
+                self.prev = prev;
+                for rec in &built {
+                    emit_trace(rec);
+                }
+                let first = self.seq + 1 - batch.len() as u64;
+                for (i, (_, reply)) in batch.into_iter().enumerate() {
+                    let _ = reply.send(Ok(first + i as u64));
+                }
+                if self.size >= self.rotate_bytes {
+                    if let Err(e) = self.rotate() {
+                        tracing::error!(error = %e, "audit rotation failed; continuing in the current file");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed; refusing credentials until it works");
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(AuditError::Io {
+                        path: self.current().display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Write and sync, or leave the file as it was.
+    pub(super) fn append(&mut self, data: &[u8]) -> Result<(), AuditError> {
+        if self.file.is_none() {
+            self.open_file()?;
+        }
+        let path = self.current();
+        let before = self.size;
+        let f = self.file.as_mut().ok_or(AuditError::Stopped)?;
+        let res = f.write_all(data).and_then(|()| f.sync_data());
+        match res {
+            Ok(()) => {
+                self.size += data.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Roll back a partial write so the chain never holds a torn record; reopen
+                // the file on the next batch (it may have been replaced or fixed meanwhile).
+                let _ = f.set_len(before);
+                self.file = None;
+                Err(io_err(&path, e))
+            }
+        }
+    }
+
+    pub(super) fn rotate(&mut self) -> Result<(), AuditError> {
+        let first = first_seq(&self.current())?.unwrap_or(self.seq);
+        let to = self.dir.join(format!("audit-{first:020}.log"));
+        fs::rename(self.current(), &to).map_err(|e| io_err(&to, e))?;
+        self.file = None;
+        self.open_file()?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.dir, e))
+    }
+}
+
+fn emit_trace(rec: &Value) {
+    tracing::info!(
+        target: "tessera::audit",
+        seq = rec["seq"].as_u64().unwrap_or(0),
+        event = rec["event"].as_str().unwrap_or(""),
+        agent = rec["agent"]["name"].as_str().unwrap_or(""),
+        pid = rec["caller"]["pid"].as_i64().unwrap_or(0),
+        uid = rec["caller"]["uid"].as_u64().unwrap_or(0),
+        exe_sha256 = rec["caller"]["exe_sha256"].as_str().unwrap_or(""),
+        jti = rec["details"]["jti"].as_str().unwrap_or(""),
+        details = %rec["details"],
+        "audit"
+    );
+}
+
+/// Move a torn last line (no trailing newline, or not JSON) aside and truncate.
+pub(super) fn repair_tail(dir: &Path) -> Result<Option<TornTail>, AuditError> {
+    let path = dir.join(CURRENT);
+    let mut f = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path, e)),
+    };
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(|e| io_err(&path, e))?;
+    let mut good = data.len();
+    loop {
+        let body = &data[..good];
+        if body.is_empty() {
+            break;
+        }
+        if body.last() != Some(&b'\n') {
+            good = body.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+            continue;
+        }
+        let start = body[..body.len() - 1]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1);
+        let last = &body[start..body.len() - 1];
+        match serde_json::from_slice::<Value>(last) {
+            Ok(v) if v["hash"].as_str() == Some(record_hash(&v).as_str()) => break,
+            // A complete-looking last line that does not hold together: torn too.
+            _ => good = start,
+        }
+    }
+    if good == data.len() {
+        return Ok(None);
+    }
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let saved_to = dir.join(format!("torn-{stamp}.bin"));
+    fs::write(&saved_to, &data[good..]).map_err(|e| io_err(&saved_to, e))?;
+    f.set_len(good as u64).map_err(|e| io_err(&path, e))?;
+    f.seek(SeekFrom::End(0)).map_err(|e| io_err(&path, e))?;
+    f.sync_all().map_err(|e| io_err(&path, e))?;
+    Ok(Some(TornTail {
+        bytes: (data.len() - good) as u64,
+        saved_to,
+    }))
+}
+
+/// `(seq, hash)` of the last record in the chain, or `(0, GENESIS)`.
+pub(super) fn last_record(dir: &Path) -> Result<(u64, String), AuditError> {
+    for path in files_in_order(dir)?.iter().rev() {
+        let f = File::open(path).map_err(|e| io_err(path, e))?;
+        let mut last = None;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|e| io_err(path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| AuditError::Corrupt {
+                path: path.display().to_string(),
+                line: i + 1,
+                reason: e.to_string(),
+            })?;
+            last = Some(v);
+        }
+        if let Some(v) = last {
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            let hash = v["hash"].as_str().unwrap_or(GENESIS).to_string();
+            return Ok((seq, hash));
+        }
+    }
+    Ok((0, GENESIS.to_string()))
+}

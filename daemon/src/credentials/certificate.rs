@@ -1,0 +1,172 @@
+//! X.509 agent certificates from the host CA, through the same pipeline as tokens (caller →
+//! agent → policy → issuer → audit), plus the bundle and CRL a relying party fetches.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::agents::policy;
+use crate::agents::{Agent, RegistryError};
+use crate::audit::Event;
+use crate::caller::Caller;
+use crate::credentials::hostca::HostCaError;
+use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::x509;
+use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
+use crate::duration::{format_duration, parse_duration};
+use tessera::attestation::key_from_jwk;
+
+/// Shortest agent certificate.
+const MIN_CERT_TTL: Duration = Duration::from_secs(60);
+
+pub(crate) fn hostca_problem(e: HostCaError) -> Problem {
+    match e {
+        HostCaError::KeyStore(k)
+        | HostCaError::Issue(crate::credentials::issuer::IssueError::KeyStore(k)) => {
+            keystore_problem(k)
+        }
+        other => {
+            tracing::error!(error = %other, "host CA failure");
+            Problem::new(Kind::Internal, other.to_string())
+        }
+    }
+}
+
+impl Credentials {
+    /// Agent lifetime limit for certificates: policy `max_cert_ttl`, else its token `max_ttl`,
+    /// at most `certificates.max_ttl`.
+    fn cert_limit(&self, agent: &Agent) -> Duration {
+        let cfg = self.settings();
+        let limit = agent
+            .policy
+            .max_cert_ttl
+            .or(agent.policy.max_ttl)
+            .map(|d| d.0)
+            .unwrap_or(cfg.tokens.max_ttl.0);
+        // The daemon's ceiling as it is now applies to agents enrolled before it was lowered.
+        limit.min(cfg.certificates.max_ttl.0)
+    }
+
+    fn cert_ttl(&self, agent: &Agent, requested: Option<&str>) -> Result<Duration, Problem> {
+        let limit = self.cert_limit(agent);
+        let requested = requested
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| Problem::new(Kind::MalformedRequest, e))?;
+        let default = self.settings().certificates.default_ttl.0;
+        policy::credential_ttl(requested, default, limit)
+            .ok()
+            .filter(|t| requested.is_none() || *t >= MIN_CERT_TTL)
+            .ok_or_else(|| {
+                Problem::new(
+                    Kind::TtlNotAllowed,
+                    format!(
+                        "certificate ttl must be between 1m and the agent's maximum of {}",
+                        format_duration(limit)
+                    ),
+                )
+            })
+    }
+
+    /// Status and rate checks every credential shares.
+    pub(crate) fn may_issue(&self, agent: &Agent) -> Result<(), Problem> {
+        check_not_suspended(agent)?;
+        self.check_rate(agent, &self.settings())
+    }
+
+    /// A short-lived X.509 certificate for the caller's hardware key, signed by the host CA:
+    /// PEM, the agent certificate, then the host CA (and intermediates).
+    pub async fn issue_certificate(
+        &self,
+        caller: &Caller,
+        wanted: Option<&str>,
+        ttl: Option<&str>,
+    ) -> Result<String, Problem> {
+        let summary = json!({"credential": "certificate", "agent": wanted, "ttl": ttl});
+        let agent = match self.match_agent(caller, wanted) {
+            Ok(a) => a,
+            Err(p) => return Err(self.deny(caller, None, p, summary).await),
+        };
+        let ttl = match self
+            .cert_ttl(&agent, ttl)
+            .and_then(|t| self.may_issue(&agent).map(|_| t))
+        {
+            Ok(t) => t,
+            Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
+        };
+        let ca = self.host_ca().map_err(hostca_problem)?;
+        // The public key the device gave at enrolment, kept in the registry as the agent's JWK
+        // (no device round trip per certificate).
+        let key = agent
+            .jwk
+            .as_ref()
+            .ok_or_else(|| "agent has no public key on record".to_string())
+            .and_then(|j| key_from_jwk(j).map_err(|e| e.to_string()))
+            .map_err(|e| Problem::new(Kind::Internal, format!("agent {}: {e}", agent.name)))?;
+        let now = x509::now_unix();
+        let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
+        if not_after <= now {
+            return Err(Problem::new(
+                Kind::BackendUnavailable,
+                "the host CA certificate has expired; install a new one (tessera host install-cert)",
+            )
+            .retry_after(60));
+        }
+        let tbs = x509::agent_tbs(&x509::AgentCertSpec {
+            issuer: &ca.subject,
+            issuer_key_id: &ca.key_identifier,
+            agent_name: &agent.name,
+            spiffe_id: &agent.id,
+            key: &key,
+            not_before: now,
+            not_after,
+        })
+        .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        let serial = x509::serial_hex(&tbs.serial_number);
+        let cert = self
+            .issuer
+            .certificate(&ca.key_id, tbs)
+            .await
+            .map_err(|e| hostca_problem(e.into()))?;
+        // Recorded only while the agent is live, so a racing revocation's CRL includes it.
+        match self.agents.record_certificate(&agent, &serial, not_after) {
+            Ok(()) => {}
+            Err(RegistryError::NotLive(name)) => {
+                return Err(Problem::new(
+                    Kind::AgentRevoked,
+                    format!("agent {name} was revoked"),
+                ))
+            }
+            Err(e) => return Err(Problem::new(Kind::Internal, e.to_string())),
+        }
+        let ev = Event::new("certificate.issued")
+            .agent(&agent.name, &agent.id)
+            .caller(caller.record())
+            .details(json!({
+                "serial": serial,
+                "not_before": now,
+                "not_after": not_after,
+                "kid": agent.kid,
+                "issuer": ca.subject.to_string(),
+            }));
+        self.release(caller, &agent, ev, "certificate").await?;
+        self.count_issued(&agent, now);
+        let mut chain_pem =
+            x509::to_pem(&cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        chain_pem.push_str(&ca.chain_pem);
+        Ok(chain_pem)
+    }
+
+    pub fn bundle_pem(&self) -> Result<String, Problem> {
+        Ok(self.host_ca().map_err(hostca_problem)?.bundle_pem.clone())
+    }
+
+    pub async fn crl_pem(&self) -> Result<String, Problem> {
+        Ok(self
+            .current_crl()
+            .await
+            .map_err(hostca_problem)?
+            .pem
+            .clone())
+    }
+}

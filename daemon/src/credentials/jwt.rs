@@ -1,0 +1,70 @@
+//! Agent tokens (RFC 7519, ES256): the claims, the signing input the issuer hands to the key
+//! store, and the compact serialisation. Nothing here signs.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use p256::ecdsa::Signature;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::agents::{now_unix, Agent};
+use crate::keystore::ecdsa;
+
+/// The claims of one agent token.
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+    /// Space separated; absent when no scope was asked for.
+    pub scope: Option<String>,
+}
+
+impl Claims {
+    /// Claims for `agent` from now, with a fresh 128-bit `jti`.
+    pub fn new(iss: &str, agent: &Agent, aud: &str, scopes: &[String], ttl_secs: u64) -> Claims {
+        let iat = now_unix();
+        Claims {
+            iss: iss.to_string(),
+            sub: agent.id.clone(),
+            aud: aud.to_string(),
+            iat,
+            exp: iat + ttl_secs as i64,
+            jti: B64.encode(rand::random::<[u8; 16]>()),
+            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
+        }
+    }
+}
+
+/// `base64url(header).base64url(claims)` with header `{"alg":"ES256","typ":"JWT","kid":..}`.
+pub fn signing_input(kid: &str, c: &Claims) -> String {
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+    let mut claims = json!({
+        "iss": c.iss,
+        "sub": c.sub,
+        "aud": c.aud,
+        "iat": c.iat,
+        "exp": c.exp,
+        "jti": c.jti,
+    });
+    if let Some(scope) = &c.scope {
+        claims["scope"] = json!(scope);
+    }
+    format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    )
+}
+
+/// What ES256 signs: SHA-256 of the signing input.
+pub fn digest(signing_input: &str) -> [u8; 32] {
+    Sha256::digest(signing_input.as_bytes()).into()
+}
+
+/// The compact JWS: signing input, then the JOSE (r‖s) signature.
+pub fn compact(signing_input: &str, sig: &Signature) -> String {
+    format!("{signing_input}.{}", B64.encode(ecdsa::to_jose(sig)))
+}

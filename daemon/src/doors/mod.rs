@@ -1,0 +1,39 @@
+//! Protocol adapters and nothing else: each door turns its transport into calls of the
+//! [`crate::credentials::Credentials`] pipeline (and, for admins, of
+//! [`crate::agents::Agents`]) and their answers back. No business rule lives here; no door
+//! touches the key store or the registry.
+//!
+//! - `socket`: HTTP/1.1 + JSON over the Unix socket; `problem`: RFC 9457 refusals
+//! - `dbus`: `org.tessera.Tessera1` (Manager, Agent objects, Credentials)
+
+pub mod dbus;
+pub mod problem;
+pub mod socket;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// What the doors need from the configuration; the runtime replaces it on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// "system", "session", "none" or a bus address.
+    pub bus: String,
+    /// Members may call the admin methods (root always may).
+    pub admin_group: String,
+}
+
+/// Settings shared between the runtime (which writes them on reload) and the doors.
+pub type SharedSettings = Arc<RwLock<Settings>>;
+
+/// The current settings.
+pub fn read(s: &SharedSettings) -> Settings {
+    s.read()
+        .map(|g| g.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
+}

@@ -1,0 +1,340 @@
+//! The four promises under attack (issue 11): each test here failed on the daemon before the
+//! fix it names, against the real daemon on swtpm and SoftHSM.
+
+use std::collections::HashMap;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tessera::{ProblemType, TokenOptions};
+use tessera_e2e::bus::{BusPolicy, TestBus};
+use tessera_e2e::daemon::Options;
+use tessera_e2e::{bin, Backend, Daemon};
+
+const AUD: &str = "https://api.example.com";
+
+fn agent_toml(selectors: &str, extra_policy: &str) -> String {
+    format!(
+        "[selectors]\n{selectors}\n[policy]\naudiences = [\"{AUD}\", \"https://*.internal.example.com\"]\nscopes = [\"read\"]\nmax_ttl = \"15m\"\n{extra_policy}\n"
+    )
+}
+
+fn on_bus(backend: Backend, agents: Vec<(String, String)>) -> (TestBus, Daemon) {
+    let bus = TestBus::start(BusPolicy::Shipped);
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            bus: bus.address.clone(),
+            agents,
+            ..Default::default()
+        },
+    );
+    (bus, d)
+}
+
+fn cli(bus: &TestBus, d: &Daemon, args: &[&str]) -> Output {
+    Command::new(bin("tessera"))
+        .arg("--bus")
+        .arg(&bus.address)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .expect("run tessera")
+}
+
+fn cli_ok(bus: &TestBus, d: &Daemon, args: &[&str]) -> String {
+    let o = cli(bus, d, args);
+    assert!(
+        o.status.success(),
+        "tessera {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn token(d: &Daemon, opts: &TokenOptions) -> Result<tessera::TokenResponse, tessera::Error> {
+    tessera_e2e::rt().block_on(d.client().token(opts))
+}
+
+/// 1. A revoked file-declared agent stays revoked through SIGHUP, `Reload`, a restart and
+/// kill -9: no token, no new key. Changing the file enrols it anew.
+fn revoked_file_agent_stays_revoked(backend: Backend) {
+    let (bus, mut d) = on_bus(backend, vec![("bot".into(), agent_toml("uid = 0", ""))]);
+    token(&d, &TokenOptions::new(AUD)).expect("token before revocation");
+    let first_key = d.device_keys();
+    assert_eq!(first_key.len(), 1);
+    cli_ok(
+        &bus,
+        &d,
+        &["agent", "revoke", "bot", "--reason", "key leaked"],
+    );
+    let refused = |d: &Daemon, when: &str| {
+        let e = token(d, &TokenOptions::new(AUD)).expect_err(when);
+        assert_eq!(e.problem(), Some(ProblemType::AgentRevoked), "{when}: {e}");
+        assert!(
+            !e.to_string().contains("key leaked"),
+            "{when}: a refusal does not echo the admin's reason: {e}"
+        );
+        assert!(d.device_keys().is_empty(), "{when}: no key came back");
+    };
+    refused(&d, "after revoke");
+    d.reload();
+    refused(&d, "after SIGHUP");
+    cli_ok(&bus, &d, &["agent", "reload"]);
+    refused(&d, "after Reload()");
+    d.restart();
+    refused(&d, "after restart");
+    d.kill9();
+    d.spawn();
+    d.wait_ready();
+    refused(&d, "after kill -9 and start");
+    assert!(
+        d.audit_records()
+            .iter()
+            .any(|r| r["event"] == "agent.file_held" && r["agent"]["name"] == "bot"),
+        "the held file is reported in the audit"
+    );
+    assert!(d
+        .log_text()
+        .contains("stays revoked until this file changes"));
+
+    // The admin changes the file on purpose: a new agent with a new key.
+    d.write_agent(
+        "bot",
+        &format!("{}# re-enabled after rotation\n", agent_toml("uid = 0", "")),
+    );
+    d.reload();
+    token(&d, &TokenOptions::new(AUD)).expect("token after the file changed");
+    let new_key = d.device_keys();
+    assert_eq!(new_key.len(), 1);
+    assert_ne!(new_key, first_key);
+}
+
+tessera_e2e::both_backends!(revoked_file_agent_stays_revoked);
+
+/// 2. No credential leaves after its agent's revoked record is durable: 16 clients ask while
+/// the agent is revoked; every token handed out is in the audit before `agent.revoked`, was
+/// issued no later than the revocation, and no token is handed out after `Revoke` returned.
+fn no_token_leaves_after_revocation(backend: Backend) {
+    let (bus, d) = on_bus(
+        backend,
+        vec![("busy".into(), agent_toml("uid = 0", "rate = 1000000"))],
+    );
+    let revoked = Arc::new(AtomicBool::new(false));
+    let socket = d.socket.clone();
+    let clients = {
+        let revoked = revoked.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut tasks = vec![];
+                for _ in 0..16 {
+                    let c = tessera::Client::with_socket(&socket);
+                    let revoked = revoked.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut got = vec![];
+                        loop {
+                            match c.token(&TokenOptions::new(AUD)).await {
+                                Ok(t) => {
+                                    // Revoke had returned before this request was even sent?
+                                    got.push((t.token, false));
+                                }
+                                Err(e) => {
+                                    assert!(
+                                        matches!(
+                                            e.problem(),
+                                            Some(ProblemType::AgentRevoked)
+                                                | Some(ProblemType::UnknownCaller)
+                                        ),
+                                        "{e}"
+                                    );
+                                    if revoked.load(Ordering::SeqCst) {
+                                        return got;
+                                    }
+                                }
+                            }
+                            if got.len() > 5000 {
+                                return got;
+                            }
+                        }
+                    }));
+                }
+                let mut all = vec![];
+                for t in tasks {
+                    all.extend(t.await.unwrap());
+                }
+                all
+            })
+        })
+    };
+    // Let issuance get going, then revoke while it runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .count()
+        < 50
+    {
+        assert!(std::time::Instant::now() < deadline, "no tokens issued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cli_ok(
+        &bus,
+        &d,
+        &["agent", "revoke", "busy", "--reason", "incident"],
+    );
+    let returned_at = tessera_e2e::now_unix();
+    revoked.store(true, Ordering::SeqCst);
+    // After Revoke returned, nothing more: one more request from here is refused.
+    let e = token(&d, &TokenOptions::new(AUD)).expect_err("token after Revoke returned");
+    assert_eq!(e.problem(), Some(ProblemType::AgentRevoked));
+    let tokens = clients.join().expect("clients");
+    assert!(!tokens.is_empty());
+
+    let records = d.audit_records();
+    let revoked_seq = records
+        .iter()
+        .find(|r| r["event"] == "agent.revoked")
+        .and_then(|r| r["seq"].as_u64())
+        .expect("agent.revoked recorded");
+    let issued: HashMap<String, u64> = records
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .map(|r| {
+            (
+                r["details"]["jti"].as_str().unwrap().to_string(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for (t, _) in &tokens {
+        let claims = tessera_e2e::jwt_claims(t);
+        let jti = claims["jti"].as_str().unwrap();
+        let seq = issued
+            .get(jti)
+            .unwrap_or_else(|| panic!("token {jti} handed out without an audit record"));
+        assert!(
+            *seq < revoked_seq,
+            "token {jti} audited at {seq}, after agent.revoked at {revoked_seq}"
+        );
+        assert!(claims["iat"].as_i64().unwrap() <= returned_at);
+    }
+}
+
+tessera_e2e::both_backends!(no_token_leaves_after_revocation);
+
+/// 4. The kill switch marks every agent revoked at once: every `agent.revoked` is in the
+/// audit before the first key is destroyed, and one CRL covers them all.
+fn kill_switch_revokes_all_before_destroying(backend: Backend) {
+    let agents = (0..6)
+        .map(|i| (format!("k{i}"), agent_toml("uid = 0", "")))
+        .collect();
+    let (bus, d) = on_bus(backend, agents);
+    cli_ok(
+        &bus,
+        &d,
+        &["agent", "revoke", "--all", "--reason", "incident", "--yes"],
+    );
+    let records = d.audit_records();
+    let events: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .filter(|e| *e == "agent.revoked" || *e == "key.destroyed")
+        .collect();
+    assert_eq!(events.len(), 12, "{events:?}");
+    assert!(
+        events[..6].iter().all(|e| *e == "agent.revoked"),
+        "every agent is revoked before any key is destroyed: {events:?}"
+    );
+    assert!(d.device_keys().is_empty());
+    let e = token(
+        &d,
+        &TokenOptions {
+            agent: Some("k3".into()),
+            ..TokenOptions::new(AUD)
+        },
+    )
+    .expect_err("revoked");
+    assert_eq!(e.problem(), Some(ProblemType::AgentRevoked));
+}
+
+tessera_e2e::both_backends!(kill_switch_revokes_all_before_destroying);
+
+/// 15. Lowering `tokens.max_ttl` applies to agents enrolled before; sub-second and fractional
+/// TTLs are refused.
+#[test]
+fn lowered_global_max_ttl_applies_and_sub_second_ttls_are_refused() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let ttl = |t: &str| TokenOptions {
+        ttl: Some(t.into()),
+        ..TokenOptions::new(AUD)
+    };
+    token(&d, &ttl("10m")).expect("10m is within the agent's 15m");
+    for bad in ["500ms", "1500ms", "0s"] {
+        let e = token(&d, &ttl(bad)).expect_err(bad);
+        assert_eq!(e.problem(), Some(ProblemType::TtlNotAllowed), "{bad}: {e}");
+    }
+    // The admin lowers the daemon's ceiling below the agent's own max_ttl.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{cfg}\n[tokens]\nmax_ttl = \"5m\"\n")).unwrap();
+    d.reload();
+    let e = token(&d, &ttl("10m")).expect_err("10m is above the new ceiling");
+    assert_eq!(e.problem(), Some(ProblemType::TtlNotAllowed), "{e}");
+    let t = token(&d, &ttl("5m")).expect("5m");
+    let c = tessera_e2e::jwt_claims(&t.token);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
+    d.restart();
+    token(&d, &ttl("10m")).expect_err("still refused after a restart");
+}
+
+/// 16. `*` in an audience's host matches DNS label characters only.
+#[test]
+fn hostile_audiences_do_not_match_a_host_glob() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    token(&d, &TokenOptions::new("https://db.internal.example.com")).expect("a real host");
+    for bad in [
+        "https://evil.test#.internal.example.com",
+        "https://evil.test?.internal.example.com",
+        "https://evil.test/.internal.example.com",
+        "https://user@db.internal.example.com",
+        "https://.internal.example.com",
+        "https://a.b.internal.example.com",
+    ] {
+        let e = token(&d, &TokenOptions::new(bad)).expect_err(bad);
+        assert_eq!(
+            e.problem(),
+            Some(ProblemType::AudienceNotAllowed),
+            "{bad}: {e}"
+        );
+    }
+}
+
+/// Records of `event` in the daemon's audit.
+#[allow(dead_code)]
+fn events(d: &Daemon, event: &str) -> Vec<Value> {
+    d.audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == event)
+        .collect()
+}
