@@ -29,6 +29,8 @@ pub enum CallerError {
     PeerCred(nix::Error),
     #[error("peer process {0} has exited")]
     Gone(i32),
+    #[error("process {pid} no longer has the uid/gid it connected with ({what})")]
+    CredentialsChanged { pid: i32, what: String },
     #[error("cannot inspect peer process {pid}: {source}")]
     Proc {
         pid: i32,
@@ -52,7 +54,12 @@ impl Peer {
         let cred = getsockopt(sock, sockopt::PeerCredentials).map_err(CallerError::PeerCred)?;
         let pidfd = match getsockopt(sock, sockopt::PeerPidfd) {
             Ok(fd) => Some(fd),
-            Err(_) => pidfd_open(cred.pid()),
+            // Only a kernel without SO_PEERPIDFD falls back to pidfd_open on the number; any
+            // other error means the peer is gone, and the number may already be someone else's.
+            Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EOPNOTSUPP) => {
+                pidfd_open(cred.pid())
+            }
+            Err(_) => return Err(CallerError::Gone(cred.pid())),
         };
         Ok(Peer {
             pid: cred.pid(),
@@ -208,6 +215,20 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
         Ok(mut f) => cache.hash(&mut f).ok(),
         Err(_) => None,
     };
+    // The process that sends is the one we describe: its effective ids now must be the ones
+    // the kernel gave for the connection (a process that dropped or changed them since is
+    // not the caller it was).
+    let status = fs::read_to_string(dir.join("status")).map_err(proc_err)?;
+    let (euid, egid) = effective_ids(&status);
+    if euid != Some(peer.uid) || egid != Some(peer.gid) {
+        return Err(CallerError::CredentialsChanged {
+            pid: peer.pid,
+            what: format!(
+                "connected as uid {} gid {}, now {:?} {:?}",
+                peer.uid, peer.gid, euid, egid
+            ),
+        });
+    }
     let cgroup_text = fs::read_to_string(dir.join("cgroup")).map_err(proc_err)?;
     let cgroup = parse_cgroup_v2(&cgroup_text);
     let unit = cgroup.as_deref().and_then(unit_of_cgroup);
@@ -223,6 +244,19 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
         unit,
         cgroup,
     })
+}
+
+/// Effective uid and gid from `/proc/<pid>/status` (`Uid:`/`Gid:` list real, effective,
+/// saved, filesystem).
+fn effective_ids(status: &str) -> (Option<u32>, Option<u32>) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    (field("Uid:"), field("Gid:"))
 }
 
 /// The unified (v2) hierarchy line `0::/path`.
@@ -298,6 +332,13 @@ mod tests {
             parse_cgroup_v2("0::/a/b.service\n").as_deref(),
             Some("/a/b.service")
         );
+    }
+
+    #[test]
+    fn effective_ids_are_the_second_field() {
+        let status = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t100\t50\t50\t50\n";
+        assert_eq!(effective_ids(status), (Some(0), Some(50)));
+        assert_eq!(effective_ids("Name:\tx\n"), (None, None));
     }
 
     #[test]

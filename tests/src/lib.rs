@@ -14,7 +14,7 @@ pub mod http;
 pub use daemon::Daemon;
 pub use devices::{Backend, SoftHsm, Swtpm};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Directory holding the workspace's built binaries (target/debug).
 pub fn bin_dir() -> PathBuf {
@@ -68,6 +68,36 @@ macro_rules! both_backends {
             }
         }
     };
+}
+
+/// Run an agentcall helper as `uid` (gid = uid) and parse what it printed.
+pub fn agentcall(exe: &Path, uid: u32, socket: &Path, what: &[&str]) -> serde_json::Value {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(exe)
+        .arg(socket)
+        .args(what)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("run agentcall");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("agentcall output: {:?}", out))
+}
+
+/// A copy of the agentcall helper in `dir` whose content (and so hash) differs by `salt`.
+pub fn helper_copy(dir: &Path, name: &str, salt: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(bin("agentcall")).expect("agentcall built");
+    bytes.extend_from_slice(salt.as_bytes());
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write helper");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
 }
 
 /// The claims of a compact JWT, unverified (for checks that relate a token to the audit;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::bus::{BusPolicy, TestBus};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, Backend, Daemon};
+use tessera_e2e::{agentcall, bin, helper_copy, sha256_file, shared_tempdir, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
 
@@ -328,6 +328,172 @@ fn hostile_audiences_do_not_match_a_host_glob() {
             "{bad}: {e}"
         );
     }
+}
+
+/// A cgroup under the unified hierarchy, made with its missing parents and removed (only
+/// what was made) on drop.
+struct Cgroup {
+    path: std::path::PathBuf,
+    made: Vec<std::path::PathBuf>,
+}
+
+impl Cgroup {
+    fn new(rel: &str) -> Cgroup {
+        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("cgroup.procs").exists())
+            .expect("a cgroup v2 hierarchy");
+        let mut path = root;
+        let mut made = vec![];
+        for c in rel.split('/').filter(|c| !c.is_empty()) {
+            path.push(c);
+            if !path.exists() {
+                std::fs::create_dir(&path).expect("mkdir cgroup (needs root)");
+                made.push(path.clone());
+            }
+        }
+        Cgroup { path, made }
+    }
+
+    /// Run `exe ARGS` as `uid` inside this cgroup (moved there before it drops root).
+    fn run_as(&self, uid: u32, exe: &std::path::Path, args: &[&std::ffi::OsStr]) -> Value {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(
+            self.path
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close,
+        // setgid, setuid) on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("run in cgroup");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("output: {out:?}"))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for p in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// 6. A `unit` selector names a system service: the same unit name inside a user's own
+/// manager (what `systemd-run --user --unit=...` makes) is not it.
+#[test]
+fn unit_selectors_match_only_the_system_manager() {
+    let bins = shared_tempdir();
+    let helper = helper_copy(bins.path(), "bot", "");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![(
+                "victim".into(),
+                agent_toml("uid = 65534\nunit = \"tessera-test-victim.service\"", ""),
+            )],
+            ..Default::default()
+        },
+    );
+    let sock = d.socket.clone().into_os_string();
+    let whoami = [sock.as_os_str(), std::ffi::OsStr::new("whoami")];
+    let user = Cgroup::new(
+        "user.slice/user-1000.slice/user@1000.service/app.slice/tessera-test-victim.service",
+    );
+    let spoof = user.run_as(65534, &helper, &whoami);
+    assert_eq!(
+        spoof["status"], 403,
+        "a user unit is not the system unit: {spoof}"
+    );
+    let system = Cgroup::new("system.slice/tessera-test-victim.service");
+    let real = system.run_as(65534, &helper, &whoami);
+    assert_eq!(real["status"], 200, "{real}");
+    assert_eq!(real["body"]["name"], "victim");
+    // A cgroup a delegated service makes below itself does not rename it.
+    let nested = Cgroup::new("system.slice/tessera-test-other.service/tessera-test-victim.service");
+    let inner = nested.run_as(65534, &helper, &whoami);
+    assert_eq!(inner["status"], 403, "{inner}");
+}
+
+/// 7. The caller is the process that sends: one that connected as root and then dropped to
+/// another uid is refused, not taken for root.
+#[test]
+fn a_process_that_changed_uid_after_connecting_is_refused() {
+    let bins = shared_tempdir();
+    let helper = helper_copy(bins.path(), "dropper", "");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("root-bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let ok = agentcall(&helper, 0, &d.socket, &["whoami"]);
+    assert_eq!(ok["status"], 200, "{ok}");
+    let out = Command::new(&helper)
+        .arg(&d.socket)
+        .args(["drop-then-whoami", "65534"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    assert_eq!(v["status"], 403, "{v}");
+    assert_eq!(
+        v["body"]["type"], "urn:tessera:problem:unknown-caller",
+        "{v}"
+    );
+}
+
+/// 8. The executable hash follows the file's content even when its owner restores the
+/// modification time after rewriting it.
+#[test]
+fn exe_hash_follows_content_with_mtime_restored() {
+    let bins = shared_tempdir();
+    let good = helper_copy(bins.path(), "good", "salt-1");
+    let evil = helper_copy(bins.path(), "evil", "salt-2");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![(
+                "pinned".into(),
+                agent_toml(
+                    &format!("uid = 0\nexe_sha256 = \"{}\"", sha256_file(&good)),
+                    "",
+                ),
+            )],
+            ..Default::default()
+        },
+    );
+    let ok = agentcall(&good, 0, &d.socket, &["whoami"]);
+    assert_eq!(ok["status"], 200, "{ok}");
+    // Same inode, same size, other content, mtime put back.
+    let mtime = std::fs::metadata(&good).unwrap().modified().unwrap();
+    std::fs::write(&good, std::fs::read(&evil).unwrap()).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&good)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    assert_eq!(std::fs::metadata(&good).unwrap().modified().unwrap(), mtime);
+    let swapped = agentcall(&good, 0, &d.socket, &["whoami"]);
+    assert_eq!(swapped["status"], 403, "rewritten executable: {swapped}");
 }
 
 /// Records of `event` in the daemon's audit.

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use jsonwebtoken::{decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, V
 use serde_json::{json, Value};
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, shared_tempdir, Backend, Daemon};
+use tessera_e2e::{agentcall, helper_copy, sha256_file, shared_tempdir, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
 
@@ -141,33 +140,6 @@ fn file_enrolled_agent_gets_a_verifiable_token(backend: Backend) {
 tessera_e2e::both_backends!(file_enrolled_agent_gets_a_verifiable_token);
 
 /// Run `exe` (an agentcall copy) as `uid`, asking for a token.
-fn agentcall(exe: &Path, uid: u32, socket: &Path, what: &[&str]) -> Value {
-    let out = Command::new(exe)
-        .arg(socket)
-        .args(what)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("run agentcall");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("agentcall output: {:?}", out))
-}
-
-/// A copy of the agentcall helper whose content (and so hash) differs by `salt`.
-fn helper_copy(dir: &Path, name: &str, salt: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let mut bytes = std::fs::read(bin("agentcall")).unwrap();
-    bytes.extend_from_slice(salt.as_bytes());
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-fn sha256_file(p: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
-}
-
 fn callers_are_told_apart_by_uid_and_executable(backend: Backend) {
     let bins = shared_tempdir();
     let a = helper_copy(bins.path(), "agent-a", "salt-a");

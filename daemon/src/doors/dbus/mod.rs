@@ -229,7 +229,8 @@ fn primary_gid(pid: u32) -> u32 {
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("Gid:"))
-                .and_then(|l| l.split_whitespace().next().and_then(|g| g.parse().ok()))
+                // The effective gid, as for socket peers.
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|g| g.parse().ok()))
         })
         .unwrap_or(u32::MAX)
 }
