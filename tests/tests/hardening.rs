@@ -60,7 +60,7 @@ fn token(d: &Daemon, opts: &TokenOptions) -> Result<tessera::TokenResponse, tess
     tessera_e2e::rt().block_on(d.client().token(opts))
 }
 
-/// 1. A revoked file-declared agent stays revoked through SIGHUP, `Reload`, a restart and
+/// (Item 1) A revoked file-declared agent stays revoked through SIGHUP, `Reload`, a restart and
 /// kill -9: no token, no new key. Changing the file enrols it anew.
 fn revoked_file_agent_stays_revoked(backend: Backend) {
     let (bus, mut d) = on_bus(backend, vec![("bot".into(), agent_toml("uid = 0", ""))]);
@@ -116,7 +116,7 @@ fn revoked_file_agent_stays_revoked(backend: Backend) {
 
 tessera_e2e::both_backends!(revoked_file_agent_stays_revoked);
 
-/// 2. No credential leaves after its agent's revoked record is durable: 16 clients ask while
+/// (Item 2) No credential leaves after its agent's revoked record is durable: 16 clients ask while
 /// the agent is revoked; every token handed out is in the audit before `agent.revoked`, was
 /// issued no later than the revocation, and no token is handed out after `Revoke` returned.
 fn no_token_leaves_after_revocation(backend: Backend) {
@@ -232,7 +232,7 @@ fn no_token_leaves_after_revocation(backend: Backend) {
 
 tessera_e2e::both_backends!(no_token_leaves_after_revocation);
 
-/// 4. The kill switch marks every agent revoked at once: every `agent.revoked` is in the
+/// (Item 4) The kill switch marks every agent revoked at once: every `agent.revoked` is in the
 /// audit before the first key is destroyed, and one CRL covers them all.
 fn kill_switch_revokes_all_before_destroying(backend: Backend) {
     let agents = (0..6)
@@ -269,7 +269,7 @@ fn kill_switch_revokes_all_before_destroying(backend: Backend) {
 
 tessera_e2e::both_backends!(kill_switch_revokes_all_before_destroying);
 
-/// 15. Lowering `tokens.max_ttl` applies to agents enrolled before; sub-second and fractional
+/// (Item 15) Lowering `tokens.max_ttl` applies to agents enrolled before; sub-second and fractional
 /// TTLs are refused.
 #[test]
 fn lowered_global_max_ttl_applies_and_sub_second_ttls_are_refused() {
@@ -302,7 +302,7 @@ fn lowered_global_max_ttl_applies_and_sub_second_ttls_are_refused() {
     token(&d, &ttl("10m")).expect_err("still refused after a restart");
 }
 
-/// 16. `*` in an audience's host matches DNS label characters only.
+/// (Item 16) `*` in an audience's host matches DNS label characters only.
 #[test]
 fn hostile_audiences_do_not_match_a_host_glob() {
     let d = Daemon::start_with(
@@ -396,7 +396,7 @@ impl Drop for Cgroup {
     }
 }
 
-/// 6. A `unit` selector names a system service: the same unit name inside a user's own
+/// (Item 6) A `unit` selector names a system service: the same unit name inside a user's own
 /// manager (what `systemd-run --user --unit=...` makes) is not it.
 #[test]
 fn unit_selectors_match_only_the_system_manager() {
@@ -432,7 +432,7 @@ fn unit_selectors_match_only_the_system_manager() {
     assert_eq!(inner["status"], 403, "{inner}");
 }
 
-/// 7. The caller is the process that sends: one that connected as root and then dropped to
+/// (Item 7) The caller is the process that sends: one that connected as root and then dropped to
 /// another uid is refused, not taken for root.
 #[test]
 fn a_process_that_changed_uid_after_connecting_is_refused() {
@@ -460,7 +460,7 @@ fn a_process_that_changed_uid_after_connecting_is_refused() {
     );
 }
 
-/// 8. The executable hash follows the file's content even when its owner restores the
+/// (Item 8) The executable hash follows the file's content even when its owner restores the
 /// modification time after rewriting it.
 #[test]
 fn exe_hash_follows_content_with_mtime_restored() {
