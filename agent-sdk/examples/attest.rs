@@ -14,10 +14,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let evidence = client.attestation(&nonce, None).await?;
     // Relying party: verify evidence against the nonce it chose and the certificate's key.
     let ev = tessera::attestation::parse(evidence.to_string().as_bytes())?;
+    // The AK you recorded when the host was provisioned (TESSERA_AK: its PEM public key).
+    // Evidence is only as good as the AK it is checked against: never take it from the
+    // evidence being checked.
+    let ak_pem = std::fs::read_to_string(std::env::var("TESSERA_AK")?)?;
     let expect = tessera::attestation::Expectations {
         nonce: nonce.to_vec(),
-        key: Some(tessera::attestation::key_from_certificate_pem(&chain)?),
-        ak: None, // pin the AK you recorded at provisioning here
+        key: tessera::attestation::key_from_certificate_pem(&chain)?,
+        ak: tessera::attestation::ak_from_pem(&ak_pem)?,
     };
     match tessera::attestation::verify(&ev, &expect) {
         Ok(v) => println!(

@@ -70,15 +70,18 @@ pub enum AttestationError {
     KeyMismatch,
 }
 
-/// What the relying party expects.
-#[derive(Debug, Clone, Default)]
+/// What the relying party expects. All three are required: evidence checked without the
+/// agent's key proves nothing about *that* key, and evidence checked against the AK it
+/// carries itself proves nothing at all (anyone can make an AK and sign a forged attest).
+#[derive(Debug, Clone)]
 pub struct Expectations {
-    /// The nonce you sent (required: evidence without your nonce may be replayed).
+    /// The nonce you sent (evidence without your nonce may be replayed).
     pub nonce: Vec<u8>,
     /// The agent key from its JWK or certificate.
-    pub key: Option<VerifyingKey>,
-    /// The AK you trust (from enrolment or a fleet attestation CA).
-    pub ak: Option<VerifyingKey>,
+    pub key: VerifyingKey,
+    /// The AK you trust, recorded when the host was provisioned (the `ak_public` of evidence
+    /// taken then) or vouched for by a fleet attestation CA.
+    pub ak: VerifyingKey,
 }
 
 /// What verified evidence tells you.
@@ -293,10 +296,8 @@ pub fn verify(ev: &Evidence, expect: &Expectations) -> Result<Verified, Attestat
             detail: e.to_string(),
         }
     })?;
-    if let Some(want) = &expect.ak {
-        if *want != ak {
-            return Err(AttestationError::UnexpectedAk);
-        }
+    if expect.ak != ak {
+        return Err(AttestationError::UnexpectedAk);
     }
     let sig = Signature::from_der(&sig_der).map_err(|e| AttestationError::Encoding {
         field: "signature",
@@ -335,10 +336,8 @@ pub fn verify(ev: &Evidence, expect: &Expectations) -> Result<Verified, Attestat
     if !missing.is_empty() {
         return Err(AttestationError::Attributes(missing.join(", ")));
     }
-    if let Some(want) = &expect.key {
-        if *want != public.key {
-            return Err(AttestationError::KeyMismatch);
-        }
+    if expect.key != public.key {
+        return Err(AttestationError::KeyMismatch);
     }
     Ok(Verified {
         key: public.key,
@@ -377,6 +376,15 @@ pub fn key_from_jwk(jwk: &serde_json::Value) -> Result<VerifyingKey, Attestation
     sec1.extend(coord("x")?);
     sec1.extend(coord("y")?);
     VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| bad(e.to_string()))
+}
+
+/// An attestation key from its PEM SubjectPublicKeyInfo (what evidence's `ak_public` holds).
+pub fn ak_from_pem(pem: &str) -> Result<VerifyingKey, AttestationError> {
+    VerifyingKey::from_public_key_pem(pem).map_err(|e| AttestationError::Encoding {
+        field: "ak",
+        what: "P-256 SubjectPublicKeyInfo PEM",
+        detail: e.to_string(),
+    })
 }
 
 /// The P-256 key of the first certificate in a PEM chain (an agent certificate).

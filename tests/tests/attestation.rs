@@ -98,10 +98,13 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
     assert_eq!(ev["nonce"], hex::encode(nonce));
     let kid = who.key_id.unwrap();
     let key = jwk_key_of(&d, &kid);
+    // Provisioning: the relying party records this host's AK once (here, from this first
+    // evidence; in a fleet, vouched for by an attestation CA) and pins it from then on.
+    let ak = attestation::ak_from_pem(ev["ak_public"].as_str().unwrap()).unwrap();
     let expect = Expectations {
         nonce: nonce.to_vec(),
-        key: Some(key),
-        ak: None,
+        key,
+        ak,
     };
 
     // The SDK verifier accepts it and names the JWK's key.
@@ -222,23 +225,33 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
     // And other's own (valid) evidence is not evidence for bot's key.
     let e = verify(&other_ev, &expect).unwrap_err();
     assert!(matches!(e, AttestationError::KeyMismatch), "{e}");
-    // Pinning the AK: the same TPM's AK is accepted, another key is not.
-    verify(
-        &ev,
-        &Expectations {
-            ak: Some(ok.ak),
-            ..expect.clone()
-        },
-    )
-    .unwrap();
+    // The pinned AK: the same TPM's AK is accepted, another key is not.
+    assert_eq!(ok.ak, ak);
     let e = verify(
         &ev,
         &Expectations {
-            ak: Some(key),
+            ak: key,
             ..expect.clone()
         },
     )
     .unwrap_err();
+    assert!(matches!(e, AttestationError::UnexpectedAk), "{e}");
+    // Forged evidence: an attest for bot's key signed by a key the forger made, carrying
+    // that key as its AK. Without a pinned AK it would verify; with one it fails.
+    let forger = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+    let attest_bytes = B64.decode(ev["attest"].as_str().unwrap()).unwrap();
+    let forged_sig: p256::ecdsa::Signature =
+        p256::ecdsa::signature::Signer::sign(&forger, &attest_bytes);
+    let mut forged_ev = ev.clone();
+    forged_ev["signature"] = Value::from(B64.encode(forged_sig.to_der().as_bytes()));
+    forged_ev["ak_public"] = Value::from(
+        p256::pkcs8::EncodePublicKey::to_public_key_pem(
+            forger.verifying_key(),
+            p256::pkcs8::LineEnding::LF,
+        )
+        .unwrap(),
+    );
+    let e = verify(&forged_ev, &expect).unwrap_err();
     assert!(matches!(e, AttestationError::UnexpectedAk), "{e}");
 
     // The CLI: attest, then verify-attestation against the agent's certificate.
@@ -250,6 +263,7 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
     let o = d.cli(&["cert"]);
     assert!(o.status.success(), "{o:?}");
     std::fs::write(&cert, &o.stdout).unwrap();
+    let ak_file = write(&dir, "ak.pem", ev["ak_public"].as_str().unwrap().as_bytes());
     let o = d.cli(&[
         "verify-attestation",
         s(&ev_file),
@@ -257,6 +271,8 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
         &hex::encode(nonce),
         "--cert",
         s(&cert),
+        "--ak",
+        s(&ak_file),
     ]);
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains(&kid));
@@ -267,6 +283,8 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
         &hex::encode(other_nonce),
         "--cert",
         s(&cert),
+        "--ak",
+        s(&ak_file),
     ]);
     assert_eq!(o.status.code(), Some(5), "{o:?}");
     let swapped_file = write(&dir, "swapped.json", swapped.to_string().as_bytes());
@@ -275,8 +293,38 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
         s(&swapped_file),
         "--nonce",
         &hex::encode(nonce),
+        "--cert",
+        s(&cert),
+        "--ak",
+        s(&ak_file),
     ]);
     assert_eq!(o.status.code(), Some(5), "{o:?}");
+    // Fail closed: without a pinned AK or without the agent's key the CLI refuses to say
+    // anything is valid, and forged evidence is caught with them.
+    for args in [vec!["--cert", s(&cert)], vec!["--ak", s(&ak_file)], vec![]] {
+        let mut all = vec!["verify-attestation", s(&ev_file), "--nonce"];
+        let n = hex::encode(nonce);
+        all.push(&n);
+        all.extend(args.iter().copied());
+        let o = d.cli(&all);
+        assert!(!o.status.success(), "{all:?}: {o:?}");
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("valid"),
+            "{o:?}"
+        );
+    }
+    let forged_file = write(&dir, "forged.json", forged_ev.to_string().as_bytes());
+    let o = d.cli(&[
+        "verify-attestation",
+        s(&forged_file),
+        "--nonce",
+        &hex::encode(nonce),
+        "--cert",
+        s(&cert),
+        "--ak",
+        s(&ak_file),
+    ]);
+    assert_eq!(o.status.code(), Some(5), "forged evidence: {o:?}");
 
     // Each evidence request is audited.
     assert!(d
@@ -329,11 +377,13 @@ fn pkcs11_evidence_is_labelled_not_hardware() {
     assert_eq!(ev["attributes"]["CKA_SENSITIVE"], true);
     assert_eq!(ev["attributes"]["CKA_EXTRACTABLE"], false);
     assert_eq!(ev["attributes"]["CKA_NEVER_EXTRACTABLE"], true);
+    let any_key = *p256::ecdsa::SigningKey::random(&mut rand::thread_rng()).verifying_key();
     let e = verify(
         &ev,
         &Expectations {
             nonce: nonce.to_vec(),
-            ..Default::default()
+            key: any_key,
+            ak: any_key,
         },
     )
     .unwrap_err();
@@ -341,6 +391,23 @@ fn pkcs11_evidence_is_labelled_not_hardware() {
     // The CLI refuses to call it verified.
     let dir = d.scratch_dir();
     let f = write(&dir, "ev.json", ev.to_string().as_bytes());
-    let o = d.cli(&["verify-attestation", s(&f), "--nonce", &hex::encode(nonce)]);
+    let ak_file = write(&dir, "ak.pem", any_key_pem(&any_key).as_bytes());
+    let o = d.cli(&["cert"]);
+    assert!(o.status.success(), "{o:?}");
+    let cert = write(&dir, "agent.pem", &o.stdout);
+    let o = d.cli(&[
+        "verify-attestation",
+        s(&f),
+        "--nonce",
+        &hex::encode(nonce),
+        "--cert",
+        s(&cert),
+        "--ak",
+        s(&ak_file),
+    ]);
     assert_eq!(o.status.code(), Some(5), "{o:?}");
+}
+
+fn any_key_pem(k: &p256::ecdsa::VerifyingKey) -> String {
+    p256::pkcs8::EncodePublicKey::to_public_key_pem(k, p256::pkcs8::LineEnding::LF).unwrap()
 }

@@ -80,7 +80,7 @@ pub struct VerifyArgs {
     pub nonce: String,
     pub cert: Option<PathBuf>,
     pub jwk: Option<PathBuf>,
-    pub ak: Option<PathBuf>,
+    pub ak: PathBuf,
 }
 
 pub fn verify_attestation(a: VerifyArgs, as_json: bool) -> ExitCode {
@@ -90,33 +90,25 @@ pub fn verify_attestation(a: VerifyArgs, as_json: bool) -> ExitCode {
     };
     let prepared = (|| -> Result<(attestation::Evidence, Expectations), String> {
         let ev = attestation::parse(&read_input(&a.file)?).map_err(|e| e.to_string())?;
-        let mut expect = Expectations {
-            nonce,
-            ..Default::default()
-        };
+        let mut key = None;
         if let Some(p) = &a.cert {
             let pem = String::from_utf8(read_input(p)?).map_err(|e| e.to_string())?;
-            expect.key =
-                Some(attestation::key_from_certificate_pem(&pem).map_err(|e| e.to_string())?);
+            key = Some(attestation::key_from_certificate_pem(&pem).map_err(|e| e.to_string())?);
         }
         if let Some(p) = &a.jwk {
             let jwk: Value = serde_json::from_slice(&read_input(p)?)
                 .map_err(|e| format!("{}: {e}", p.display()))?;
-            let key = attestation::key_from_jwk(&jwk).map_err(|e| e.to_string())?;
-            if expect.key.is_some_and(|k| k != key) {
+            let k = attestation::key_from_jwk(&jwk).map_err(|e| e.to_string())?;
+            if key.is_some_and(|c| c != k) {
                 return Err("--cert and --jwk name different keys".into());
             }
-            expect.key = Some(key);
+            key = Some(k);
         }
-        if let Some(p) = &a.ak {
-            let pem = String::from_utf8(read_input(p)?).map_err(|e| e.to_string())?;
-            use p256::pkcs8::DecodePublicKey;
-            expect.ak = Some(
-                p256::ecdsa::VerifyingKey::from_public_key_pem(&pem)
-                    .map_err(|e| format!("--ak {}: {e}", p.display()))?,
-            );
-        }
-        Ok((ev, expect))
+        let key = key.ok_or("the agent's key is required (--cert or --jwk)")?;
+        let pem = String::from_utf8(read_input(&a.ak)?).map_err(|e| e.to_string())?;
+        let ak =
+            attestation::ak_from_pem(&pem).map_err(|e| format!("--ak {}: {e}", a.ak.display()))?;
+        Ok((ev, Expectations { nonce, key, ak }))
     })();
     let (ev, expect) = match prepared {
         Ok(x) => x,
@@ -128,26 +120,16 @@ pub fn verify_attestation(a: VerifyArgs, as_json: bool) -> ExitCode {
     match attestation::verify(&ev, &expect) {
         Ok(v) => {
             let (kid, _) = tesserad::keystore::ecdsa::jwk_of(&v.key);
-            let bound = if expect.key.is_some() {
-                "equals the given certificate/JWK"
-            } else {
-                "NOT compared (pass --cert or --jwk)"
-            };
-            let ak = if expect.ak.is_some() {
-                "pinned"
-            } else {
-                "not pinned (pass --ak to require a known AK)"
-            };
             if as_json {
                 print_json(&json!({
-                    "valid": true, "kid": kid, "key_bound": expect.key.is_some(),
-                    "ak_pinned": expect.ak.is_some(), "object_attributes": format!("{:#010x}", v.object_attributes),
+                    "valid": true, "kid": kid, "key_bound": true,
+                    "ak_pinned": true, "object_attributes": format!("{:#010x}", v.object_attributes),
                     "ek_certificates": v.ek_certificates.len(), "agent": ev.agent, "id": ev.id,
                 }));
             } else {
                 println!("valid: key {kid} was made in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, sign-only)");
-                println!("  certified by AK over your nonce; AK {ak}");
-                println!("  key {bound}");
+                println!("  certified over your nonce by the AK you pinned");
+                println!("  key equals the given certificate/JWK");
                 println!(
                     "  EK certificates in the evidence: {}",
                     v.ek_certificates.len()

@@ -99,15 +99,16 @@ enum Cmd {
         /// The nonce you asked with (hex).
         #[arg(long)]
         nonce: String,
-        /// The agent's certificate (PEM): its key must be the certified key.
-        #[arg(long)]
+        /// The agent's certificate (PEM): its key must be the certified key (this or --jwk
+        /// is required).
+        #[arg(long, required_unless_present = "jwk")]
         cert: Option<PathBuf>,
         /// The agent's public JWK (JSON): its key must be the certified key.
         #[arg(long)]
         jwk: Option<PathBuf>,
-        /// The attestation key you trust (PEM public key).
+        /// The attestation key you trust (PEM public key, recorded at provisioning).
         #[arg(long)]
-        ak: Option<PathBuf>,
+        ak: PathBuf,
     },
     /// The host CA for fleets (admin, over D-Bus).
     Host {
