@@ -141,10 +141,10 @@ impl Client {
     pub async fn certificate(&self, opts: &CertificateOptions) -> Result<String, Error> {
         let mut q = Vec::new();
         if let Some(t) = &opts.ttl {
-            q.push(format!("ttl={t}"));
+            q.push(format!("ttl={}", query_value(t)));
         }
         if let Some(a) = &opts.agent {
-            q.push(format!("agent={a}"));
+            q.push(format!("agent={}", query_value(a)));
         }
         let path = if q.is_empty() {
             "/v1/certificate".to_string()
@@ -169,7 +169,7 @@ impl Client {
     pub async fn attestation(&self, nonce: &[u8], agent: Option<&str>) -> Result<Value, Error> {
         let hex = hex::encode(nonce);
         let path = match agent {
-            Some(a) => format!("/v1/attestation?nonce={hex}&agent={a}"),
+            Some(a) => format!("/v1/attestation?nonce={hex}&agent={}", query_value(a)),
             None => format!("/v1/attestation?nonce={hex}"),
         };
         self.call(Method::GET, &path, None).await
@@ -265,5 +265,26 @@ impl Client {
                 String::from_utf8_lossy(&bytes)
             ))),
         }
+    }
+}
+
+/// A query-string value, percent-encoded so that no value can add a parameter or break the
+/// request line (everything but unreserved characters is encoded).
+fn query_value(v: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(v, RESERVED).to_string()
+}
+
+#[cfg(test)]
+mod query_tests {
+    #[test]
+    fn query_values_cannot_add_parameters() {
+        assert_eq!(super::query_value("bot&ttl=999h"), "bot%26ttl%3D999h");
+        assert_eq!(super::query_value("1m 30s"), "1m%2030s");
+        assert_eq!(super::query_value("research-bot_2"), "research-bot_2");
     }
 }

@@ -496,6 +496,99 @@ fn exe_hash_follows_content_with_mtime_restored() {
     assert_eq!(swapped["status"], 403, "rewritten executable: {swapped}");
 }
 
+/// (Item 23) The SDK percent-encodes query values: a value cannot add a parameter, and a
+/// TTL with a space arrives whole.
+#[test]
+fn sdk_query_values_are_encoded() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let rt = tessera_e2e::rt();
+    let c = d.client();
+    let smuggled = rt
+        .block_on(c.certificate(&tessera::CertificateOptions {
+            agent: Some("bot&ttl=999h".into()),
+            ..Default::default()
+        }))
+        .expect_err("no agent has that name");
+    assert_eq!(
+        smuggled.problem(),
+        Some(ProblemType::UnknownCaller),
+        "the value stayed one value: {smuggled}"
+    );
+    let pem = rt
+        .block_on(c.certificate(&tessera::CertificateOptions {
+            ttl: Some("1m 30s".into()),
+            agent: Some("bot".into()),
+        }))
+        .expect("a TTL with a space");
+    let dir = d.scratch_dir();
+    let f = dir.join("c.pem");
+    std::fs::write(&f, &pem).unwrap();
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-startdate", "-enddate", "-in"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let when = |k: &str| {
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .to_string();
+        let o = Command::new("date")
+            .args(["-u", "+%s", "-d", &v])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(when("notAfter=") - when("notBefore="), 90, "{text}");
+}
+
+/// (Item 24) `trust_domain` follows the SPIFFE rules and validities have upper bounds.
+#[test]
+fn config_refuses_bad_trust_domains_and_validities() {
+    let dir = shared_tempdir();
+    for (what, extra) in [
+        ("upper case", "trust_domain = \"Example.org\"\n"),
+        ("a port", "trust_domain = \"example.org:8443\"\n"),
+        (
+            "a 1000-year CA",
+            "[certificates]\nca_validity = \"1000years\"\n",
+        ),
+        (
+            "a 1-year CRL",
+            "[certificates]\ncrl_validity = \"365days\"\n",
+        ),
+    ] {
+        let f = dir.path().join("t.toml");
+        let body = if extra.starts_with('[') {
+            format!("[backend]\nkind = \"tpm\"\n{extra}")
+        } else {
+            format!("{extra}[backend]\nkind = \"tpm\"\n")
+        };
+        std::fs::write(&f, body).unwrap();
+        let o = Command::new(bin("tesserad"))
+            .arg("--check-config")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{what}: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("t.toml"),
+            "{what}: {o:?}"
+        );
+    }
+}
+
 /// Records of `event` in the daemon's audit.
 #[allow(dead_code)]
 fn events(d: &Daemon, event: &str) -> Vec<Value> {

@@ -85,11 +85,18 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Query parameter `name` from a request URI (no decoding beyond what our values need).
-pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+/// Query parameter `name` from a request URI, percent-decoded (`None` when absent or not
+/// UTF-8 once decoded).
+pub fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == name).then_some(v)
+        if k != name {
+            return None;
+        }
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .ok()
+            .map(|v| v.into_owned())
     })
 }
 
@@ -109,7 +116,10 @@ async fn route(
         (Method::GET, "/v1/whoami") => {
             let caller = svc.identify(peer).await?;
             let wanted = query_param(&req, "agent");
-            Ok(json_response(StatusCode::OK, &svc.whoami(&caller, wanted)?))
+            Ok(json_response(
+                StatusCode::OK,
+                &svc.whoami(&caller, wanted.as_deref())?,
+            ))
         }
         (Method::POST, "/v1/token") => {
             let max = crate::doors::read(&settings).max_body_bytes;
@@ -127,8 +137,8 @@ async fn route(
             let chain = svc
                 .issue_certificate(
                     &caller,
-                    query_param(&req, "agent"),
-                    query_param(&req, "ttl"),
+                    query_param(&req, "agent").as_deref(),
+                    query_param(&req, "ttl").as_deref(),
                 )
                 .await?;
             Ok(pem_response("application/pem-certificate-chain", chain))
@@ -145,8 +155,8 @@ async fn route(
             let body = svc
                 .attestation(
                     &caller,
-                    query_param(&req, "agent"),
-                    query_param(&req, "nonce"),
+                    query_param(&req, "agent").as_deref(),
+                    query_param(&req, "nonce").as_deref(),
                 )
                 .await?;
             Ok(json_response(StatusCode::OK, &body))

@@ -139,6 +139,31 @@ fn default_admin_group() -> String {
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tessera/tesserad.toml";
 
+/// A CRL relying parties may cache longer than this would hide revocations for too long.
+const MAX_CRL_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Far enough for any host; beyond it dates stop being meaningful (and X.509 time ends in 9999).
+const MAX_CA_VALIDITY: Duration = Duration::from_secs(50 * 366 * 24 * 3600);
+
+/// The SPIFFE trust domain name rules: 1-255 characters of lower-case letters, digits, `.`,
+/// `-` and `_` (so no upper case, port, userinfo or path).
+fn check_trust_domain(td: &str) -> Result<(), &'static str> {
+    if td.is_empty() || td.len() > 255 {
+        return Err("it must be 1 to 255 characters");
+    }
+    if td.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("it must be lower case");
+    }
+    if td.contains(':') {
+        return Err("it must not have a port");
+    }
+    if !td.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_'
+    }) {
+        return Err("only a-z, 0-9, '.', '-' and '_' are allowed");
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -193,15 +218,22 @@ impl Config {
         if !self.id_template.contains("{name}") {
             return Err(invalid("id_template must contain {name}".into()));
         }
-        if self.trust_domain.is_empty()
-            || !self
-                .trust_domain
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-        {
+        if let Err(why) = check_trust_domain(&self.trust_domain) {
             return Err(invalid(format!(
-                "trust_domain {:?} is not a valid SPIFFE trust domain",
+                "trust_domain {:?} is not a valid SPIFFE trust domain: {why}",
                 self.trust_domain
+            )));
+        }
+        if c.crl_validity.0 > MAX_CRL_VALIDITY {
+            return Err(invalid(format!(
+                "certificates.crl_validity must be at most {}",
+                format_duration(MAX_CRL_VALIDITY)
+            )));
+        }
+        if c.ca_validity.0 > MAX_CA_VALIDITY {
+            return Err(invalid(format!(
+                "certificates.ca_validity must be at most {}",
+                format_duration(MAX_CA_VALIDITY)
             )));
         }
         if self.limits.max_connections == 0 {
@@ -281,6 +313,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tcit"), "{err}");
+    }
+
+    #[test]
+    fn trust_domains_follow_spiffe() {
+        for ok in ["example.org", "agents.example-1.org", "a_b"] {
+            assert!(check_trust_domain(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "Example.org",
+            "example.org:8443",
+            "",
+            "a/b",
+            "u@example.org",
+            "é.org",
+        ] {
+            assert!(check_trust_domain(bad).is_err(), "{bad}");
+        }
+        assert!(check_trust_domain(&"a".repeat(256)).is_err());
     }
 
     #[test]
