@@ -217,6 +217,27 @@ impl Daemon {
             .expect("run tessera")
     }
 
+    /// Run the `tessera` CLI against this daemon with `input` on its standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("tessera"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tessera");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+        child.wait_with_output().expect("tessera output")
+    }
+
     /// Ids of the agent keys the device holds (the host CA key is listed by
     /// [`Daemon::device_host_ca_keys`]).
     pub fn device_keys(&self) -> Vec<String> {

@@ -589,6 +589,70 @@ fn config_refuses_bad_trust_domains_and_validities() {
     }
 }
 
+fn gdbus_as(bus: &TestBus, uid: u32, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new("gdbus")
+        .args(args)
+        .args(["--system", "--dest", "org.tessera.Tessera1"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("gdbus")
+}
+
+/// (Item 17) Agent properties are for admins, checked by the daemon itself (an open bus),
+/// and the shipped policy does not let others introspect agent object paths.
+#[test]
+fn agent_properties_and_paths_are_for_admins() {
+    let agent_path = "/org/tessera/Tessera1/agent/bot";
+    let get = [
+        "call",
+        "--object-path",
+        agent_path,
+        "--method",
+        "org.freedesktop.DBus.Properties.Get",
+        "org.tessera.Tessera1.Agent",
+        "Selectors",
+    ];
+    {
+        let bus = TestBus::start(BusPolicy::AllowAll);
+        let _d = Daemon::start_with(
+            Backend::pkcs11(),
+            Options {
+                bus: bus.address.clone(),
+                agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+                ..Default::default()
+            },
+        );
+        let root = gdbus_as(&bus, 0, &get);
+        assert!(root.status.success(), "{root:?}");
+        let other = gdbus_as(&bus, 65534, &get);
+        assert!(!other.status.success(), "{other:?}");
+        assert!(
+            String::from_utf8_lossy(&other.stderr).contains("AccessDenied"),
+            "{other:?}"
+        );
+    }
+    let bus = TestBus::start(BusPolicy::Shipped);
+    let _d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            bus: bus.address.clone(),
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let introspect =
+        |uid: u32, path: &str| gdbus_as(&bus, uid, &["introspect", "--object-path", path]);
+    assert!(introspect(0, agent_path).status.success());
+    assert!(introspect(65534, "/org/tessera/Tessera1").status.success());
+    for path in [agent_path, "/org/tessera/Tessera1/agent"] {
+        let o = introspect(65534, path);
+        assert!(!o.status.success(), "{path}: {o:?}");
+    }
+}
+
 /// Records of `event` in the daemon's audit.
 #[allow(dead_code)]
 fn events(d: &Daemon, event: &str) -> Vec<Value> {

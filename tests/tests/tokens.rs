@@ -124,13 +124,21 @@ fn file_enrolled_agent_gets_a_verifiable_token(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = String::from_utf8(out.stdout).unwrap();
-    let out = d.cli(&["verify", token.trim(), "--audience", AUD]);
+    // From standard input (`-`), never from the command line where /proc/*/cmdline shows it.
+    let out = d.cli_stdin(&["verify", "-", "--audience", AUD], token.as_bytes());
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = d.cli(&["verify", token.trim(), "--audience", "https://nope"]);
+    let file = d.scratch_dir().join("token");
+    std::fs::write(&file, &token).unwrap();
+    let out = d.cli(&["verify", file.to_str().unwrap(), "--audience", AUD]);
+    assert!(out.status.success(), "from a file: {out:?}");
+    let out = d.cli_stdin(
+        &["verify", "-", "--audience", "https://nope"],
+        token.as_bytes(),
+    );
     assert_eq!(out.status.code(), Some(5));
     let out = d.cli(&["--json", "token", "--audience", AUD]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -66,7 +66,7 @@ pub async fn attest(client: &Client, nonce: &str, agent: Option<String>) -> Exit
     }
 }
 
-fn read_input(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read_input(path: &Path) -> Result<Vec<u8>, String> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|e| e.to_string())?;

@@ -61,9 +61,13 @@ enum Cmd {
         #[arg(long)]
         agent: Option<String>,
     },
-    /// Verify an agent token (relying party); exit 5 when it does not verify.
+    /// Verify an agent token (relying party); exit 5 when it does not verify. The token is
+    /// read from FILE, or from standard input with `-` (a token on the command line is
+    /// visible to every local user in /proc/*/cmdline).
     Verify {
-        token: String,
+        /// File holding the token, or - for standard input.
+        #[arg(value_name = "FILE")]
+        token: PathBuf,
         #[arg(long)]
         audience: String,
         /// JWKS file; default: fetched from the daemon.
@@ -282,6 +286,17 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let mut opts = tessera::verify::Options::new(audience);
             opts.issuer = issuer;
+            let token = match certs::read_input(&token).map(String::from_utf8) {
+                Ok(Ok(t)) => t,
+                Ok(Err(_)) => {
+                    eprintln!("tessera: the token is not UTF-8 text");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("tessera: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             match tessera::verify::verify(token.trim(), &set, &opts) {
                 Ok(c) if cli.json => {
                     print_json(&json!({"valid": true, "claims": c}));

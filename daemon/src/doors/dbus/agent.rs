@@ -20,6 +20,19 @@ impl AgentObject {
     pub(super) fn new(ctx: Arc<Ctx>, name: String) -> AgentObject {
         AgentObject { ctx, name }
     }
+
+    /// Admins only. No header means the daemon itself asked (e.g. a change notification).
+    async fn admin(&self, conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<()> {
+        match hdr {
+            Some(h) => self
+                .ctx
+                .require_admin(conn, &h)
+                .await
+                .map(|_| ())
+                .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl AgentObject {
@@ -37,43 +50,88 @@ impl AgentObject {
 
 #[interface(name = "org.tessera.Tessera1.Agent")]
 impl AgentObject {
+    // Every property is for admins, like the methods: the bus policy already keeps others
+    // out, and the daemon checks again (a property read over an open bus is refused too).
     #[zbus(property)]
-    fn name(&self) -> String {
-        self.name.clone()
+    async fn name(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.admin(conn, hdr).await?;
+        Ok(self.name.clone())
     }
     #[zbus(property)]
-    fn id(&self) -> zbus::fdo::Result<String> {
+    async fn id(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.admin(conn, hdr).await?;
         Ok(self.agent()?.id)
     }
     #[zbus(property)]
-    fn status(&self) -> zbus::fdo::Result<String> {
+    async fn status(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.admin(conn, hdr).await?;
         Ok(self.agent()?.status.as_str().to_string())
     }
     #[zbus(property)]
-    fn selectors(&self) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+    async fn selectors(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+        self.admin(conn, hdr).await?;
         Ok(json_to_dict(&json!(self.agent()?.selectors)))
     }
     #[zbus(property)]
-    fn policy(&self) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+    async fn policy(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+        self.admin(conn, hdr).await?;
         Ok(json_to_dict(&json!(self.agent()?.policy)))
     }
     #[zbus(property)]
-    fn key_id(&self) -> zbus::fdo::Result<String> {
+    async fn key_id(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.admin(conn, hdr).await?;
         Ok(self.agent()?.kid.unwrap_or_default())
     }
     #[zbus(property)]
-    fn created_at(&self) -> zbus::fdo::Result<u64> {
+    async fn created_at(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.admin(conn, hdr).await?;
         Ok(self.agent()?.created_at as u64)
     }
     #[zbus(property)]
-    fn issued_count(&self) -> zbus::fdo::Result<u64> {
-        let row = self.agent()?.row;
-        Ok(self.ctx.svc.issued(row).0)
+    async fn issued_count(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.admin(conn, hdr).await?;
+        Ok(self.ctx.svc.issued(self.agent()?.row).0)
     }
     #[zbus(property)]
-    fn last_issued_at(&self) -> zbus::fdo::Result<u64> {
-        let row = self.agent()?.row;
-        Ok(self.ctx.svc.issued(row).1)
+    async fn last_issued_at(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u64> {
+        self.admin(conn, hdr).await?;
+        Ok(self.ctx.svc.issued(self.agent()?.row).1)
     }
 
     async fn revoke(
