@@ -457,6 +457,115 @@ fn fleet_ca_csr_round_trip() {
         "refusals change nothing"
     );
 
+    // Refused: a host certificate without a key usage (issue 11, item 19).
+    let no_ku = write(
+        &dir,
+        "no-ku.cnf",
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    );
+    let host_no_ku = dir.join("host-no-ku.pem");
+    openssl_ok(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&csr),
+        "-CA",
+        s(&ca),
+        "-CAkey",
+        s(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        s(&no_ku),
+        "-out",
+        s(&host_no_ku),
+    ]);
+    let chain_no_ku = write(
+        &dir,
+        "chain-no-ku.pem",
+        &(std::fs::read_to_string(&host_no_ku).unwrap() + &ca_pem),
+    );
+    let o = cli(&["host", "install-cert", s(&chain_no_ku)]);
+    assert_eq!(o.status.code(), Some(5), "no key usage: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("key usage"),
+        "{o:?}"
+    );
+    // Refused: a host certificate issued by a certificate that is not a CA.
+    let leaf_key = dir.join("leaf.key");
+    new_p256_key(&leaf_key);
+    let leaf_csr = dir.join("leaf.csr");
+    openssl_ok(&[
+        "req",
+        "-new",
+        "-key",
+        s(&leaf_key),
+        "-subj",
+        "/CN=Not A CA",
+        "-out",
+        s(&leaf_csr),
+    ]);
+    let leaf_ext = write(
+        &dir,
+        "leaf.cnf",
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
+    );
+    let leaf = dir.join("leaf.pem");
+    openssl_ok(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&leaf_csr),
+        "-CA",
+        s(&ca),
+        "-CAkey",
+        s(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        s(&leaf_ext),
+        "-out",
+        s(&leaf),
+    ]);
+    let host_by_leaf = dir.join("host-by-leaf.pem");
+    openssl_ok(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&csr),
+        "-CA",
+        s(&leaf),
+        "-CAkey",
+        s(&leaf_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        s(&ext),
+        "-out",
+        s(&host_by_leaf),
+    ]);
+    let chain_by_leaf = write(
+        &dir,
+        "chain-by-leaf.pem",
+        &(std::fs::read_to_string(&host_by_leaf).unwrap()
+            + &std::fs::read_to_string(&leaf).unwrap()
+            + &ca_pem),
+    );
+    let o = cli(&["host", "install-cert", s(&chain_by_leaf)]);
+    assert_eq!(o.status.code(), Some(5), "issuer not a CA: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a CA"),
+        "{o:?}"
+    );
+    assert_eq!(
+        rt().block_on(d.client().bundle()).unwrap(),
+        bundle_before,
+        "refusals change nothing"
+    );
+
     // Accepted: host certificate + fleet root.
     let chain_file = write(&dir, "chain.pem", &(host_pem.clone() + &ca_pem));
     let o = cli(&["host", "install-cert", s(&chain_file)]);

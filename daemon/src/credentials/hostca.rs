@@ -189,12 +189,13 @@ pub fn check_installed_chain(
             "the host certificate is not a CA certificate (basicConstraints cA is not set)".into(),
         );
     }
+    // Required, not just allowed: the README promises a host CA whose certificate says what
+    // it signs (agent certificates and CRLs).
     match host.key_usage() {
         Ok(Some(ku)) if ku.value.key_cert_sign() && ku.value.crl_sign() => {}
-        Ok(None) => {}
         _ => {
             return Err(
-                "the host certificate's key usage must allow keyCertSign and cRLSign".into(),
+                "the host certificate must have a key usage with keyCertSign and cRLSign".into(),
             )
         }
     }
@@ -215,8 +216,20 @@ pub fn check_installed_chain(
                         next.subject()
                     ));
                 }
-                if i > 0 && !next.is_ca() {
+                // Every issuer, the host certificate's own included, must be a CA allowed to
+                // sign certificates (RFC 5280 4.2.1.3: keyCertSign when key usage is present).
+                if !next.is_ca() {
                     return Err(format!("certificate {} is not a CA", i + 2));
+                }
+                match next.key_usage() {
+                    Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+                        return Err(format!(
+                            "certificate {} may not sign certificates (no keyCertSign)",
+                            i + 2
+                        ))
+                    }
+                    Err(e) => return Err(format!("certificate {}: key usage: {e}", i + 2)),
+                    _ => {}
                 }
                 next.public_key()
             }
