@@ -18,6 +18,8 @@ pub enum ProblemType {
     AuditUnavailable,
     NotFound,
     MethodNotAllowed,
+    /// The whole request (headers, body, answer) did not finish within the daemon's deadline.
+    RequestTimeout,
     Internal,
     /// A type this SDK version does not know.
     Other(String),
@@ -28,7 +30,7 @@ pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
 
 impl ProblemType {
     /// Every type the daemon sends; the one list both sides use.
-    pub const KNOWN: [ProblemType; 16] = [
+    pub const KNOWN: [ProblemType; 17] = [
         ProblemType::UnknownCaller,
         ProblemType::AmbiguousCaller,
         ProblemType::CallerGone,
@@ -44,6 +46,7 @@ impl ProblemType {
         ProblemType::AuditUnavailable,
         ProblemType::NotFound,
         ProblemType::MethodNotAllowed,
+        ProblemType::RequestTimeout,
         ProblemType::Internal,
     ];
 
@@ -73,6 +76,7 @@ impl ProblemType {
             ProblemType::AuditUnavailable => "audit-unavailable",
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
+            ProblemType::RequestTimeout => "request-timeout",
             ProblemType::Internal => "internal",
             ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
@@ -100,6 +104,7 @@ impl ProblemType {
             ProblemType::BackendUnavailable | ProblemType::AuditUnavailable => 503,
             ProblemType::NotFound => 404,
             ProblemType::MethodNotAllowed => 405,
+            ProblemType::RequestTimeout => 408,
             ProblemType::Internal | ProblemType::Other(_) => 500,
         }
     }
@@ -121,6 +126,7 @@ impl ProblemType {
             ProblemType::AuditUnavailable => "Audit trail unavailable",
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
+            ProblemType::RequestTimeout => "Request not completed within the deadline",
             ProblemType::Internal | ProblemType::Other(_) => "Internal error",
         }
     }

@@ -653,6 +653,58 @@ fn agent_properties_and_paths_are_for_admins() {
     }
 }
 
+/// (Item 9) Slow bodies cannot hold every slot: 600 connections from one uid that announce a
+/// body and never send it, and another agent still gets its token (within the deadline).
+#[test]
+fn slow_bodies_from_one_uid_do_not_starve_others() {
+    use std::io::BufRead;
+    let bins = shared_tempdir();
+    let holder = helper_copy(bins.path(), "holder", "");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            extra_config: "[limits]\nrequest_deadline = \"3s\"\n".into(),
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(&holder)
+            .arg(&d.socket)
+            .args(["hold", "600", "6"])
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let holding: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+    assert_eq!(holding["event"], "holding", "{holding}");
+    // Every slot the slow uid could take is taken now; another agent is still served.
+    let rt = tessera_e2e::rt();
+    let got = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            d.client().token(&TokenOptions::new(AUD)),
+        )
+        .await
+    });
+    let t = got
+        .expect("served within the request deadline")
+        .expect("a token");
+    assert!(!t.token.is_empty());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let done: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+    child.wait().unwrap();
+    // Over the cap closed at once, the rest at the deadline: none is still held.
+    assert_eq!(done["closed"], done["opened"], "{done}");
+}
+
 /// Records of `event` in the daemon's audit.
 #[allow(dead_code)]
 fn events(d: &Daemon, event: &str) -> Vec<Value> {

@@ -7,6 +7,7 @@
 //! - `dbus`: `org.tessera.Tessera1` (Manager, Agent objects, Credentials)
 
 pub mod dbus;
+pub mod limits;
 pub mod problem;
 pub mod socket;
 
@@ -22,6 +23,10 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Time a whole request may take (a slow body cannot hold a connection longer).
+    pub request_deadline: Duration,
+    /// Connections one uid may hold at once.
+    pub per_uid_connections: usize,
     /// "system", "session", "none" or a bus address.
     pub bus: String,
     /// Members may call the admin methods (root always may).

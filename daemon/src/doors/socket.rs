@@ -1,7 +1,7 @@
 //! The agent API: HTTP/1.1 + JSON over the Unix socket. A thin adapter: each connection's
 //! peer is taken from the kernel at accept time ([`Peer`]), each request re-identified, and
-//! everything else is the [`Credentials`] pipeline's. Limits: connections served at once, header read
-//! timeout, body size.
+//! everything else is the [`Credentials`] pipeline's. Limits: connections served at once and
+//! per uid, header read timeout, a deadline on the whole request, body size.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::caller::Peer;
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::{Credentials, TokenRequest};
+use crate::doors::limits::PerUid;
 use crate::doors::problem::problem_response;
 use crate::doors::SharedSettings;
 
@@ -186,6 +187,7 @@ pub async fn serve(
         (s.max_connections, s.header_read_timeout)
     };
     let slots = Arc::new(Semaphore::new(max_connections));
+    let per_uid = PerUid::default();
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -212,6 +214,16 @@ pub async fn serve(
                 continue;
             }
         };
+        // One uid cannot hold every slot: past its share, its new connections are closed.
+        let cap = crate::doors::read(&settings).per_uid_connections;
+        let Some(uid_slot) = per_uid.take(peer.uid, cap) else {
+            tracing::debug!(
+                uid = peer.uid,
+                cap,
+                "closing a connection over the per-uid cap"
+            );
+            continue;
+        };
         let svc = svc.clone();
         let settings = settings.clone();
         let service = service_fn(move |req| {
@@ -219,10 +231,24 @@ pub async fn serve(
             let settings = settings.clone();
             let peer = peer.clone();
             async move {
-                let resp = match route(svc, settings, peer, req).await {
-                    Ok(r) => r,
-                    Err(p) => problem_response(&p),
-                };
+                // The whole request, body included, within the deadline: a client that
+                // announces a body and never sends it holds its slot only this long.
+                let deadline = crate::doors::read(&settings).request_deadline;
+                let resp =
+                    match tokio::time::timeout(deadline, route(svc, settings, peer, req)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(p)) => problem_response(&p),
+                        Err(_) => {
+                            let mut r = problem_response(&Problem::new(
+                                Kind::RequestTimeout,
+                                format!("the request did not complete within {deadline:?}"),
+                            ));
+                            // The rest of the request is not read: the connection ends here.
+                            r.headers_mut()
+                                .insert(CONNECTION, HeaderValue::from_static("close"));
+                            r
+                        }
+                    };
                 Ok::<_, Infallible>(resp)
             }
         });
@@ -233,6 +259,7 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(uid_slot);
             drop(permit);
         });
     }

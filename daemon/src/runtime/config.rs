@@ -72,6 +72,12 @@ pub struct LimitsConfig {
     /// Default per-agent rate (tokens per minute) when an agent's policy sets none.
     #[serde(default = "default_rate")]
     pub default_rate: u32,
+    /// Time a whole request (headers, body, answer) may take.
+    #[serde(default = "default_request_deadline")]
+    pub request_deadline: Dur,
+    /// Connections one uid may hold open at once; more are closed at once.
+    #[serde(default = "default_per_uid_connections")]
+    pub per_uid_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +86,8 @@ impl Default for LimitsConfig {
             max_body_bytes: default_max_body(),
             header_read_timeout: default_header_timeout(),
             max_connections: default_max_connections(),
+            request_deadline: default_request_deadline(),
+            per_uid_connections: default_per_uid_connections(),
             default_rate: default_rate(),
         }
     }
@@ -126,6 +134,12 @@ fn default_header_timeout() -> Dur {
 }
 fn default_max_connections() -> usize {
     512
+}
+fn default_request_deadline() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_per_uid_connections() -> usize {
+    32
 }
 fn default_rate() -> u32 {
     600
@@ -236,8 +250,15 @@ impl Config {
                 format_duration(MAX_CA_VALIDITY)
             )));
         }
-        if self.limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections must be at least 1".into()));
+        if self.limits.max_connections == 0 || self.limits.per_uid_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections and limits.per_uid_connections must be at least 1".into(),
+            ));
+        }
+        if self.limits.request_deadline.0 < Duration::from_secs(1) {
+            return Err(invalid(
+                "limits.request_deadline must be at least 1s".into(),
+            ));
         }
         Ok(())
     }
@@ -290,6 +311,8 @@ impl Config {
             max_body_bytes: self.limits.max_body_bytes,
             header_read_timeout: self.limits.header_read_timeout.0,
             max_connections: self.limits.max_connections,
+            request_deadline: self.limits.request_deadline.0,
+            per_uid_connections: self.limits.per_uid_connections,
             bus: self.dbus.bus.clone(),
             admin_group: self.dbus.admin_group.clone(),
         }

@@ -3,12 +3,17 @@
 //! as different executables.
 //! Usage: agentcall SOCKET token AUDIENCE [SCOPE...] | agentcall SOCKET whoami |
 //! agentcall SOCKET get PATH |
-//! agentcall SOCKET drop-then-whoami UID (connect as who we are, then setuid(UID), then ask)
+//! agentcall SOCKET drop-then-whoami UID (connect as who we are, then setuid(UID), then ask) |
+//! agentcall SOCKET hold N SECONDS (N requests announcing a body that never comes)
 
 use std::io::{Read, Write};
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
+    if a[1] == "hold" {
+        hold(&a[0], a[2].parse().unwrap(), a[3].parse().unwrap());
+        return;
+    }
     if a[1] == "drop-then-whoami" {
         drop_then_whoami(&a[0], a[2].parse().unwrap());
         return;
@@ -68,4 +73,54 @@ fn drop_then_whoami(socket: &str, uid: u32) {
     let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
     let body: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     println!("{}", serde_json::json!({"status": status, "body": body}));
+}
+
+/// Open `n` connections that each announce a 100-byte body and never send it, wait
+/// `secs`, and report how many the daemon has closed by then.
+fn hold(socket: &str, n: usize, secs: u64) {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(mut s) => {
+                let _ = s.write_all(
+                    b"POST /v1/token HTTP/1.1\r\nHost: tessera\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+                );
+                held.push(s);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"event": "holding", "opened": held.len(), "refused": refused})
+    );
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    let mut closed = 0;
+    for s in &mut held {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut ended = false;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended {
+            closed += 1;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"event": "done", "opened": held.len(), "closed": closed})
+    );
 }

@@ -106,9 +106,11 @@ impl From<Problem> for TesseraError {
             Kind::BackendUnavailable => TesseraError::Backend(msg),
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
             Kind::MalformedRequest | Kind::BodyTooLarge => TesseraError::InvalidArgs(msg),
-            Kind::NotFound | Kind::MethodNotAllowed | Kind::Internal | Kind::Other(_) => {
-                TesseraError::Failed(msg)
-            }
+            Kind::NotFound
+            | Kind::MethodNotAllowed
+            | Kind::RequestTimeout
+            | Kind::Internal
+            | Kind::Other(_) => TesseraError::Failed(msg),
         }
     }
 }
