@@ -705,6 +705,89 @@ fn slow_bodies_from_one_uid_do_not_starve_others() {
     assert_eq!(done["closed"], done["opened"], "{done}");
 }
 
+/// (Item 21) The daemon refuses a state dir or socket dir that is not its own or that others
+/// may write to (where another user could swap the socket or a key blob).
+#[test]
+fn state_and_socket_dirs_must_be_the_daemons_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::pkcs11();
+    let run = |cfg: &std::path::Path| {
+        let out = Command::new(bin("tesserad"))
+            .arg("--config")
+            .arg(cfg)
+            .envs(backend.envs())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A state dir that belongs to somebody else.
+    let dir = shared_tempdir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let cfg = tessera_e2e::devices::write_config(&backend, &state, "");
+    let cfg_copy = dir.path().join("a.toml");
+    std::fs::copy(&cfg, &cfg_copy).unwrap();
+    let (code, err) = run(&cfg_copy);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+
+    // A socket in a directory everyone may write to.
+    let dir = shared_tempdir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let cfg = tessera_e2e::devices::write_config(&backend, &state, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("socket = \"{}/agent.sock\"", state.display()),
+        &format!("socket = \"{}/agent.sock\"", open.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, err) = run(&cfg);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert!(!open.join("agent.sock").exists());
+
+    // A socket dir the daemon makes itself is 0755 and the socket 0666.
+    let dir = shared_tempdir();
+    let state = dir.path().join("state");
+    let run_dir = dir.path().join("run/tessera");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = tessera_e2e::devices::write_config(&backend, &state, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("socket = \"{}/agent.sock\"", state.display()),
+        &format!("socket = \"{}/agent.sock\"", run_dir.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(bin("tesserad"))
+        .arg("--config")
+        .arg(&cfg)
+        .envs(backend.envs())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = run_dir.join("agent.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(std::time::Instant::now() < deadline, "daemon not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run_dir), 0o755);
+    assert_eq!(mode(&sock), 0o666);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 /// Records of `event` in the daemon's audit.
 #[allow(dead_code)]
 fn events(d: &Daemon, event: &str) -> Vec<Value> {

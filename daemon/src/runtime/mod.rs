@@ -33,9 +33,37 @@ use crate::doors::{self, SharedSettings};
 use crate::keystore::{self, owner::KeyStoreHandle};
 use config::Config;
 
+/// A directory the daemon keeps things in must be its own and writable by nobody else:
+/// otherwise another user could swap what is inside (a key blob, the registry, the socket).
+fn check_own_dir(dir: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect {what} {}", dir.display()))?;
+    if !md.is_dir() {
+        bail!("{what} {} is not a directory", dir.display());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        bail!(
+            "{what} {} belongs to uid {}, not to the daemon's uid {me}",
+            dir.display(),
+            md.uid()
+        );
+    }
+    if md.mode() & 0o022 != 0 {
+        bail!(
+            "{what} {} is writable by group or others (mode {:o})",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+    check_own_dir(dir, "state dir")?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"")
         .with_context(|| format!("state dir {} is not writable", dir.display()))?;
@@ -47,14 +75,21 @@ fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
     } else {
         0o700
     };
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of state dir {}", dir.display()))?;
     Ok(())
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create socket dir {}", parent.display()))?;
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create socket dir {}", parent.display()))?;
+            // Explicitly 0755 (the daemon's umask is 077): everyone may reach the socket.
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot set the mode of {}", parent.display()))?;
+        }
+        check_own_dir(parent, "socket dir")?;
     }
     if let Ok(md) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -72,8 +107,30 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     }
     let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
     // Any local process may ask; who it is comes from the kernel, not from access to the file.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    open_socket_to_all(path)?;
     Ok(l)
+}
+
+/// Mode 0666 on the socket just bound, set through a descriptor of that very inode (opened
+/// without following links, checked to be our socket), never by following the path again.
+fn open_socket_to_all(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open the socket {} just bound", path.display()))?;
+    let md = f.metadata()?;
+    if !md.file_type().is_socket() || md.uid() != nix::unistd::geteuid().as_raw() {
+        bail!("{} is not the socket the daemon bound", path.display());
+    }
+    // An O_PATH descriptor cannot be fchmod'ed; its /proc/self/fd entry names the same
+    // inode whatever happens to the path meanwhile.
+    use std::os::fd::AsRawFd;
+    let by_fd = format!("/proc/self/fd/{}", f.as_raw_fd());
+    std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(())
 }
 
 /// The running daemon's parts, as the runtime holds them.
