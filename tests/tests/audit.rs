@@ -206,26 +206,46 @@ fn kill9_under_load_keeps_every_delivered_token_in_a_verifiable_log(backend: Bac
         },
     );
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let ended: Arc<Mutex<Vec<String>>> = Arc::default();
     let runtime = rt();
     runtime.block_on(async {
         let mut tasks = vec![];
         for _ in 0..8 {
             let c = d.client();
             let got = got.clone();
+            let ended = ended.clone();
             tasks.push(tokio::spawn(async move {
-                while let Ok(t) = c.token(&TokenOptions::new(AUD)).await {
-                    got.lock().unwrap().push(t.token);
+                loop {
+                    match c.token(&TokenOptions::new(AUD)).await {
+                        Ok(t) => got.lock().unwrap().push(t.token),
+                        Err(e) => {
+                            ended.lock().unwrap().push(e.to_string());
+                            break;
+                        }
+                    }
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Kill once issuance is well under way (not after a fixed time: a loaded machine may
+        // take longer to deliver the first tokens).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got.lock().unwrap().len() < 40 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         d.kill9();
         for t in tasks {
             t.await.unwrap();
         }
     });
     let got = got.lock().unwrap().clone();
-    assert!(got.len() > 10, "load ran: {}", got.len());
+    assert!(
+        got.len() > 10,
+        "load ran: {} (clients ended with {:?}):\n{}",
+        got.len(),
+        ended.lock().unwrap(),
+        d.log_text()
+    );
     d.spawn();
     d.wait_ready();
     d.stop();

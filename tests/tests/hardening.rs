@@ -788,8 +788,61 @@ fn state_and_socket_dirs_must_be_the_daemons_own() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Undoes `chattr +i` on drop, so a failing test leaves no immutable directory behind.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(p: &std::path::Path) -> Immutable {
+        let o = Command::new("chattr").arg("+i").arg(p).output().unwrap();
+        assert!(o.status.success(), "chattr +i: {o:?}");
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).output();
+    }
+}
+
+/// (Item 3) A key whose destruction failed at revocation is destroyed in the background as
+/// soon as it can be, without a restart; the admin is told, and the audit says so.
+#[test]
+fn failed_key_destruction_is_retried_until_the_key_is_gone() {
+    let (bus, d) = on_bus(
+        Backend::tpm(),
+        vec![("bot".into(), agent_toml("uid = 0", ""))],
+    );
+    assert_eq!(d.device_keys().len(), 1);
+    let keys = d.state_dir().join("tpm/keys");
+    let lock = Immutable::set(&keys);
+    let o = cli(
+        &bus,
+        &d,
+        &["agent", "revoke", "bot", "--reason", "rotation"],
+    );
+    assert!(!o.status.success(), "the admin sees the failure: {o:?}");
+    // The revocation itself stands.
+    let e = token(&d, &TokenOptions::new(AUD)).expect_err("revoked");
+    assert_eq!(e.problem(), Some(ProblemType::AgentRevoked));
+    assert_eq!(d.device_keys().len(), 1, "the key could not go yet");
+    assert!(!events(&d, "key.destroy_failed").is_empty());
+    drop(lock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.device_keys().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "key still there without a restart:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let destroyed = events(&d, "key.destroyed");
+    assert_eq!(destroyed.len(), 1, "{destroyed:?}");
+    assert_eq!(destroyed[0]["details"]["retried"], true);
+}
+
 /// Records of `event` in the daemon's audit.
-#[allow(dead_code)]
 fn events(d: &Daemon, event: &str) -> Vec<Value> {
     d.audit_records()
         .into_iter()

@@ -292,7 +292,16 @@ impl Agents {
         match self.keystore.destroy(&a.key_id).await {
             Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
             Err(e) => {
-                tracing::error!(agent = %a.name, error = %e, "key destroy failed; will retry at start");
+                tracing::error!(agent = %a.name, error = %e, "key destroy failed; retrying in the background");
+                self.audit_admin(
+                    Event::new("key.destroy_failed")
+                        .agent(&a.name, &a.id)
+                        .details(json!({
+                            "by": by, "key_id": a.key_id, "error": e.to_string(),
+                            "retry": "in the background until it is gone",
+                        })),
+                )
+                .await;
                 return Err(e.into());
             }
         }
@@ -333,6 +342,31 @@ impl Agents {
             Some(e) => Err(e),
             None => Ok(live.iter().map(|a| a.name.clone()).collect()),
         }
+    }
+
+    /// Destroy the keys of revoked agents whose destruction failed (a busy or unreachable
+    /// device, a read-only key directory). Run periodically: a failed destroy is retried until
+    /// the key is gone, never forgotten. Returns how many keys are still to go.
+    pub async fn retry_pending_destroys(&self) -> Result<usize, AdminError> {
+        let _guard = self.admin.lock().await;
+        let mut left = 0;
+        for a in self.with_registry(|r| r.revoked_with_key())? {
+            match self.keystore.destroy(&a.key_id).await {
+                Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {
+                    self.with_registry(|r| r.mark_key_destroyed(a.row))?;
+                    self.audit_admin(Event::new("key.destroyed").agent(&a.name, &a.id).details(
+                        json!({"by": "tesserad", "key_id": a.key_id, "kid": a.kid, "retried": true}),
+                    ))
+                    .await;
+                    tracing::info!(agent = %a.name, "key destroyed on retry");
+                }
+                Err(e) => {
+                    left += 1;
+                    tracing::warn!(agent = %a.name, error = %e, "key destroy still failing; will retry");
+                }
+            }
+        }
+        Ok(left)
     }
 
     /// Start-up repair: finish or roll back what a crash interrupted, destroy orphan keys.

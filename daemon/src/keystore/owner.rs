@@ -1,7 +1,10 @@
 //! The one owner of the device. A TPM context is neither Send nor Sync and a PKCS#11 session
 //! is not Sync, so the store lives on a dedicated thread and everything else talks to it
-//! through a bounded queue. A full queue is reported as `Busy` (the API answers 503 +
-//! Retry-After) instead of queueing without bound.
+//! through two lanes. Signing (what any local caller can cause) goes through a bounded queue;
+//! a full queue is reported as `Busy` (the API answers 503 + Retry-After) instead of
+//! queueing without bound. Admin operations (create, destroy, list, public key, stop) have
+//! their own lane, served first and never refused as busy: a flood of token requests cannot
+//! make a revocation fail.
 
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -30,7 +33,10 @@ enum Request {
 /// Cheap to clone; every clone feeds the same device thread.
 #[derive(Clone)]
 pub struct KeyStoreHandle {
+    /// Signing lane (bounded).
     tx: mpsc::Sender<Request>,
+    /// Admin lane (unbounded: only admins and the daemon itself put requests here).
+    admin: mpsc::UnboundedSender<Request>,
     backend: BackendKind,
     /// The owner thread, taken and joined once by [`KeyStoreHandle::shutdown`].
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
@@ -44,6 +50,7 @@ impl KeyStoreHandle {
         F: FnOnce() -> Result<Box<dyn KeyStore>, KeyStoreError> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
+        let (admin, mut admin_rx) = mpsc::unbounded_channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name("keystore".into())
@@ -58,17 +65,32 @@ impl KeyStoreHandle {
                         return;
                     }
                 };
-                while let Some(req) = rx.blocking_recv() {
-                    if let Request::Stop = req {
-                        break;
+                // A runtime of this thread alone, to wait on both lanes; the device calls block
+                // it, which is the point: one device operation at a time.
+                let lanes = match tokio::runtime::Builder::new_current_thread().build() {
+                    Ok(rt) => rt,
+                    Err(_) => return,
+                };
+                lanes.block_on(async {
+                    loop {
+                        let req = tokio::select! {
+                            biased;
+                            Some(r) = admin_rx.recv() => r,
+                            Some(r) = rx.recv() => r,
+                            else => break,
+                        };
+                        if let Request::Stop = req {
+                            break;
+                        }
+                        serve(store.as_mut(), req);
                     }
-                    serve(store.as_mut(), req);
-                }
+                });
                 // The device is closed here, on its own thread, before `shutdown` returns:
                 // TPM objects flushed, PKCS#11 session closed, C_Finalize, module unloaded.
                 drop(store);
                 // Whatever was still queued behind Stop is answered `Stopped` when dropped.
                 rx.close();
+                admin_rx.close();
             })
             .map_err(|e| KeyStoreError::Device {
                 op: "spawn key store thread",
@@ -77,25 +99,39 @@ impl KeyStoreHandle {
         let backend = ready_rx.recv().map_err(|_| KeyStoreError::Stopped)??;
         Ok(KeyStoreHandle {
             tx,
+            admin,
             backend,
             thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
 
-    /// Close the device and join its owner thread. Requests queued before this are served
-    /// first; later ones fail with `Stopped`. A device library must never be torn down while
+    /// Close the device and join its owner thread. Signatures still queued and later calls
+    /// fail with `Stopped` (the daemon calls this after its doors have drained). A device library must never be torn down while
     /// the process exits (SoftHSM's C++ destructors would run on two threads at once), so
     /// the daemon calls this before `main` returns. Idempotent.
     pub async fn shutdown(&self) {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(handle) = handle else { return };
-        // `send` waits for room: the stop goes behind everything already queued.
-        let _ = self.tx.send(Request::Stop).await;
+        // On the admin lane: served before queued signatures, which then fail with `Stopped`
+        // (the doors have stopped accepting by now, so those callers are gone or leaving).
+        let _ = self.admin.send(Request::Stop);
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }
 
     pub fn backend(&self) -> BackendKind {
         self.backend
+    }
+
+    /// On the admin lane: never `Busy`.
+    async fn admin_call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<T, KeyStoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.admin
+            .send(make(reply))
+            .map_err(|_| KeyStoreError::Stopped)?;
+        rx.await.map_err(|_| KeyStoreError::Stopped)?
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, KeyStoreError> {
@@ -111,11 +147,11 @@ impl KeyStoreHandle {
 
     pub async fn create(&self, id: &str) -> Result<CreatedKey, KeyStoreError> {
         let id = id.to_string();
-        self.call(|r| Request::Create(id, r)).await
+        self.admin_call(|r| Request::Create(id, r)).await
     }
     pub async fn public_key(&self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
         let id = id.to_string();
-        self.call(|r| Request::Public(id, r)).await
+        self.admin_call(|r| Request::Public(id, r)).await
     }
     pub async fn sign(&self, id: &str, digest: [u8; 32]) -> Result<Signature, KeyStoreError> {
         let id = id.to_string();
@@ -123,10 +159,10 @@ impl KeyStoreHandle {
     }
     pub async fn destroy(&self, id: &str) -> Result<(), KeyStoreError> {
         let id = id.to_string();
-        self.call(|r| Request::Destroy(id, r)).await
+        self.admin_call(|r| Request::Destroy(id, r)).await
     }
     pub async fn list(&self) -> Result<Vec<String>, KeyStoreError> {
-        self.call(Request::List).await
+        self.admin_call(Request::List).await
     }
     pub async fn attest(&self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
         let (id, nonce) = (id.to_string(), nonce.to_vec());

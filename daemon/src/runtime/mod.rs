@@ -133,6 +133,9 @@ fn open_socket_to_all(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How often keys whose destruction failed are tried again.
+const DESTROY_RETRY: Duration = Duration::from_secs(5);
+
 /// The running daemon's parts, as the runtime holds them.
 pub struct Daemon {
     pub credentials: Arc<Credentials>,
@@ -289,6 +292,19 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
             }
         })
     };
+    // A key whose destruction failed at revocation is retried until it is gone.
+    let destroyer = {
+        let agents = d.agents.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DESTROY_RETRY);
+            loop {
+                tick.tick().await;
+                if let Err(e) = agents.retry_pending_destroys().await {
+                    tracing::warn!(error = %e, "cannot retry pending key destructions");
+                }
+            }
+        })
+    };
     let watchdog = systemd::spawn_watchdog();
     let status = format!(
         "serving {} agent(s) on {} ({})",
@@ -329,6 +345,7 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     }
     flusher.abort();
     follower.abort();
+    destroyer.abort();
     if let Err(e) = svc.flush_counters() {
         tracing::warn!(error = %e, "cannot write issue counters");
     }
