@@ -788,6 +788,58 @@ fn state_and_socket_dirs_must_be_the_daemons_own() {
     assert!(child.wait().unwrap().success());
 }
 
+/// The CRL number of a PEM CRL, read by openssl.
+fn crl_number(d: &Daemon, pem: &str) -> u64 {
+    let f = d.scratch_dir().join(format!("crl-{}.pem", rand::random::<u32>()));
+    std::fs::write(&f, pem).unwrap();
+    let o = Command::new("openssl")
+        .args(["crl", "-noout", "-crlnumber", "-in"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let hex = text.trim().trim_start_matches("crlNumber=").trim_start_matches("0x");
+    u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("crl number in {text:?}"))
+}
+
+/// (Item 12) Any local user may fetch the CRL, but cannot make the host CA sign in a loop:
+/// after a change, 32 concurrent fetches get one new CRL, signed once.
+#[test]
+fn concurrent_crl_fetches_sign_once() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent_toml("uid = 0", ""))],
+            ..Default::default()
+        },
+    );
+    let rt = tessera_e2e::rt();
+    let before = crl_number(&d, &rt.block_on(d.client().crl()).unwrap());
+    // A change the CRL depends on: an agent enrolled (and revoked) moves the generation.
+    d.write_agent("other", &agent_toml("uid = 4242", ""));
+    d.reload();
+    let pems: Vec<String> = rt.block_on(async {
+        let mut tasks = vec![];
+        for _ in 0..32 {
+            let c = d.client();
+            tasks.push(tokio::spawn(async move { c.crl().await.unwrap() }));
+        }
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let numbers: std::collections::BTreeSet<u64> =
+        pems.iter().map(|p| crl_number(&d, p)).collect();
+    assert_eq!(numbers.len(), 1, "every fetch saw the same CRL: {numbers:?}");
+    let after = *numbers.iter().next().unwrap();
+    assert_eq!(after, before + 1, "signed exactly once after the change");
+    // Nothing changed since: more fetches sign nothing.
+    let again = crl_number(&d, &rt.block_on(d.client().crl()).unwrap());
+    assert_eq!(again, after);
+}
+
 /// Undoes `chattr +i` on drop, so a failing test leaves no immutable directory behind.
 struct Immutable(std::path::PathBuf);
 
