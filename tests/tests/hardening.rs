@@ -790,7 +790,9 @@ fn state_and_socket_dirs_must_be_the_daemons_own() {
 
 /// The CRL number of a PEM CRL, read by openssl.
 fn crl_number(d: &Daemon, pem: &str) -> u64 {
-    let f = d.scratch_dir().join(format!("crl-{}.pem", rand::random::<u32>()));
+    let f = d
+        .scratch_dir()
+        .join(format!("crl-{}.pem", rand::random::<u32>()));
     std::fs::write(&f, pem).unwrap();
     let o = Command::new("openssl")
         .args(["crl", "-noout", "-crlnumber", "-in"])
@@ -798,7 +800,10 @@ fn crl_number(d: &Daemon, pem: &str) -> u64 {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    let hex = text.trim().trim_start_matches("crlNumber=").trim_start_matches("0x");
+    let hex = text
+        .trim()
+        .trim_start_matches("crlNumber=")
+        .trim_start_matches("0x");
     u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("crl number in {text:?}"))
 }
 
@@ -830,14 +835,94 @@ fn concurrent_crl_fetches_sign_once() {
         }
         out
     });
-    let numbers: std::collections::BTreeSet<u64> =
-        pems.iter().map(|p| crl_number(&d, p)).collect();
-    assert_eq!(numbers.len(), 1, "every fetch saw the same CRL: {numbers:?}");
+    let numbers: std::collections::BTreeSet<u64> = pems.iter().map(|p| crl_number(&d, p)).collect();
+    assert_eq!(
+        numbers.len(),
+        1,
+        "every fetch saw the same CRL: {numbers:?}"
+    );
     let after = *numbers.iter().next().unwrap();
     assert_eq!(after, before + 1, "signed exactly once after the change");
     // Nothing changed since: more fetches sign nothing.
     let again = crl_number(&d, &rt.block_on(d.client().crl()).unwrap());
     assert_eq!(again, after);
+}
+
+/// (Item 11) Refusals cannot fill the disk: per uid only `refusal_audit_per_uid` a minute
+/// are recorded one by one, the rest counted in one record; client text is capped; old audit
+/// files go by `keep_files` while the chain still verifies.
+#[test]
+fn refusals_and_retention_bound_the_audit() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            extra_config: "[limits]\nrefusal_audit_per_uid = 20\n[audit]\nrotate_bytes = 20000\nkeep_files = 2\n".into(),
+            agents: vec![("bot".into(), agent_toml("uid = 0", "rate = 1000000"))],
+            ..Default::default()
+        },
+    );
+    let huge = format!("https://{}.example.com", "a".repeat(8000));
+    let rt = tessera_e2e::rt();
+    rt.block_on(async {
+        let c = d.client();
+        for i in 0..300 {
+            let aud = if i == 0 {
+                huge.clone()
+            } else {
+                format!("https://nope-{i}.example")
+            };
+            let e = c
+                .token(&TokenOptions::new(&aud))
+                .await
+                .expect_err("not allowed");
+            assert_eq!(e.problem(), Some(ProblemType::AudienceNotAllowed));
+        }
+    });
+    // The stop records what was counted.
+    d.stop();
+    let denied = events(&d, "access.denied");
+    assert!(
+        !denied.is_empty() && denied.len() <= 25,
+        "refusals recorded one by one: {}",
+        denied.len()
+    );
+    for r in &denied {
+        assert!(r.to_string().len() < 4000, "client text is capped: {r}");
+    }
+    let collapsed: u64 = events(&d, "access.denied.collapsed")
+        .iter()
+        .map(|r| r["details"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        collapsed as usize + denied.len(),
+        300,
+        "every refusal is in the audit, one by one or counted"
+    );
+    // Tokens keep being issued and audited one by one, and rotate the files; the oldest go.
+    d.spawn();
+    d.wait_ready();
+    rt.block_on(async {
+        let c = d.client();
+        for _ in 0..300 {
+            c.token(&TokenOptions::new(AUD)).await.expect("token");
+        }
+    });
+    assert!(
+        !events(&d, "audit.pruned").is_empty(),
+        "old files were pruned"
+    );
+    let rotated = std::fs::read_dir(d.audit_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
+        .count();
+    assert!(rotated <= 2, "keep_files: {rotated}");
+    let o = Command::new(bin("tessera"))
+        .args(["audit", "verify"])
+        .arg(d.audit_dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
 }
 
 /// Undoes `chattr +i` on drop, so a failing test leaves no immutable directory behind.

@@ -14,6 +14,11 @@
 //! Files: `<state>/audit/audit.log` is current; past `rotate_bytes` it is renamed to
 //! `audit-<first seq>.log` and the chain carries on in a new `audit.log`. A torn last line
 //! found at start (crash mid-write) is moved aside to `torn-<time>.bin` and recorded.
+//!
+//! Retention (`keep_files`, `keep_bytes`): after a rotation the oldest rotated files go, and
+//! first an `audit.pruned` record names them with the seq and hash of the last record they
+//! held, so the chain verifies from the oldest kept file and a file removed by anyone else
+//! is still found.
 
 //!
 //! `writer`: the writer thread, rotation and start-up repair; `verify`: reading the chain back.
@@ -105,6 +110,59 @@ pub fn record_hash(record: &Value) -> String {
     hex::encode(Sha256::digest(canonical(&r).as_bytes()))
 }
 
+/// Longest client-supplied string kept whole in a record.
+pub const MAX_CLIENT_TEXT: usize = 256;
+
+/// Client-supplied text as a record keeps it: whole when short, else its first
+/// [`MAX_CLIENT_TEXT`] bytes with its length and SHA-256, so a flood of large requests cannot
+/// grow the trail by their size while each one stays identifiable.
+pub fn client_text(s: &str) -> Value {
+    if s.len() <= MAX_CLIENT_TEXT {
+        return Value::String(s.to_string());
+    }
+    let mut end = MAX_CLIENT_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    json!({
+        "prefix": &s[..end],
+        "len": s.len(),
+        "sha256": hex::encode(Sha256::digest(s.as_bytes())),
+    })
+}
+
+/// [`client_text`] applied to every string in a client-supplied JSON value (and at most
+/// [`MAX_CLIENT_TEXT`] array items or object members, the rest counted).
+pub fn client_value(v: &Value) -> Value {
+    match v {
+        Value::String(s) => client_text(s),
+        Value::Array(a) => {
+            let mut out: Vec<Value> = a
+                .iter()
+                .take(MAX_CLIENT_TEXT / 8)
+                .map(client_value)
+                .collect();
+            if a.len() > MAX_CLIENT_TEXT / 8 {
+                out.push(json!({"more_items": a.len() - MAX_CLIENT_TEXT / 8}));
+            }
+            Value::Array(out)
+        }
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .take(MAX_CLIENT_TEXT / 8)
+                .map(|(k, v)| {
+                    let k = match client_text(k) {
+                        Value::String(k) => k,
+                        other => other.to_string(),
+                    };
+                    (k, client_value(v))
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// Who an event is about.
 #[derive(Debug, Clone)]
 pub struct AgentRef {
@@ -119,12 +177,21 @@ pub struct AuditConfig {
     /// Rotate the audit file once it grows past this many bytes.
     #[serde(default = "default_rotate_bytes")]
     pub rotate_bytes: u64,
+    /// Rotated files kept at most; the oldest go first (unlimited when unset).
+    #[serde(default)]
+    pub keep_files: Option<usize>,
+    /// Bytes of audit files kept at most, the current file included; the oldest rotated files
+    /// go first (unlimited when unset).
+    #[serde(default)]
+    pub keep_bytes: Option<u64>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             rotate_bytes: default_rotate_bytes(),
+            keep_files: None,
+            keep_bytes: None,
         }
     }
 }
@@ -209,6 +276,21 @@ pub struct TornTail {
 impl Audit {
     /// Open (or create) the audit trail in `dir` and start the writer thread.
     pub fn open(dir: &Path, rotate_bytes: u64) -> Result<(Audit, Option<TornTail>), AuditError> {
+        Self::open_with(
+            dir,
+            &AuditConfig {
+                rotate_bytes,
+                ..AuditConfig::default()
+            },
+        )
+    }
+
+    /// [`Audit::open`] with retention.
+    pub fn open_with(
+        dir: &Path,
+        cfg: &AuditConfig,
+    ) -> Result<(Audit, Option<TornTail>), AuditError> {
+        let rotate_bytes = cfg.rotate_bytes;
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let torn = repair_tail(dir)?;
         let (seq, prev) = last_record(dir)?;
@@ -219,6 +301,8 @@ impl Audit {
             seq,
             prev,
             rotate_bytes,
+            keep_files: cfg.keep_files,
+            keep_bytes: cfg.keep_bytes,
         };
         w.open_file()?;
         let (tx, mut rx) = mpsc::channel::<Msg>(4096);
@@ -295,6 +379,52 @@ mod tests {
             canonical(&v),
             r#"{"a":{"c":null,"d":[2,{"y":"é\n","z":1}]},"b":1}"#
         );
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_a_verifiable_chain_and_removal_is_still_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig {
+            rotate_bytes: 600,
+            keep_files: Some(2),
+            keep_bytes: None,
+        };
+        let (a, _) = Audit::open_with(dir.path(), &cfg).unwrap();
+        for i in 0..40 {
+            a.record(Event::new("token.issued").details(json!({"i": i})))
+                .await
+                .unwrap();
+        }
+        a.close().await;
+        let files = files_in_order(dir.path()).unwrap();
+        assert!(files.len() <= 3, "{files:?}");
+        let s = verify(dir.path())
+            .unwrap()
+            .expect("verifies from the oldest kept file");
+        assert!(s.first_seq.unwrap() > 1);
+        assert_eq!(s.last_seq, Some(s.first_seq.unwrap() + s.records - 1));
+        // Someone else removing the oldest kept file is not retention.
+        fs::remove_file(&files[0]).unwrap();
+        let broken = verify(dir.path())
+            .unwrap()
+            .expect_err("a removed file is found");
+        assert!(
+            broken.reason.contains("records removed"),
+            "{}",
+            broken.reason
+        );
+    }
+
+    #[test]
+    fn client_text_is_capped_with_length_and_hash() {
+        assert_eq!(client_text("short"), json!("short"));
+        let long = "é".repeat(1000);
+        let v = client_text(&long);
+        assert_eq!(v["len"], 2000);
+        assert!(v["prefix"].as_str().unwrap().len() <= MAX_CLIENT_TEXT);
+        assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+        let big = json!({"audience": "x".repeat(5000), "scopes": vec!["s"; 500]});
+        assert!(canonical(&client_value(&big)).len() < 2000);
     }
 
     #[tokio::test]

@@ -67,6 +67,10 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
     let mut expected_seq: Option<u64> = None;
     let mut records = 0u64;
     let mut first_seq = None;
+    // (seq, prev, file, line) of a first record other than seq 1, and whether an
+    // `audit.pruned` record accounts for what came before it.
+    let mut pruned_before: Option<(u64, String, String, usize)> = None;
+    let mut pruned_justified = false;
     for file in &files {
         let f = File::open(file).map_err(|e| io_err(file, e))?;
         for (i, line) in BufReader::new(f).lines().enumerate() {
@@ -99,12 +103,27 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
                     )));
                 }
             } else if seq != 1 && !first_of_partial {
-                return Ok(Err(broken(
-                    1,
-                    format!("chain starts at seq {seq}, not 1 (records removed)"),
-                )));
+                // Retention removed the files before this one: an `audit.pruned` record later
+                // in the chain must name this record's predecessor, or records were removed.
+                pruned_before = Some((
+                    seq,
+                    v["prev"].as_str().unwrap_or_default().to_string(),
+                    file.display().to_string(),
+                    i + 1,
+                ));
             }
-            if v["prev"].as_str() != Some(want_prev.as_str()) && !first_of_partial {
+            if v["event"] == "audit.pruned" {
+                if let Some((s0, p0, _, _)) = &pruned_before {
+                    if v["details"]["through_seq"].as_u64() == Some(s0 - 1)
+                        && v["details"]["last_hash"].as_str() == Some(p0.as_str())
+                    {
+                        pruned_justified = true;
+                    }
+                }
+            }
+            let starts_pruned = prev.is_none() && pruned_before.is_some();
+            if v["prev"].as_str() != Some(want_prev.as_str()) && !first_of_partial && !starts_pruned
+            {
                 return Ok(Err(broken(
                     seq,
                     "prev does not match the previous record's hash (records removed, reordered or inserted)".into(),
@@ -114,6 +133,18 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
             prev = v["hash"].as_str().map(str::to_string);
             expected_seq = Some(seq + 1);
             records += 1;
+        }
+    }
+    if let Some((seq, _, file, line)) = pruned_before {
+        if !pruned_justified {
+            return Ok(Err(Broken {
+                seq: 1,
+                file,
+                line,
+                reason: format!(
+                    "chain starts at seq {seq}, not 1, and no audit.pruned record accounts for the records before it (records removed)"
+                ),
+            }));
         }
     }
     Ok(Ok(Summary {

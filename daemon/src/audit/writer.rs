@@ -17,6 +17,8 @@ pub(super) struct Writer {
     pub(super) seq: u64,
     pub(super) prev: String,
     pub(super) rotate_bytes: u64,
+    pub(super) keep_files: Option<usize>,
+    pub(super) keep_bytes: Option<u64>,
 }
 
 impl Writer {
@@ -93,6 +95,8 @@ impl Writer {
                 if self.size >= self.rotate_bytes {
                     if let Err(e) = self.rotate() {
                         tracing::error!(error = %e, "audit rotation failed; continuing in the current file");
+                    } else if let Err(e) = self.prune() {
+                        tracing::error!(error = %e, "audit retention failed; keeping the old files");
                     }
                 }
             }
@@ -130,6 +134,59 @@ impl Writer {
                 Err(io_err(&path, e))
             }
         }
+    }
+
+    /// Remove the oldest rotated files beyond `keep_files`/`keep_bytes`. The `audit.pruned`
+    /// record naming them (and the seq and hash of their last record) is durable before any
+    /// file goes: a crash in between leaves extra files, never an unexplained gap.
+    pub(super) fn prune(&mut self) -> Result<(), AuditError> {
+        if self.keep_files.is_none() && self.keep_bytes.is_none() {
+            return Ok(());
+        }
+        let files = files_in_order(&self.dir)?;
+        let Some((_current, rotated)) = files.split_last() else {
+            return Ok(());
+        };
+        let size = |p: &PathBuf| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut total: u64 = files.iter().map(size).sum();
+        let mut doomed = Vec::new();
+        for f in rotated {
+            let kept = rotated.len() - doomed.len();
+            let over_files = self.keep_files.is_some_and(|k| kept > k);
+            let over_bytes = self.keep_bytes.is_some_and(|k| total > k);
+            if !(over_files || over_bytes) {
+                break;
+            }
+            total = total.saturating_sub(size(f));
+            doomed.push(f.clone());
+        }
+        let Some(last_file) = doomed.last() else {
+            return Ok(());
+        };
+        let (through_seq, last_hash) = last_record_of(last_file)?;
+        let names: Vec<String> = doomed
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let ev = Event::new("audit.pruned").details(json!({
+            "files": names,
+            "through_seq": through_seq,
+            "last_hash": last_hash,
+        }));
+        let seq = self.seq + 1;
+        let (rec, hash) = self.build(&ev, seq, &self.prev.clone());
+        let mut line = canonical(&rec);
+        line.push('\n');
+        self.append(line.as_bytes())?;
+        self.seq = seq;
+        self.prev = hash;
+        emit_trace(&rec);
+        for f in &doomed {
+            fs::remove_file(f).map_err(|e| io_err(f, e))?;
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.dir, e))
     }
 
     pub(super) fn rotate(&mut self) -> Result<(), AuditError> {
@@ -229,4 +286,20 @@ pub(super) fn last_record(dir: &Path) -> Result<(u64, String), AuditError> {
         }
     }
     Ok((0, GENESIS.to_string()))
+}
+
+/// (seq, hash) of the last record in one file.
+fn last_record_of(path: &Path) -> Result<(u64, String), AuditError> {
+    let f = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut last = None;
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(|e| io_err(path, e))?;
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            last = Some((
+                v["seq"].as_u64().unwrap_or(0),
+                v["hash"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    last.ok_or_else(|| io_err(path, std::io::Error::other("no record in a rotated file")))
 }

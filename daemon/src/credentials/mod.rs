@@ -55,6 +55,49 @@ pub struct Credentials {
     /// the registry by [`Credentials::flush_counters`]; the audit trail is the authoritative record.
     issued: Mutex<HashMap<i64, (u64, u64, bool)>>,
     exe_cache: ExeHashCache,
+    /// Per-uid budget for audited refusals, and what was counted over it.
+    refusals: Mutex<Refusals>,
+}
+
+/// Refusals over the audit budget, counted per uid.
+#[derive(Debug, Clone, Copy)]
+struct Collapsed {
+    count: u64,
+    first: i64,
+    last: i64,
+}
+
+#[derive(Default)]
+struct Refusals {
+    budget: RateLimiter,
+    over: HashMap<u32, Collapsed>,
+}
+
+impl Refusals {
+    /// Whether this refusal is recorded on its own; and, when it is and earlier ones were
+    /// counted, that count (to be recorded first).
+    fn admit(&mut self, uid: u32, per_min: u32, now: Instant) -> (bool, Option<Collapsed>) {
+        if self
+            .budget
+            .check(&format!("uid:{uid}"), per_min, now)
+            .is_ok()
+        {
+            return (true, self.over.remove(&uid));
+        }
+        let t = crate::agents::now_unix();
+        let c = self.over.entry(uid).or_insert(Collapsed {
+            count: 0,
+            first: t,
+            last: t,
+        });
+        c.count += 1;
+        c.last = t;
+        (false, None)
+    }
+
+    fn take_all(&mut self) -> Vec<(u32, Collapsed)> {
+        self.over.drain().collect()
+    }
 }
 
 /// `POST /v1/token` body (also what D-Bus `GetToken` maps to).
@@ -155,6 +198,7 @@ impl Credentials {
             rate: Mutex::new(RateLimiter::default()),
             issued: Mutex::new(HashMap::new()),
             exe_cache: ExeHashCache::default(),
+            refusals: Mutex::new(Refusals::default()),
         })
     }
 
@@ -355,12 +399,26 @@ impl Credentials {
         p: Problem,
         req: Value,
     ) -> Problem {
+        // Refusals are what anyone can cause: at most `refusal_audit_per_uid` a minute per uid
+        // are recorded one by one, the excess is counted and recorded as one collapsed record.
+        let (allowed, collapsed) = {
+            let per_min = self.settings().refusal_audit_per_uid;
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            r.admit(caller.uid, per_min, Instant::now())
+        };
+        if let Some(c) = collapsed {
+            self.record_collapsed(caller.uid, c).await;
+        }
+        if !allowed {
+            return p;
+        }
         let mut ev = Event::new("access.denied")
             .caller(caller.record())
             .details(json!({
                 "problem": p.kind.slug(),
-                "reason": p.detail,
-                "request": req,
+                // The detail quotes what the client sent (an audience, a TTL): capped too.
+                "reason": crate::audit::client_text(&p.detail),
+                "request": crate::audit::client_value(&req),
             }));
         if let Some(a) = agent {
             ev = ev.agent(&a.name, &a.id);
@@ -369,6 +427,32 @@ impl Credentials {
             tracing::error!(error = %e, "could not audit a refusal");
         }
         p
+    }
+
+    async fn record_collapsed(&self, uid: u32, c: Collapsed) {
+        self.audit
+            .record_or_log(
+                Event::new("access.denied.collapsed").details(json!({
+                    "uid": uid,
+                    "count": c.count,
+                    "first": rfc3339(c.first),
+                    "last": rfc3339(c.last),
+                    "note": "refusals over the per-uid audit rate, counted instead of recorded one by one",
+                })),
+                "collapsed refusals",
+            )
+            .await;
+    }
+
+    /// Record every pending collapsed refusal count (periodically and at stop).
+    pub async fn flush_refusals(&self) {
+        let pending = {
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            r.take_all()
+        };
+        for (uid, c) in pending {
+            self.record_collapsed(uid, c).await;
+        }
     }
 
     /// The whole token pipeline for an identified caller.

@@ -16,6 +16,8 @@ pub struct Settings {
     pub certificates: CertificatesConfig,
     /// Per-agent rate (credentials per minute) when an agent's policy sets none.
     pub default_rate: u32,
+    /// Refusals recorded one by one per uid and minute; the excess is counted.
+    pub refusal_audit_per_uid: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -78,6 +78,9 @@ pub struct LimitsConfig {
     /// Connections one uid may hold open at once; more are closed at once.
     #[serde(default = "default_per_uid_connections")]
     pub per_uid_connections: usize,
+    /// Refusals audited one by one per uid and minute; the excess is counted in one record.
+    #[serde(default = "default_refusal_audit_per_uid")]
+    pub refusal_audit_per_uid: u32,
 }
 
 impl Default for LimitsConfig {
@@ -88,6 +91,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             request_deadline: default_request_deadline(),
             per_uid_connections: default_per_uid_connections(),
+            refusal_audit_per_uid: default_refusal_audit_per_uid(),
             default_rate: default_rate(),
         }
     }
@@ -140,6 +144,9 @@ fn default_request_deadline() -> Dur {
 }
 fn default_per_uid_connections() -> usize {
     32
+}
+fn default_refusal_audit_per_uid() -> u32 {
+    60
 }
 fn default_rate() -> u32 {
     600
@@ -302,6 +309,7 @@ impl Config {
             tokens: self.tokens.clone(),
             certificates: self.certificates.clone(),
             default_rate: self.limits.default_rate,
+            refusal_audit_per_uid: self.limits.refusal_audit_per_uid,
         }
     }
 

@@ -182,7 +182,7 @@ impl Daemon {
 /// Everything that runs before the socket opens; used by `run` and by tests of start-up.
 pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon>> {
     check_state_dir(&cfg.state_dir, &cfg.socket)?;
-    let (audit, torn) = Audit::open(&cfg.state_dir.join("audit"), cfg.audit.rotate_bytes)
+    let (audit, torn) = Audit::open_with(&cfg.state_dir.join("audit"), &cfg.audit)
         .context("cannot open the audit trail")?;
     if let Some(t) = torn {
         audit
@@ -282,6 +282,10 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
                     tracing::warn!(error = %e, "cannot write issue counters");
                 }
                 n += 1;
+                // Counted refusals reach the audit within a minute even if nobody asks again.
+                if n.is_multiple_of(30) {
+                    svc.flush_refusals().await;
+                }
                 // Expired certificates need no CRL entry: forget them every 5 minutes so the
                 // table stays the size of what is still valid.
                 if n.is_multiple_of(150) {
@@ -349,6 +353,7 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     if let Err(e) = svc.flush_counters() {
         tracing::warn!(error = %e, "cannot write issue counters");
     }
+    svc.flush_refusals().await;
     if owns_socket {
         let _ = std::fs::remove_file(&cfg.socket);
     }
