@@ -29,6 +29,8 @@ pub enum CallerError {
     PeerCred(nix::Error),
     #[error("peer process {0} has exited")]
     Gone(i32),
+    #[error("process {0} has executed another program since it connected")]
+    Execd(i32),
     #[error("process {pid} no longer has the uid/gid it connected with ({what})")]
     CredentialsChanged { pid: i32, what: String },
     #[error("cannot inspect peer process {pid}: {source}")]
@@ -46,6 +48,9 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pidfd: Option<OwnedFd>,
+    /// Device and inode of the peer's executable when it was accepted: a process that has
+    /// exec'd since is not the caller it was.
+    exe_at_accept: Option<(u64, u64)>,
 }
 
 impl Peer {
@@ -66,6 +71,7 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
+            exe_at_accept: exe_id(Path::new("/proc"), cred.pid()),
         })
     }
 
@@ -76,6 +82,7 @@ impl Peer {
             uid,
             gid,
             pidfd: pidfd_open(pid),
+            exe_at_accept: exe_id(Path::new("/proc"), pid),
         }
     }
 
@@ -87,6 +94,14 @@ impl Peer {
             None => false,
         }
     }
+}
+
+/// Device and inode of the file `/proc/<pid>/exe` names (stat follows the magic link to the
+/// very file the process runs, whatever path it was started by).
+fn exe_id(proc_root: &Path, pid: i32) -> Option<(u64, u64)> {
+    fs::metadata(proc_root.join(pid.to_string()).join("exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -123,6 +138,9 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub exe: Option<PathBuf>,
+    /// Device and inode of the executable: what `exe` selectors compare (a path can be made
+    /// to show anything in another mount namespace; the file cannot).
+    pub exe_id: Option<(u64, u64)>,
     pub exe_sha256: Option<String>,
     pub unit: Option<String>,
     pub cgroup: Option<String>,
@@ -193,6 +211,114 @@ impl ExeHashCache {
     }
 }
 
+/// Have the kernel attach the sender's credentials to every message on sockets accepted
+/// from `listener` (accepted sockets inherit `SO_PASSCRED`; bytes sent before `accept` carry
+/// them too). [`SenderChecked`] relies on it.
+pub fn pass_credentials<F: AsFd>(listener: &F) -> Result<(), CallerError> {
+    nix::sys::socket::setsockopt(listener, sockopt::PassCred, &true).map_err(CallerError::PeerCred)
+}
+
+/// A connection whose every byte must come from the process that connected. A process that
+/// connects and hands its socket on (or forks a child that keeps it, then execs an enrolled
+/// program) cannot lend its identity: bytes from any other process end the connection before
+/// they are read as a request. Needs [`pass_credentials`] on the listening socket.
+pub struct SenderChecked {
+    inner: tokio::net::UnixStream,
+    pid: i32,
+}
+
+impl SenderChecked {
+    pub fn new(inner: tokio::net::UnixStream, peer: &Peer) -> SenderChecked {
+        SenderChecked {
+            inner,
+            pid: peer.pid,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SenderChecked {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            match this.inner.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            let fd = this.inner.as_raw_fd();
+            let unfilled = buf.initialize_unfilled();
+            let res = this.inner.try_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(unfilled)];
+                let mut space = nix::cmsg_space!(UnixCredentials);
+                let msg = recvmsg::<()>(
+                    fd,
+                    &mut iov,
+                    Some(&mut space[..]),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?;
+                let mut sender = None;
+                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmCredentials(cr) = c {
+                        sender = Some(cr.pid());
+                    }
+                }
+                Ok((msg.bytes, sender))
+            });
+            match res {
+                Ok((0, _)) => return Poll::Ready(Ok(())),
+                // The kernel never merges data of two senders into one read: checking each
+                // read checks every byte.
+                Ok((n, Some(pid))) if pid == this.pid => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok((_, sender)) => {
+                    tracing::warn!(
+                        connected = this.pid,
+                        sender = ?sender,
+                        "bytes from a process other than the one that connected; closing"
+                    );
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "bytes from a process other than the one that connected",
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SenderChecked {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Read `/proc` for `peer` and confirm afterwards that the pid still names the same process.
 /// Blocking (reads files): call from a blocking context.
 pub fn identify(peer: &Peer, cache: &ExeHashCache) -> Result<Caller, CallerError> {
@@ -211,6 +337,10 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
     // The exe link and file: unreadable for other users' processes without CAP_SYS_PTRACE,
     // in which case exe selectors cannot match (None), never a guess.
     let exe = fs::read_link(dir.join("exe")).ok();
+    let exe_id = exe_id(proc_root, peer.pid);
+    if peer.exe_at_accept.is_some() && exe_id != peer.exe_at_accept {
+        return Err(CallerError::Execd(peer.pid));
+    }
     let exe_sha256 = match fs::File::open(dir.join("exe")) {
         Ok(mut f) => cache.hash(&mut f).ok(),
         Err(_) => None,
@@ -240,6 +370,7 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
         uid: peer.uid,
         gid: peer.gid,
         exe,
+        exe_id,
         exe_sha256,
         unit,
         cgroup,

@@ -925,6 +925,58 @@ fn refusals_and_retention_bound_the_audit() {
     assert!(o.status.success(), "{o:?}");
 }
 
+/// (Item 5) Every request counts only from the process that connected, and only while it
+/// has not exec'd since: connecting as one program and speaking as (or through) an enrolled
+/// one is refused, and `exe` selectors compare the file, not the path.
+#[test]
+fn a_connection_cannot_be_lent_to_or_through_an_enrolled_program() {
+    let bins = shared_tempdir();
+    let enrolled = helper_copy(bins.path(), "enrolled", "salt-e");
+    let attacker = helper_copy(bins.path(), "attacker", "salt-a");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![(
+                "pinned".into(),
+                agent_toml(&format!("uid = 0\nexe = \"{}\"", enrolled.display()), ""),
+            )],
+            ..Default::default()
+        },
+    );
+    let ok = agentcall(&enrolled, 0, &d.socket, &["whoami"]);
+    assert_eq!(ok["status"], 200, "the enrolled program itself: {ok}");
+    // A link to the enrolled file is the same file; a copy is not.
+    let link = bins.path().join("link");
+    std::fs::hard_link(&enrolled, &link).unwrap();
+    assert_eq!(agentcall(&link, 0, &d.socket, &["whoami"])["status"], 200);
+    let copy = helper_copy(bins.path(), "copy", "salt-e");
+    assert_eq!(sha256_file(&copy), sha256_file(&enrolled));
+    assert_eq!(agentcall(&copy, 0, &d.socket, &["whoami"])["status"], 403);
+
+    let run = |mode: &str| -> Value {
+        let out = Command::new(&attacker)
+            .arg(&d.socket)
+            .args([mode, enrolled.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("{mode}: {out:?}"));
+        serde_json::from_str(line).unwrap()
+    };
+    // The connector becomes the enrolled program; its child speaks on the connection.
+    let forked = run("fork-then-exec");
+    assert_ne!(
+        forked["status"], 200,
+        "a child's bytes are not the connector's: {forked}"
+    );
+    // The connector execs the enrolled program, which speaks on the inherited connection.
+    let execd = run("exec-self");
+    assert_eq!(execd["status"], 403, "exec'd since it connected: {execd}");
+}
+
 /// Undoes `chattr +i` on drop, so a failing test leaves no immutable directory behind.
 struct Immutable(std::path::PathBuf);
 

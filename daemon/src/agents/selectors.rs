@@ -54,7 +54,7 @@ impl Selectors {
     pub fn matches(&self, c: &Caller) -> bool {
         self.uid.is_none_or(|u| u == c.uid)
             && self.gid.is_none_or(|g| g == c.gid)
-            && self.exe.as_ref().is_none_or(|e| c.exe.as_ref() == Some(e))
+            && self.exe.as_ref().is_none_or(|e| exe_is(e, c))
             && self
                 .exe_sha256
                 .as_ref()
@@ -67,5 +67,16 @@ impl Selectors {
                 .cgroup
                 .as_ref()
                 .is_none_or(|g| c.cgroup.as_ref() == Some(g))
+    }
+}
+
+/// The selector's file, stat'ed in the daemon's own mount namespace, is the caller's
+/// executable (same device and inode): a bind mount or another namespace can show any path,
+/// not another file's identity.
+fn exe_is(selector: &std::path::Path, c: &Caller) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(selector), c.exe_id) {
+        (Ok(m), Some(id)) => (m.dev(), m.ino()) == id,
+        _ => false,
     }
 }

@@ -188,6 +188,11 @@ pub async fn serve(
     };
     let slots = Arc::new(Semaphore::new(max_connections));
     let per_uid = PerUid::default();
+    // Every byte of a request must come from the process that connected.
+    if let Err(e) = crate::caller::pass_credentials(&listener) {
+        tracing::error!(error = %e, "cannot enable sender credentials on the socket; refusing to serve");
+        return;
+    }
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -224,6 +229,7 @@ pub async fn serve(
             );
             continue;
         };
+        let peer_for_io = peer.clone();
         let svc = svc.clone();
         let settings = settings.clone();
         let service = service_fn(move |req| {
@@ -255,7 +261,10 @@ pub async fn serve(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(
+                TokioIo::new(crate::caller::SenderChecked::new(stream, &peer_for_io)),
+                service,
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

@@ -4,12 +4,33 @@
 //! Usage: agentcall SOCKET token AUDIENCE [SCOPE...] | agentcall SOCKET whoami |
 //! agentcall SOCKET get PATH |
 //! agentcall SOCKET drop-then-whoami UID (connect as who we are, then setuid(UID), then ask) |
-//! agentcall SOCKET hold N SECONDS (N requests announcing a body that never comes)
+//! agentcall SOCKET hold N SECONDS (N requests announcing a body that never comes) |
+//! agentcall SOCKET fork-then-exec EXE (connect, fork; the parent becomes EXE, the child asks) |
+//! agentcall SOCKET exec-self EXE (connect, then exec EXE, which asks on the inherited socket)
 
 use std::io::{Read, Write};
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
+    if a[1] == "sleep" {
+        std::thread::sleep(std::time::Duration::from_secs(a[2].parse().unwrap()));
+        return;
+    }
+    if a[1] == "fork-then-exec" {
+        fork_then_exec(&a[0], &a[2]);
+        return;
+    }
+    if a[1] == "exec-self" {
+        exec_self(&a[0], &a[2]);
+        return;
+    }
+    if a[1] == "send-on-fd" {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the fd was inherited on purpose from the process that exec'd us.
+        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(a[2].parse().unwrap()) };
+        whoami_on(s);
+        return;
+    }
     if a[1] == "hold" {
         hold(&a[0], a[2].parse().unwrap(), a[3].parse().unwrap());
         return;
@@ -58,13 +79,18 @@ fn hyper_method(m: &str) -> tessera::Method {
 /// Connect first, then change uid, then send the request on the connected socket: the
 /// kernel's peer credentials still name the connector.
 fn drop_then_whoami(socket: &str, uid: u32) {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).unwrap();
     nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).unwrap();
-    s.write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: tessera\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    whoami_on(s);
+}
+
+/// Ask whoami on a connected socket and print `{"status", "body"}` (status 0: the daemon
+/// closed the connection without an answer).
+fn whoami_on(mut s: std::os::unix::net::UnixStream) {
+    let _ = s.write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: tessera\r\nConnection: close\r\n\r\n");
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let _ = s.read_to_string(&mut out);
     let status: u16 = out
         .split_whitespace()
         .nth(1)
@@ -123,4 +149,45 @@ fn hold(socket: &str, n: usize, secs: u64) {
         "{}",
         serde_json::json!({"event": "done", "opened": held.len(), "closed": closed})
     );
+}
+
+/// Connect, fork; the parent execs the enrolled `exe` (which sleeps) while the child, still
+/// this program, sends a request on the connection the parent made.
+fn fork_then_exec(socket: &str, exe: &str) {
+    use std::os::unix::process::CommandExt;
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    // Let the daemon accept while we are still this program.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: this process has one thread (no runtime was built in this mode).
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            whoami_on(s);
+        }
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(s);
+            let e = std::process::Command::new(exe)
+                .args([socket, "sleep", "3"])
+                .exec();
+            panic!("exec {exe}: {e}");
+        }
+    }
+}
+
+/// Connect as this program, then exec the enrolled `exe`, which asks on the inherited socket.
+fn exec_self(socket: &str, exe: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fd = s.as_raw_fd();
+    nix::fcntl::fcntl(
+        &s,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let e = std::process::Command::new(exe)
+        .args([socket, "send-on-fd", &fd.to_string()])
+        .exec();
+    panic!("exec {exe}: {e}");
 }
