@@ -8,8 +8,10 @@
 //! while its process exists, so `/proc/<pid>` was that process. A dead peer is refused, never
 //! misattributed.
 //!
-//! Nothing the client sends is used. Known limit (shared with every peer-credential scheme):
-//! a process that hands its connected socket to another process lends its identity with it.
+//! It must also still be the process that connected: same effective uid/gid as the
+//! connection's credentials, same executable (device, inode) as at accept, and every byte it
+//! sends must come from it ([`SenderChecked`], `SO_PASSCRED`): a connection cannot be handed to
+//! another process or spoken through an exec. Nothing the client sends is used.
 
 use std::collections::HashMap;
 use std::fs;
