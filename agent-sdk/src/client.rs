@@ -201,10 +201,13 @@ impl Client {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
+            // One request per connection, closed by the daemon right after its answer: an
+            // idle connection would count against this uid's share of the daemon's slots.
             let mut req = Request::builder()
                 .method(method)
                 .uri(path)
-                .header("host", "tessera");
+                .header("host", "tessera")
+                .header("connection", "close");
             if body.is_some() {
                 req = req.header("content-type", "application/json");
             }

@@ -33,6 +33,8 @@ pub enum CallerError {
     Gone(i32),
     #[error("process {0} has executed another program since it connected")]
     Execd(i32),
+    #[error("executable of process {pid} not hashed: {why}")]
+    ExeNotHashed { pid: i32, why: String },
     #[error("process {pid} no longer has the uid/gid it connected with ({what})")]
     CredentialsChanged { pid: i32, what: String },
     #[error("cannot inspect peer process {pid}: {source}")]
@@ -175,18 +177,34 @@ pub struct ExeHashCache {
 /// ctime, and nobody can set it.
 type ExeKey = (u64, u64, u64, i64, i64, i64, i64);
 
+fn exe_key(md: &fs::Metadata) -> ExeKey {
+    (
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec(),
+    )
+}
+
 impl ExeHashCache {
+    /// The hash of this exact file version if it was computed before (no reading).
+    fn cached(&self, md: &fs::Metadata) -> Option<String> {
+        let slot = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&exe_key(md))
+            .cloned()?;
+        let h = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        h
+    }
+
     fn hash(&self, file: &mut fs::File) -> std::io::Result<String> {
         let md = file.metadata()?;
-        let key = (
-            md.dev(),
-            md.ino(),
-            md.size(),
-            md.mtime(),
-            md.mtime_nsec(),
-            md.ctime(),
-            md.ctime_nsec(),
-        );
+        let key = exe_key(&md);
         let slot = {
             let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
             if m.len() > 4096 {
@@ -281,6 +299,14 @@ impl tokio::io::AsyncRead for SenderChecked {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
+                // Pid 0: the bytes were sent before this socket passed credentials (a
+                // connection queued before the daemon set SO_PASSCRED on a listener systemd
+                // made without `PassCredentials=yes`). Only the connection's peer credentials
+                // and the exec check vouch for those; the shipped socket unit avoids it.
+                Ok((n, Some(0))) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
                 Ok((_, sender)) => {
                     tracing::warn!(
                         connected = this.pid,
@@ -343,10 +369,11 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
     if peer.exe_at_accept.is_some() && exe_id != peer.exe_at_accept {
         return Err(CallerError::Execd(peer.pid));
     }
-    let exe_sha256 = match fs::File::open(dir.join("exe")) {
-        Ok(mut f) => cache.hash(&mut f).ok(),
-        Err(_) => None,
-    };
+    // Hashing is lazy ([`hash_exe`], only for an agent that needs it); a hash already known
+    // for this exact file version costs nothing and goes into the audit.
+    let exe_sha256 = fs::metadata(dir.join("exe"))
+        .ok()
+        .and_then(|md| cache.cached(&md));
     // The process that sends is the one we describe: its effective ids now must be the ones
     // the kernel gave for the connection (a process that dropped or changed them since is
     // not the caller it was).
@@ -377,6 +404,59 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
         unit,
         cgroup,
     })
+}
+
+/// Filesystems whose reads can block for as long as someone else likes (FUSE, network):
+/// executables on them are not hashed.
+const UNHASHABLE_FS: [i64; 9] = [
+    0x6573_5546, // FUSE
+    0x6969,      // NFS
+    0xFF53_4D42, // CIFS
+    0xFE53_4D42, // SMB2
+    0x517B,      // SMB
+    0x0102_1997, // 9P
+    0x00C3_6400, // Ceph
+    0x6B41_4653, // AFS
+    0x5346_414F, // OpenAFS
+];
+
+/// Hash the caller's executable for `exe_sha256` selectors: only a local file of at most
+/// `max_bytes`, and only the very file the caller was identified with (same device and inode).
+/// Blocking, and possibly slow: the caller of this bounds it (deadline, per-uid concurrency).
+pub fn hash_exe(
+    peer: &Peer,
+    caller: &mut Caller,
+    cache: &ExeHashCache,
+    max_bytes: u64,
+) -> Result<(), CallerError> {
+    let path = Path::new("/proc").join(peer.pid.to_string()).join("exe");
+    let refuse = |why: String| CallerError::ExeNotHashed { pid: peer.pid, why };
+    let mut f = fs::File::open(&path).map_err(|e| refuse(e.to_string()))?;
+    let md = f.metadata().map_err(|e| refuse(e.to_string()))?;
+    if Some((md.dev(), md.ino())) != caller.exe_id {
+        return Err(CallerError::Execd(peer.pid));
+    }
+    if md.len() > max_bytes {
+        return Err(refuse(format!(
+            "executable is {} bytes, over the {max_bytes}-byte limit",
+            md.len()
+        )));
+    }
+    let fs_type = nix::sys::statfs::fstatfs(&f)
+        .map_err(|e| refuse(e.to_string()))?
+        .filesystem_type()
+        .0 as i64;
+    if UNHASHABLE_FS.contains(&fs_type) {
+        return Err(refuse(format!(
+            "executable is on a FUSE or network filesystem (type {fs_type:#x})"
+        )));
+    }
+    let h = cache.hash(&mut f).map_err(|e| refuse(e.to_string()))?;
+    if !peer.alive() {
+        return Err(CallerError::Gone(peer.pid));
+    }
+    caller.exe_sha256 = Some(h);
+    Ok(())
 }
 
 /// Effective uid and gid from `/proc/<pid>/status` (`Uid:`/`Gid:` list real, effective,
@@ -479,9 +559,18 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer = Peer::from_socket(&a).unwrap();
         assert_eq!(peer.pid, std::process::id() as i32);
-        let c = identify(&peer, &ExeHashCache::default()).unwrap();
+        let cache = ExeHashCache::default();
+        let mut c = identify(&peer, &cache).unwrap();
         assert_eq!(c.exe.as_deref(), std::env::current_exe().ok().as_deref());
+        assert_eq!(c.exe_sha256, None, "hashing is lazy");
+        hash_exe(&peer, &mut c, &cache, u64::MAX).unwrap();
         assert_eq!(c.exe_sha256.as_ref().map(String::len), Some(64));
+        assert!(matches!(
+            hash_exe(&peer, &mut c, &cache, 10),
+            Err(CallerError::ExeNotHashed { .. })
+        ));
+        // Once known, the hash of this file version comes with identification for free.
+        assert_eq!(identify(&peer, &cache).unwrap().exe_sha256, c.exe_sha256);
 
         // A child that exits: its pidfd says so, and identify refuses it even though the pid
         // number might be reused.

@@ -977,6 +977,48 @@ fn a_connection_cannot_be_lent_to_or_through_an_enrolled_program() {
     assert_eq!(execd["status"], 403, "exec'd since it connected: {execd}");
 }
 
+/// (Item 10) An executable is read only for an agent that pins it by hash, and never past
+/// `max_exe_bytes`: callers that need no hash are served without their executable being read.
+#[test]
+fn executables_are_hashed_lazily_and_within_bounds() {
+    let bins = shared_tempdir();
+    let plain = helper_copy(bins.path(), "plain", "p");
+    let pinned = helper_copy(bins.path(), "pinned", "q");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            extra_config: "[limits]\nmax_exe_bytes = 1048576\n".into(),
+            agents: vec![
+                (
+                    "plain".into(),
+                    agent_toml(&format!("uid = 0\nexe = \"{}\"", plain.display()), ""),
+                ),
+                (
+                    "pinned".into(),
+                    agent_toml(
+                        &format!("uid = 0\nexe_sha256 = \"{}\"", sha256_file(&pinned)),
+                        "",
+                    ),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    assert!(std::fs::metadata(&pinned).unwrap().len() > 1048576);
+    let ok = agentcall(&plain, 0, &d.socket, &["token", AUD]);
+    assert_eq!(ok["status"], 200, "{ok}");
+    let issued = events(&d, "token.issued");
+    assert_eq!(issued.len(), 1);
+    assert!(
+        issued[0]["caller"]["exe_sha256"].is_null(),
+        "the plain agent's executable was not hashed: {}",
+        issued[0]
+    );
+    // Over the size limit the file is not read, so the hash-pinned agent cannot match.
+    let big = agentcall(&pinned, 0, &d.socket, &["whoami"]);
+    assert_eq!(big["status"], 403, "{big}");
+}
+
 /// Undoes `chattr +i` on drop, so a failing test leaves no immutable directory behind.
 struct Immutable(std::path::PathBuf);
 
@@ -1018,7 +1060,8 @@ fn failed_key_destruction_is_retried_until_the_key_is_gone() {
     assert!(!events(&d, "key.destroy_failed").is_empty());
     drop(lock);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !d.device_keys().is_empty() {
+    // The key goes, then its record: wait for both.
+    while !d.device_keys().is_empty() || events(&d, "key.destroyed").is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "key still there without a restart:\n{}",

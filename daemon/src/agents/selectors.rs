@@ -51,6 +51,16 @@ impl Selectors {
         Ok(())
     }
 
+    /// Every selector but `exe_sha256` matches (what can be decided without reading the
+    /// executable).
+    pub fn matches_cheap(&self, c: &Caller) -> bool {
+        Selectors {
+            exe_sha256: None,
+            ..self.clone()
+        }
+        .matches(c)
+    }
+
     pub fn matches(&self, c: &Caller) -> bool {
         self.uid.is_none_or(|u| u == c.uid)
             && self.gid.is_none_or(|g| g == c.gid)

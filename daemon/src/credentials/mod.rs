@@ -57,6 +57,8 @@ pub struct Credentials {
     exe_cache: ExeHashCache,
     /// Per-uid budget for audited refusals, and what was counted over it.
     refusals: Mutex<Refusals>,
+    /// Executables being hashed, bounded per uid.
+    hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Refusals over the audit budget, counted per uid.
@@ -155,6 +157,16 @@ pub(crate) fn token_limit(agent: &Agent, s: &Settings) -> Duration {
         .unwrap_or(global)
 }
 
+fn caller_problem(e: CallerError) -> Problem {
+    match e {
+        CallerError::Gone(pid) => Problem::new(
+            Kind::CallerGone,
+            format!("process {pid} exited before it could be identified"),
+        ),
+        other => Problem::new(Kind::UnknownCaller, other.to_string()),
+    }
+}
+
 /// A suspended agent gets no credential of any kind.
 pub(crate) fn check_not_suspended(agent: &Agent) -> Result<(), Problem> {
     if agent.status == Status::Suspended {
@@ -199,6 +211,7 @@ impl Credentials {
             issued: Mutex::new(HashMap::new()),
             exe_cache: ExeHashCache::default(),
             refusals: Mutex::new(Refusals::default()),
+            hashing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -261,16 +274,76 @@ impl Credentials {
     /// Kernel facts about `peer`, read off the reactor.
     pub async fn identify(self: &Arc<Self>, peer: Arc<Peer>) -> Result<Caller, Problem> {
         let me = self.clone();
-        let res = tokio::task::spawn_blocking(move || caller::identify(&peer, &me.exe_cache))
+        let p = peer.clone();
+        let res = tokio::task::spawn_blocking(move || caller::identify(&p, &me.exe_cache))
             .await
             .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        res.map_err(|e| match e {
-            CallerError::Gone(pid) => Problem::new(
-                Kind::CallerGone,
-                format!("process {pid} exited before it could be identified"),
-            ),
-            other => Problem::new(Kind::UnknownCaller, other.to_string()),
-        })
+        let caller = res.map_err(caller_problem)?;
+        // The executable is read only when an agent this caller already matches on everything
+        // else pins it by hash, and only within bounds (size, filesystem, deadline, per uid).
+        let needs_hash =
+            caller.exe_sha256.is_none()
+                && self.agents.live().iter().any(|a| {
+                    a.selectors.exe_sha256.is_some() && a.selectors.matches_cheap(&caller)
+                });
+        if !needs_hash {
+            return Ok(caller);
+        }
+        self.hash_exe(peer, caller).await
+    }
+
+    async fn hash_exe(
+        self: &Arc<Self>,
+        peer: Arc<Peer>,
+        mut caller: Caller,
+    ) -> Result<Caller, Problem> {
+        let s = self.settings();
+        let uid = caller.uid;
+        let permit = {
+            let mut m = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+            let sem = m
+                .entry(uid)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(s.identify_per_uid)))
+                .clone();
+            sem.try_acquire_owned().map_err(|_| {
+                Problem::new(
+                    Kind::BackendUnavailable,
+                    format!(
+                        "uid {uid} already has {} executables being hashed",
+                        s.identify_per_uid
+                    ),
+                )
+                .retry_after(1)
+            })?
+        };
+        let me = self.clone();
+        let max = s.max_exe_bytes;
+        let unhashed = caller.clone();
+        // The permit goes with the blocking work: a read stuck on a slow file keeps holding its
+        // uid's share, never more.
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let r = caller::hash_exe(&peer, &mut caller, &me.exe_cache, max);
+            r.map(|()| caller)
+        });
+        match tokio::time::timeout(s.identify_deadline, work).await {
+            Ok(Ok(Ok(c))) => Ok(c),
+            // Too large, or on a FUSE/network filesystem: not hashed, so no `exe_sha256`
+            // selector matches it; agents that need no hash still can.
+            Ok(Ok(Err(e @ CallerError::ExeNotHashed { .. }))) => {
+                tracing::debug!(error = %e, "executable not hashed");
+                Ok(unhashed)
+            }
+            Ok(Ok(Err(e))) => Err(caller_problem(e)),
+            Ok(Err(e)) => Err(Problem::new(Kind::Internal, e.to_string())),
+            Err(_) => Err(Problem::new(
+                Kind::RequestTimeout,
+                format!(
+                    "the caller's executable could not be read within {:?}",
+                    s.identify_deadline
+                ),
+            )),
+        }
     }
 
     /// Which agent this caller is. `wanted` names one when several match.

@@ -18,6 +18,12 @@ pub struct Settings {
     pub default_rate: u32,
     /// Refusals recorded one by one per uid and minute; the excess is counted.
     pub refusal_audit_per_uid: u32,
+    /// Largest executable hashed for `exe_sha256` selectors.
+    pub max_exe_bytes: u64,
+    /// Executables hashed at once for one uid.
+    pub identify_per_uid: usize,
+    /// Time identifying a caller (hashing its executable) may take.
+    pub identify_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

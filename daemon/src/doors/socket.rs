@@ -219,6 +219,11 @@ pub async fn serve(
                 continue;
             }
         };
+        // Connections queued before the listener passed credentials get it now.
+        if let Err(e) = crate::caller::pass_credentials(&stream) {
+            tracing::warn!(error = %e, "dropping a connection that cannot pass credentials");
+            continue;
+        }
         // One uid cannot hold every slot: past its share, its new connections are closed.
         let cap = crate::doors::read(&settings).per_uid_connections;
         let Some(uid_slot) = per_uid.take(peer.uid, cap) else {

@@ -81,6 +81,12 @@ pub struct LimitsConfig {
     /// Refusals audited one by one per uid and minute; the excess is counted in one record.
     #[serde(default = "default_refusal_audit_per_uid")]
     pub refusal_audit_per_uid: u32,
+    /// Largest executable hashed for `exe_sha256` selectors (bytes).
+    #[serde(default = "default_max_exe_bytes")]
+    pub max_exe_bytes: u64,
+    /// Executables hashed at once for one uid.
+    #[serde(default = "default_identify_per_uid")]
+    pub identify_per_uid: usize,
 }
 
 impl Default for LimitsConfig {
@@ -92,6 +98,8 @@ impl Default for LimitsConfig {
             request_deadline: default_request_deadline(),
             per_uid_connections: default_per_uid_connections(),
             refusal_audit_per_uid: default_refusal_audit_per_uid(),
+            max_exe_bytes: default_max_exe_bytes(),
+            identify_per_uid: default_identify_per_uid(),
             default_rate: default_rate(),
         }
     }
@@ -144,6 +152,12 @@ fn default_request_deadline() -> Dur {
 }
 fn default_per_uid_connections() -> usize {
     32
+}
+fn default_max_exe_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_identify_per_uid() -> usize {
+    4
 }
 fn default_refusal_audit_per_uid() -> u32 {
     60
@@ -310,6 +324,9 @@ impl Config {
             certificates: self.certificates.clone(),
             default_rate: self.limits.default_rate,
             refusal_audit_per_uid: self.limits.refusal_audit_per_uid,
+            max_exe_bytes: self.limits.max_exe_bytes,
+            identify_per_uid: self.limits.identify_per_uid.max(1),
+            identify_deadline: self.limits.request_deadline.0,
         }
     }
 
