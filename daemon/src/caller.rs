@@ -299,14 +299,7 @@ impl tokio::io::AsyncRead for SenderChecked {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                // Pid 0: the bytes were sent before this socket passed credentials (a
-                // connection queued before the daemon set SO_PASSCRED on a listener systemd
-                // made without `PassCredentials=yes`). Only the connection's peer credentials
-                // and the exec check vouch for those; the shipped socket unit avoids it.
-                Ok((n, Some(0))) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+
                 Ok((_, sender)) => {
                     tracing::warn!(
                         connected = this.pid,
@@ -365,15 +358,17 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
     // The exe link and file: unreadable for other users' processes without CAP_SYS_PTRACE,
     // in which case exe selectors cannot match (None), never a guess.
     let exe = fs::read_link(dir.join("exe")).ok();
-    let exe_id = exe_id(proc_root, peer.pid);
-    if peer.exe_at_accept.is_some() && exe_id != peer.exe_at_accept {
+    // One stat for the identity and the cache key, so both describe the same file.
+    let exe_md = fs::metadata(dir.join("exe")).ok();
+    let exe_id = exe_md.as_ref().map(|m| (m.dev(), m.ino()));
+    // Unknown at accept (unreadable then) counts as a change too: no exe selector can match
+    // a process whose program at accept nobody saw.
+    if exe_id != peer.exe_at_accept {
         return Err(CallerError::Execd(peer.pid));
     }
     // Hashing is lazy ([`hash_exe`], only for an agent that needs it); a hash already known
     // for this exact file version costs nothing and goes into the audit.
-    let exe_sha256 = fs::metadata(dir.join("exe"))
-        .ok()
-        .and_then(|md| cache.cached(&md));
+    let exe_sha256 = exe_md.as_ref().and_then(|md| cache.cached(md));
     // The process that sends is the one we describe: its effective ids now must be the ones
     // the kernel gave for the connection (a process that dropped or changed them since is
     // not the caller it was).
@@ -393,6 +388,10 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
     let unit = cgroup.as_deref().and_then(unit_of_cgroup);
     if !peer.alive() {
         return Err(CallerError::Gone(peer.pid));
+    }
+    // Still the same program after everything above was read.
+    if self::exe_id(proc_root, peer.pid) != exe_id {
+        return Err(CallerError::Execd(peer.pid));
     }
     Ok(Caller {
         pid: peer.pid,

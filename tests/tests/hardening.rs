@@ -861,7 +861,8 @@ fn refusals_and_retention_bound_the_audit() {
             ..Default::default()
         },
     );
-    let huge = format!("https://{}.example.com", "a".repeat(8000));
+    // Under the daemon's 1024-byte audience limit, far over the audit's 256-byte text cap.
+    let huge = format!("https://{}.example.com", "a".repeat(980));
     let rt = tessera_e2e::rt();
     rt.block_on(async {
         let c = d.client();

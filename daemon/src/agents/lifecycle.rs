@@ -274,7 +274,14 @@ impl Agents {
         let _gate = self.gate.write().await;
         let rows: Vec<i64> = agents.iter().map(|a| a.row).collect();
         self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?;
-        let generation = self.refresh()?;
+        let generation = match self.refresh() {
+            Ok(g) => g,
+            Err(e) => {
+                // The revocation is durable; memory must not keep serving them (fail closed).
+                self.forget_live(&rows);
+                return Err(e.into());
+            }
+        };
         let mut records = tokio::task::JoinSet::new();
         for a in agents {
             let audit = self.audit.clone();

@@ -172,6 +172,19 @@ impl Agents {
         Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
+    /// Drop `rows` from the in-memory live set (when re-reading the registry failed after a
+    /// revocation committed) and bump the generation.
+    fn forget_live(&self, rows: &[i64]) {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        let kept: Vec<Agent> = live
+            .iter()
+            .filter(|a| !rows.contains(&a.row))
+            .cloned()
+            .collect();
+        *live = Arc::new(kept);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Changes so far; anything derived from the agents (the CRL) records the generation it
     /// was built at and is rebuilt when this has moved on.
     pub fn generation(&self) -> u64 {

@@ -114,7 +114,8 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
             }
             if v["event"] == "audit.pruned" {
                 if let Some((s0, p0, _, _)) = &pruned_before {
-                    if v["details"]["through_seq"].as_u64() == Some(s0 - 1)
+                    if s0.checked_sub(1).is_some()
+                        && v["details"]["through_seq"].as_u64() == s0.checked_sub(1)
                         && v["details"]["last_hash"].as_str() == Some(p0.as_str())
                     {
                         pruned_justified = true;

@@ -10,7 +10,7 @@ use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::x509;
-use crate::credentials::{keystore_problem, rfc3339, Credentials};
+use crate::credentials::{rfc3339, Credentials};
 use crate::keystore::{KeyEvidence, MAX_NONCE};
 
 /// Smallest nonce accepted: a relying party's nonce must be unpredictable to mean anything.
@@ -40,7 +40,7 @@ impl Credentials {
             .issuer
             .evidence(&agent, &nonce)
             .await
-            .map_err(keystore_problem)?;
+            .map_err(|e| self.signing_problem(&agent, e))?;
         let nonce_hex = hex::encode(&nonce);
         let mut body = match evidence {
             KeyEvidence::Tpm(t) => {

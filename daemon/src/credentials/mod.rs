@@ -167,6 +167,9 @@ fn caller_problem(e: CallerError) -> Problem {
     }
 }
 
+/// Longest audience a token may carry.
+const MAX_AUDIENCE: usize = 1024;
+
 /// A suspended agent gets no credential of any kind.
 pub(crate) fn check_not_suspended(agent: &Agent) -> Result<(), Problem> {
     if agent.status == Status::Suspended {
@@ -422,6 +425,18 @@ impl Credentials {
             .await;
     }
 
+    /// A device error while signing for `agent`: if the agent was revoked meanwhile (its key
+    /// is gone), that is what the caller is told.
+    pub(crate) fn signing_problem(&self, agent: &Agent, e: KeyStoreError) -> Problem {
+        if !self.agents.may_release(agent) {
+            return Problem::new(
+                Kind::AgentRevoked,
+                format!("agent {} was revoked", agent.name),
+            );
+        }
+        keystore_problem(e)
+    }
+
     /// Let a credential built for `agent` leave: under the issuance gate, check the agent is
     /// still active, then write the credential's audit record. A revocation that committed
     /// meanwhile wins (the credential is refused and never leaves); one that commits later
@@ -548,7 +563,7 @@ impl Credentials {
                     .await
                 {
                     Ok(t) => t,
-                    Err(e) => return Err(keystore_problem(e)),
+                    Err(e) => return Err(self.signing_problem(&agent, e)),
                 };
                 let ev = Event::new("token.issued")
                     .agent(&agent.name, &agent.id)
@@ -577,6 +592,12 @@ impl Credentials {
     fn check_policy(&self, agent: &Agent, req: &TokenRequest) -> Result<Duration, Problem> {
         let cfg = self.settings();
         check_not_suspended(agent)?;
+        if req.audience.len() > MAX_AUDIENCE {
+            return Err(Problem::new(
+                Kind::MalformedRequest,
+                format!("audience is longer than {MAX_AUDIENCE} bytes"),
+            ));
+        }
         if !policy::audience_allowed(&agent.policy.audiences, &req.audience) {
             return Err(Problem::new(
                 Kind::AudienceNotAllowed,

@@ -290,7 +290,14 @@ impl Ctx {
                 "caller changed while being identified".into(),
             ));
         }
-        Ok(self.svc.identify(Arc::new(peer)).await?)
+        let mut caller = self.svc.identify(Arc::new(peer)).await?;
+        // A bus connection can be shared by processes (a child keeps it while the connector
+        // execs an enrolled program) and the bus tells only who connected: over D-Bus no
+        // `exe`/`exe_sha256` selector matches. Such agents use the socket, which checks
+        // every message's sender.
+        caller.exe_id = None;
+        caller.exe_sha256 = None;
+        Ok(caller)
     }
 }
 
