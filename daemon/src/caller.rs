@@ -75,8 +75,17 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
-            exe_at_accept: exe_id(Path::new("/proc"), cred.pid()),
+            // Taken by `snapshot_exe`, off the accept loop (a stat can block on a hostile
+            // filesystem).
+            exe_at_accept: None,
         })
+    }
+
+    /// Record the peer's executable as it is now (blocking: call off the reactor, before the
+    /// first request is read).
+    pub fn snapshot_exe(mut self) -> Peer {
+        self.exe_at_accept = exe_id(Path::new("/proc"), self.pid);
+        self
     }
 
     /// A peer known by pid only (D-Bus gives uid and pid through the bus daemon).

@@ -976,6 +976,15 @@ fn a_connection_cannot_be_lent_to_or_through_an_enrolled_program() {
     // The connector execs the enrolled program, which speaks on the inherited connection.
     let execd = run("exec-self");
     assert_eq!(execd["status"], 403, "exec'd since it connected: {execd}");
+    // And the attempt is in the audit.
+    assert!(
+        events(&d, "access.denied")
+            .iter()
+            .any(|r| r["details"]["reason"]
+                .as_str()
+                .is_some_and(|t| t.contains("executed another program"))),
+        "the exec trick is audited"
+    );
 }
 
 /// (Item 10) An executable is read only for an agent that pins it by hash, and never past

@@ -159,8 +159,12 @@ impl Agents {
         self.validate_spec(name, &selectors, &policy)?;
         let _guard = self.admin.lock().await;
         let a = self.live_by_name(name)?;
-        self.with_registry(|r| r.update_spec(a.row, &selectors, &policy, file_hash))?;
-        let generation = self.refresh()?;
+        let generation = {
+            // Under the gate: no credential checked against the old policy leaves after this.
+            let _gate = self.gate.write().await;
+            self.with_registry(|r| r.update_spec(a.row, &selectors, &policy, file_hash))?;
+            self.refresh()?
+        };
         self.audit_admin(
             Event::new("agent.updated")
                 .agent(&a.name, &a.id)
@@ -194,8 +198,12 @@ impl Agents {
         if a.status == status {
             return Ok(());
         }
-        self.with_registry(|r| r.set_status(a.row, status))?;
-        let generation = self.refresh()?;
+        let generation = {
+            // Under the gate: no credential leaves after a suspension is recorded.
+            let _gate = self.gate.write().await;
+            self.with_registry(|r| r.set_status(a.row, status))?;
+            self.refresh()?
+        };
         self.audit_admin(
             Event::new(event)
                 .agent(&a.name, &a.id)

@@ -347,6 +347,32 @@ impl Credentials {
         self.refresh_crl().await
     }
 
+    /// Renew the self-signed host CA certificate (same key) once it is within 30 days of its
+    /// end; the runtime calls this periodically, so a daemon that runs for years renews it
+    /// without a restart. An installed (fleet-issued) certificate is only warned about.
+    /// Returns whether it renewed.
+    pub async fn renew_ca_if_due(&self) -> Result<bool, HostCaError> {
+        let renewed = {
+            let _guard = self.ca_lock.lock().await;
+            let ca = self.host_ca()?;
+            let now = x509::now_unix();
+            if !ca_expires_soon(&ca, now) {
+                return Ok(false);
+            }
+            if !ca.self_signed {
+                tracing::warn!("the installed host CA certificate expires within 30 days; install a new one with `tessera host install-cert`");
+                return Ok(false);
+            }
+            tracing::info!("renewing the self-signed host CA certificate");
+            let new = self.self_sign(&ca.key_id, ca.key, now).await?;
+            *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
+            true
+        };
+        // The CRL names the CA certificate it belongs with: sign a new one.
+        self.refresh_crl().await?;
+        Ok(renewed)
+    }
+
     /// The stored chain, if it is for `key`.
     fn load_ca_chain(
         &self,

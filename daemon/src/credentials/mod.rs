@@ -281,7 +281,10 @@ impl Credentials {
         let res = tokio::task::spawn_blocking(move || caller::identify(&p, &me.exe_cache))
             .await
             .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        let caller = res.map_err(caller_problem)?;
+        let caller = match res {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny_unidentified(&peer, e).await),
+        };
         // The executable is read only when an agent this caller already matches on everything
         // else pins it by hash, and only within bounds (size, filesystem, deadline, per uid).
         let needs_hash =
@@ -293,6 +296,38 @@ impl Credentials {
             return Ok(caller);
         }
         self.hash_exe(peer, caller).await
+    }
+
+    /// A caller that could not be identified (gone, exec'd since it connected, changed
+    /// uid): refused, and recorded within the same per-uid audit budget as other refusals.
+    async fn deny_unidentified(&self, peer: &Peer, e: CallerError) -> Problem {
+        let p = caller_problem(e);
+        let (allowed, collapsed) = {
+            let per_min = self.settings().refusal_audit_per_uid;
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            r.admit(peer.uid, per_min, Instant::now())
+        };
+        if let Some(c) = collapsed {
+            self.record_collapsed(peer.uid, c).await;
+        }
+        if allowed {
+            let ev = Event::new("access.denied")
+                .caller(crate::audit::CallerRecord {
+                    pid: peer.pid,
+                    uid: peer.uid,
+                    gid: peer.gid,
+                    exe: None,
+                    exe_sha256: None,
+                    unit: None,
+                    cgroup: None,
+                })
+                .details(json!({
+                    "problem": p.kind.slug(),
+                    "reason": crate::audit::client_text(&p.detail),
+                }));
+            self.audit.record_or_log(ev, "a refused caller").await;
+        }
+        p
     }
 
     async fn hash_exe(

@@ -213,7 +213,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let peer = match Peer::from_socket(&stream) {
-            Ok(p) => Arc::new(p),
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "dropping connection without peer credentials");
                 continue;
@@ -234,19 +234,28 @@ pub async fn serve(
             );
             continue;
         };
-        let peer_for_io = peer.clone();
         let svc = svc.clone();
         let settings = settings.clone();
-        let service = service_fn(move |req| {
-            let svc = svc.clone();
-            let settings = settings.clone();
-            let peer = peer.clone();
-            async move {
-                // The whole request, body included, within the deadline: a client that
-                // announces a body and never sends it holds its slot only this long.
-                let deadline = crate::doors::read(&settings).request_deadline;
-                let resp =
-                    match tokio::time::timeout(deadline, route(svc, settings, peer, req)).await {
+        let watcher = graceful.watcher();
+        // Everything that may block (reading /proc) happens in the connection's own task,
+        // never in this accept loop.
+        tokio::spawn(async move {
+            let peer = match tokio::task::spawn_blocking(move || peer.snapshot_exe()).await {
+                Ok(p) => Arc::new(p),
+                Err(_) => return,
+            };
+            let peer_for_io = peer.clone();
+            let service = service_fn(move |req| {
+                let svc = svc.clone();
+                let settings = settings.clone();
+                let peer = peer.clone();
+                async move {
+                    // The whole request, body included, within the deadline: a client that
+                    // announces a body and never sends it holds its slot only this long.
+                    let deadline = crate::doors::read(&settings).request_deadline;
+                    let resp = match tokio::time::timeout(deadline, route(svc, settings, peer, req))
+                        .await
+                    {
                         Ok(Ok(r)) => r,
                         Ok(Err(p)) => problem_response(&p),
                         Err(_) => {
@@ -254,25 +263,23 @@ pub async fn serve(
                                 Kind::RequestTimeout,
                                 format!("the request did not complete within {deadline:?}"),
                             ));
-                            // The rest of the request is not read: the connection ends here.
+                            // The rest of the request is not read: the connection ends.
                             r.headers_mut()
                                 .insert(CONNECTION, HeaderValue::from_static("close"));
                             r
                         }
                     };
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(
-                TokioIo::new(crate::caller::SenderChecked::new(stream, &peer_for_io)),
-                service,
-            );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(
+                    TokioIo::new(crate::caller::SenderChecked::new(stream, &peer_for_io)),
+                    service,
+                );
+            let _ = watcher.watch(conn).await;
             drop(uid_slot);
             drop(permit);
         });

@@ -282,6 +282,12 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
                     tracing::warn!(error = %e, "cannot write issue counters");
                 }
                 n += 1;
+                // The self-signed host CA renews itself near its end (checked hourly).
+                if n.is_multiple_of(1800) {
+                    if let Err(e) = svc.renew_ca_if_due().await {
+                        tracing::warn!(error = %e, "cannot renew the host CA certificate");
+                    }
+                }
                 // Counted refusals reach the audit within a minute even if nobody asks again.
                 if n.is_multiple_of(30) {
                     svc.flush_refusals().await;

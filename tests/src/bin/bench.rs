@@ -226,11 +226,95 @@ fn revocation(mk: &dyn Fn() -> Backend, rounds: usize) -> (Stats, Stats) {
     })
 }
 
+/// The kill switch with `agents` agents declared in `agents_dir`: (time to enrol them all at
+/// start, the `RevokeAll` call, from its return until a sample of agents is refused).
+fn kill_switch(backend: Backend, agents: usize) -> (Duration, Duration, Duration) {
+    let bus = tessera_e2e::bus::TestBus::start(tessera_e2e::bus::BusPolicy::Shipped);
+    let files = (0..agents)
+        .map(|i| {
+            (
+                format!("k{i:05}"),
+                format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\n"),
+            )
+        })
+        .collect();
+    let mut d = Daemon::prepare(
+        backend,
+        Options {
+            bus: bus.address.clone(),
+            agents: files,
+            ..Default::default()
+        },
+    );
+    let t0 = Instant::now();
+    d.spawn();
+    while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(1800), "daemon not up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let enrol = t0.elapsed();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let c = d.client();
+        let sample = [0, agents / 2, agents - 1];
+        for i in sample {
+            let mut o = TokenOptions::new(AUD);
+            o.agent = Some(format!("k{i:05}"));
+            c.token(&o).await.expect("token before the kill switch");
+        }
+        let t = Instant::now();
+        conn.call_method(
+            Some("org.tessera.Tessera1"),
+            "/org/tessera/Tessera1",
+            Some("org.tessera.Tessera1.Manager"),
+            "RevokeAll",
+            &("bench",),
+        )
+        .await
+        .unwrap();
+        let call = t.elapsed();
+        let t = Instant::now();
+        for i in sample {
+            let mut o = TokenOptions::new(AUD);
+            o.agent = Some(format!("k{i:05}"));
+            c.token(&o)
+                .await
+                .expect_err("refused after the kill switch");
+        }
+        (enrol, call, t.elapsed())
+    })
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
+    if let Ok(k) = std::env::var("BENCH_KILL_SWITCH") {
+        // BENCH_KILL_SWITCH=N: only the kill switch with N agents, on swtpm and SoftHSM.
+        let agents: usize = k.parse().unwrap_or(1000);
+        println!("| backend | agents | enrol all at start (s) | RevokeAll call (ms) | return -> sample refused (ms) |");
+        println!("|---|---|---|---|---|");
+        for (name, b) in [("tpm", Backend::tpm()), ("pkcs11", Backend::pkcs11())] {
+            let (enrol, call, cut) = kill_switch(b, agents);
+            println!(
+                "| {name} | {agents} | {:.1} | {} | {} |",
+                enrol.as_secs_f64(),
+                ms(call),
+                ms(cut)
+            );
+        }
+        return;
+    }
     println!(
         "| backend | measurement | n | p50 ms | p99 ms | per second | daemon p50 / raw sign p50 |"
     );
