@@ -565,7 +565,7 @@ mod tests {
     #[test]
     fn identifies_self_over_a_socketpair_and_refuses_dead_peers() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let peer = Peer::from_socket(&a).unwrap();
+        let peer = Peer::from_socket(&a).unwrap().snapshot_exe();
         assert_eq!(peer.pid, std::process::id() as i32);
         let cache = ExeHashCache::default();
         let mut c = identify(&peer, &cache).unwrap();
