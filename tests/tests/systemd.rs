@@ -152,4 +152,43 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
         sock_path.exists(),
         "the daemon leaves systemd's socket alone"
     );
+    // The same checks as every stop (issue 21): `daemon.stopped` last, the trail verifies,
+    // and the next start finds the key.
+    let audit_dir = state.join("audit");
+    let mut last = None;
+    for f in tesserad::audit::files_in_order(&audit_dir).unwrap() {
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            last = Some(serde_json::from_str::<serde_json::Value>(line).unwrap());
+        }
+    }
+    assert_eq!(last.unwrap()["event"], "daemon.stopped");
+    let o = Command::new(bin("tessera"))
+        .args(["audit", "verify"])
+        .arg(&audit_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let mut again = Command::new(bin("tesserad"))
+        .arg("--config")
+        .arg(&cfg)
+        .envs(backend.envs())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let own_socket = state.join("agent.sock");
+    while std::os::unix::net::UnixStream::connect(&own_socket).is_err() {
+        assert!(Instant::now() < deadline, "restart not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = tessera::Client::with_socket(&own_socket);
+    rt.block_on(c.token(&TokenOptions::new("https://api.example.com")))
+        .expect("the key is still there after the stop");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(again.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(again.wait().unwrap().success());
 }
