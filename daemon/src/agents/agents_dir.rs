@@ -5,8 +5,9 @@
 //!
 //! A revocation sticks: when an admin revoked a file-declared agent (or pulled the kill
 //! switch), the revoked record keeps the file's SHA-256, and that same file is reported
-//! (`held`, log and audit `agent.file_held`), never enrolled again. Changing the file, or
-//! removing it and adding it back, is the admin's deliberate act that enrols it anew.
+//! (`held`, log and audit `agent.file_held`), never enrolled again. Changing the file's content
+//! is the admin's deliberate act that enrols it anew. (An agent revoked because its file was
+//! removed keeps no hash: adding the file back enrols it.)
 
 use std::collections::BTreeMap;
 use std::path::Path;
