@@ -54,21 +54,9 @@ impl Selectors {
     /// Every selector but `exe_sha256` matches (what can be decided without reading the
     /// executable).
     pub fn matches_cheap(&self, c: &Caller) -> bool {
-        Selectors {
-            exe_sha256: None,
-            ..self.clone()
-        }
-        .matches(c)
-    }
-
-    pub fn matches(&self, c: &Caller) -> bool {
         self.uid.is_none_or(|u| u == c.uid)
             && self.gid.is_none_or(|g| g == c.gid)
             && self.exe.as_ref().is_none_or(|e| exe_is(e, c))
-            && self
-                .exe_sha256
-                .as_ref()
-                .is_none_or(|h| c.exe_sha256.as_ref() == Some(h))
             && self
                 .unit
                 .as_ref()
@@ -77,6 +65,14 @@ impl Selectors {
                 .cgroup
                 .as_ref()
                 .is_none_or(|g| c.cgroup.as_ref() == Some(g))
+    }
+
+    pub fn matches(&self, c: &Caller) -> bool {
+        self.matches_cheap(c)
+            && self
+                .exe_sha256
+                .as_ref()
+                .is_none_or(|h| c.exe_sha256.as_ref() == Some(h))
     }
 }
 

@@ -302,31 +302,21 @@ impl Credentials {
     /// uid): refused, and recorded within the same per-uid audit budget as other refusals.
     async fn deny_unidentified(&self, peer: &Peer, e: CallerError) -> Problem {
         let p = caller_problem(e);
-        let (allowed, collapsed) = {
-            let per_min = self.settings().refusal_audit_per_uid;
-            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            r.admit(peer.uid, per_min, Instant::now())
-        };
-        if let Some(c) = collapsed {
-            self.record_collapsed(peer.uid, c).await;
-        }
-        if allowed {
-            let ev = Event::new("access.denied")
-                .caller(crate::audit::CallerRecord {
-                    pid: peer.pid,
-                    uid: peer.uid,
-                    gid: peer.gid,
-                    exe: None,
-                    exe_sha256: None,
-                    unit: None,
-                    cgroup: None,
-                })
-                .details(json!({
-                    "problem": p.kind.slug(),
-                    "reason": crate::audit::client_text(&p.detail),
-                }));
-            self.audit.record_or_log(ev, "a refused caller").await;
-        }
+        let ev = Event::new("access.denied")
+            .caller(crate::audit::CallerRecord {
+                pid: peer.pid,
+                uid: peer.uid,
+                gid: peer.gid,
+                exe: None,
+                exe_sha256: None,
+                unit: None,
+                cgroup: None,
+            })
+            .details(json!({
+                "problem": p.kind.slug(),
+                "reason": crate::audit::client_text(&p.detail),
+            }));
+        self.audit_refusal(peer.uid, ev).await;
         p
     }
 
@@ -522,19 +512,6 @@ impl Credentials {
         p: Problem,
         req: Value,
     ) -> Problem {
-        // Refusals are what anyone can cause: at most `refusal_audit_per_uid` a minute per uid
-        // are recorded one by one, the excess is counted and recorded as one collapsed record.
-        let (allowed, collapsed) = {
-            let per_min = self.settings().refusal_audit_per_uid;
-            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            r.admit(caller.uid, per_min, Instant::now())
-        };
-        if let Some(c) = collapsed {
-            self.record_collapsed(caller.uid, c).await;
-        }
-        if !allowed {
-            return p;
-        }
         let mut ev = Event::new("access.denied")
             .caller(caller.record())
             .details(json!({
@@ -546,10 +523,25 @@ impl Credentials {
         if let Some(a) = agent {
             ev = ev.agent(&a.name, &a.id);
         }
-        if let Err(e) = self.audit.record(ev).await {
-            tracing::error!(error = %e, "could not audit a refusal");
-        }
+        self.audit_refusal(caller.uid, ev).await;
         p
+    }
+
+    /// Record a refusal of `uid`'s. Refusals are what anyone can cause: at most
+    /// `refusal_audit_per_uid` a minute per uid are recorded one by one, the excess is counted
+    /// and recorded as one collapsed record. A refusal stands even if the audit cannot take it.
+    async fn audit_refusal(&self, uid: u32, ev: Event) {
+        let (allowed, collapsed) = {
+            let per_min = self.settings().refusal_audit_per_uid;
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            r.admit(uid, per_min, Instant::now())
+        };
+        if let Some(c) = collapsed {
+            self.record_collapsed(uid, c).await;
+        }
+        if allowed {
+            self.audit.record_or_log(ev, "a refusal").await;
+        }
     }
 
     async fn record_collapsed(&self, uid: u32, c: Collapsed) {

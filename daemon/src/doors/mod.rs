@@ -38,7 +38,13 @@ pub type SharedSettings = Arc<RwLock<Settings>>;
 
 /// The current settings.
 pub fn read(s: &SharedSettings) -> Settings {
-    s.read()
-        .map(|g| g.clone())
-        .unwrap_or_else(|p| p.into_inner().clone())
+    with(s, Settings::clone)
+}
+
+/// One value of the current settings, without copying the rest (the per-request path).
+pub fn with<T>(s: &SharedSettings, f: impl FnOnce(&Settings) -> T) -> T {
+    match s.read() {
+        Ok(g) => f(&g),
+        Err(p) => f(&p.into_inner()),
+    }
 }

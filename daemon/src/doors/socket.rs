@@ -123,7 +123,7 @@ async fn route(
             ))
         }
         (Method::POST, "/v1/token") => {
-            let max = crate::doors::read(&settings).max_body_bytes;
+            let max = crate::doors::with(&settings, |s| s.max_body_bytes);
             let caller = svc.identify(peer).await?;
             let body: TokenRequest = match read_json(req, max).await {
                 Ok(b) => b,
@@ -225,7 +225,7 @@ pub async fn serve(
             continue;
         }
         // One uid cannot hold every slot: past its share, its new connections are closed.
-        let cap = crate::doors::read(&settings).per_uid_connections;
+        let cap = crate::doors::with(&settings, |s| s.per_uid_connections);
         let Some(uid_slot) = per_uid.take(peer.uid, cap) else {
             tracing::debug!(
                 uid = peer.uid,
@@ -252,7 +252,7 @@ pub async fn serve(
                 async move {
                     // The whole request, body included, within the deadline: a client that
                     // announces a body and never sends it holds its slot only this long.
-                    let deadline = crate::doors::read(&settings).request_deadline;
+                    let deadline = crate::doors::with(&settings, |s| s.request_deadline);
                     let resp = match tokio::time::timeout(deadline, route(svc, settings, peer, req))
                         .await
                     {

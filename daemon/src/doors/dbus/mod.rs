@@ -259,7 +259,7 @@ impl Ctx {
         hdr: &Header<'_>,
     ) -> Result<String, TesseraError> {
         let (uid, pid) = bus_creds(conn, hdr).await?;
-        let group = crate::doors::read(&self.settings).admin_group;
+        let group = crate::doors::with(&self.settings, |s| s.admin_group.clone());
         if uid == 0 || in_group(uid, &group) {
             Ok(format!("dbus uid {uid} pid {pid}"))
         } else {
@@ -334,7 +334,7 @@ pub async fn start(
     settings: SharedSettings,
     reload: ReloadHook,
 ) -> Result<Option<Connection>, zbus::Error> {
-    let bus = crate::doors::read(&settings).bus;
+    let bus = crate::doors::with(&settings, |s| s.bus.clone());
     let builder = match bus.as_str() {
         "none" => return Ok(None),
         "system" => connection::Builder::system()?,
