@@ -491,6 +491,17 @@ impl Credentials {
         }
     }
 
+    /// Re-sign the CRL now if the agents changed since it was made (DESIGN's revocation step
+    /// (5): the CRL is current before a revocation is reported). A failure is logged and left
+    /// to the next `/v1/crl`, which retries; the revocation stands either way.
+    pub async fn ensure_crl_current(&self) {
+        if let Err(e) = self.current_crl().await {
+            self.crl_stale
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot sign the CRL; will retry on the next request");
+        }
+    }
+
     /// The CRL if nothing it depends on has moved: same agents generation, signed without a
     /// failure since, and less than half way to `nextUpdate`.
     fn fresh_crl(&self) -> Option<Arc<Crl>> {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::agents::policy::{self, RateLimiter};
-use crate::agents::{Agent, Agents, EventKind, Status};
+use crate::agents::{AdminError, Agent, Agents, EventKind, Status};
 use crate::audit::{Audit, Event};
 use crate::caller::{self, Caller, CallerError, ExeHashCache, Peer};
 use crate::duration::{format_duration, parse_duration};
@@ -261,6 +261,21 @@ impl Credentials {
                 }
             }
         })
+    }
+
+    /// Revoke an agent (an admin's act) and report only once its certificates are on a
+    /// signed CRL: steps (1)-(4) are the agents', (5) the CRL here, (6) the caller's reply.
+    pub async fn revoke(&self, name: &str, reason: &str, by: &str) -> Result<(), AdminError> {
+        let res = self.agents.revoke(name, reason, by).await;
+        self.ensure_crl_current().await;
+        res
+    }
+
+    /// The kill switch, with one CRL for all before it reports.
+    pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
+        let res = self.agents.revoke_all(reason, by).await;
+        self.ensure_crl_current().await;
+        res
     }
 
     /// Close the key store on its owner thread (TPM

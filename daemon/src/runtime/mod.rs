@@ -174,6 +174,8 @@ impl Daemon {
         }
         let dir = self.config().agents_dir.clone();
         let r = self.agents.reconcile_agents_dir(&dir).await?;
+        // Files removed meanwhile revoked their agents: the CRL is current before we report.
+        self.credentials.ensure_crl_current().await;
         tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = ?r.errors, "reloaded");
         Ok(r)
     }

@@ -21,22 +21,15 @@ impl AgentObject {
         AgentObject { ctx, name }
     }
 
-    /// Admins only. No header means the daemon itself asked (e.g. a change notification).
-    async fn admin(&self, conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<()> {
-        match hdr {
-            Some(h) => self
-                .ctx
+    /// The agent, for an admin only. No header means the daemon itself asked (e.g. a change
+    /// notification).
+    async fn read(&self, conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<Agent> {
+        if let Some(h) = hdr {
+            self.ctx
                 .require_admin(conn, &h)
                 .await
-                .map(|_| ())
-                .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string())),
-            None => Ok(()),
+                .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
         }
-    }
-}
-
-impl AgentObject {
-    fn agent(&self) -> zbus::fdo::Result<Agent> {
         self.ctx
             .svc
             .agents()
@@ -58,8 +51,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
-        self.admin(conn, hdr).await?;
-        Ok(self.name.clone())
+        Ok(self.read(conn, hdr).await?.name)
     }
     #[zbus(property)]
     async fn id(
@@ -67,8 +59,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
-        self.admin(conn, hdr).await?;
-        Ok(self.agent()?.id)
+        Ok(self.read(conn, hdr).await?.id)
     }
     #[zbus(property)]
     async fn status(
@@ -76,8 +67,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
-        self.admin(conn, hdr).await?;
-        Ok(self.agent()?.status.as_str().to_string())
+        Ok(self.read(conn, hdr).await?.status.as_str().to_string())
     }
     #[zbus(property)]
     async fn selectors(
@@ -85,8 +75,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
-        self.admin(conn, hdr).await?;
-        Ok(json_to_dict(&json!(self.agent()?.selectors)))
+        Ok(json_to_dict(&json!(self.read(conn, hdr).await?.selectors)))
     }
     #[zbus(property)]
     async fn policy(
@@ -94,8 +83,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
-        self.admin(conn, hdr).await?;
-        Ok(json_to_dict(&json!(self.agent()?.policy)))
+        Ok(json_to_dict(&json!(self.read(conn, hdr).await?.policy)))
     }
     #[zbus(property)]
     async fn key_id(
@@ -103,8 +91,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
-        self.admin(conn, hdr).await?;
-        Ok(self.agent()?.kid.unwrap_or_default())
+        Ok(self.read(conn, hdr).await?.kid.unwrap_or_default())
     }
     #[zbus(property)]
     async fn created_at(
@@ -112,8 +99,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<u64> {
-        self.admin(conn, hdr).await?;
-        Ok(self.agent()?.created_at as u64)
+        Ok(self.read(conn, hdr).await?.created_at as u64)
     }
     #[zbus(property)]
     async fn issued_count(
@@ -121,8 +107,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<u64> {
-        self.admin(conn, hdr).await?;
-        Ok(self.ctx.svc.issued(self.agent()?.row).0)
+        Ok(self.ctx.svc.issued(self.read(conn, hdr).await?.row).0)
     }
     #[zbus(property)]
     async fn last_issued_at(
@@ -130,8 +115,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<u64> {
-        self.admin(conn, hdr).await?;
-        Ok(self.ctx.svc.issued(self.agent()?.row).1)
+        Ok(self.ctx.svc.issued(self.read(conn, hdr).await?.row).1)
     }
 
     async fn revoke(
@@ -141,11 +125,7 @@ impl AgentObject {
         reason: String,
     ) -> Result<(), TesseraError> {
         let by = self.ctx.require_admin(conn, &hdr).await?;
-        self.ctx
-            .svc
-            .agents()
-            .revoke(&self.name, &reason, &by)
-            .await?;
+        self.ctx.svc.revoke(&self.name, &reason, &by).await?;
         sync_objects(conn, &self.ctx).await;
         Ok(())
     }

@@ -63,7 +63,7 @@ impl Manager {
         reason: String,
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
-        self.0.svc.agents().revoke(&name, &reason, &by).await?;
+        self.0.svc.revoke(&name, &reason, &by).await?;
         sync_objects(conn, &self.0).await;
         Ok(())
     }
@@ -99,7 +99,7 @@ impl Manager {
         reason: String,
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
-        let res = self.0.svc.agents().revoke_all(&reason, &by).await;
+        let res = self.0.svc.revoke_all(&reason, &by).await;
         sync_objects(conn, &self.0).await;
         res?;
         Ok(())
