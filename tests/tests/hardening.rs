@@ -764,13 +764,24 @@ fn state_and_socket_dirs_must_be_the_daemons_own() {
         &format!("socket = \"{}/agent.sock\"", run_dir.display()),
     );
     std::fs::write(&cfg, text).unwrap();
-    let mut child = Command::new(bin("tesserad"))
-        .arg("--config")
-        .arg(&cfg)
-        .envs(backend.envs())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Stopped even if an assertion below fails (a left-over daemon would hold the output).
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stop(
+        Command::new(bin("tesserad"))
+            .arg("--config")
+            .arg(&cfg)
+            .envs(backend.envs())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let sock = run_dir.join("agent.sock");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -780,12 +791,17 @@ fn state_and_socket_dirs_must_be_the_daemons_own() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&run_dir), 0o755);
     assert_eq!(mode(&sock), 0o666);
+    // Any local user can reach it.
+    let bins = shared_tempdir();
+    let helper = helper_copy(bins.path(), "anyone", "");
+    let health = agentcall(&helper, 65534, &sock, &["get", "/v1/health"]);
+    assert_eq!(health["status"], 200, "{health}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
 
 /// The CRL number of a PEM CRL, read by openssl.

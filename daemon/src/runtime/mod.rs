@@ -83,11 +83,15 @@ fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
         if !parent.exists() {
+            // Every directory made here is explicitly 0755 (the daemon's umask is 077):
+            // everyone must be able to reach the socket.
+            let missing: Vec<&Path> = parent.ancestors().take_while(|d| !d.exists()).collect();
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create socket dir {}", parent.display()))?;
-            // Explicitly 0755 (the daemon's umask is 077): everyone may reach the socket.
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
-                .with_context(|| format!("cannot set the mode of {}", parent.display()))?;
+            for d in missing {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                    .with_context(|| format!("cannot set the mode of {}", d.display()))?;
+            }
         }
         check_own_dir(parent, "socket dir")?;
     }
@@ -105,9 +109,22 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("remove stale socket {}", path.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Bound under a private name, opened to everyone, then renamed into place: the socket
+    // appears at its path only with its final mode (no client ever finds it 0700).
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).with_context(|| format!("cannot bind {}", tmp.display()))?;
     // Any local process may ask; who it is comes from the kernel, not from access to the file.
-    open_socket_to_all(path)?;
+    open_socket_to_all(&tmp)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move the socket into place at {}", path.display()))?;
     Ok(l)
 }
 
