@@ -487,26 +487,32 @@ fn parse_cgroup_v2(text: &str) -> Option<String> {
         .map(|p| p.trim().to_string())
 }
 
-/// The systemd unit a cgroup path belongs to, as the system manager sees it.
-///
-/// In the system manager's tree it is the outermost `.service`/`.scope` component: the unit
-/// systemd made. Cgroups a delegated unit (or a container) creates below itself never rename
-/// it, so `/system.slice/evil.service/victim.service` is `evil.service`. A process inside a
-/// user manager (`.../user@UID.service/...`) is in a unit that user made and named: it is
-/// written `user@UID:name.service`, which can never equal a system unit's name, so a user
-/// cannot join a system service's agent with `systemd-run --user --unit=...`.
+/// The systemd unit a cgroup path belongs to (systemd's `cg_path_get_unit`): the first
+/// component after the leading run of `*.slice` components, if it is a `.service` or `.scope`.
+/// Components below it (a delegated subtree, a container) never name a unit, so
+/// `/system.slice/evil.service/victim.service` is `evil.service`.
 pub fn unit_of_cgroup(path: &str) -> Option<String> {
-    let is_unit = |c: &&str| c.ends_with(".service") || c.ends_with(".scope");
-    let mut comps = path.split('/').filter(|c| !c.is_empty());
-    let outer = comps.find(is_unit)?;
-    let user_manager = outer
-        .strip_prefix("user@")
-        .and_then(|r| r.strip_suffix(".service"))
-        .filter(|uid| uid.parse::<u32>().is_ok());
-    match (user_manager, comps.find(is_unit)) {
-        (Some(uid), Some(inner)) => Some(format!("user@{uid}:{inner}")),
-        // The user manager process itself, or anything of the system manager.
-        _ => Some(outer.to_string()),
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .find(|c| !c.ends_with(".slice"))
+        .filter(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_string)
+}
+
+impl Caller {
+    /// The caller's unit when `unit` selectors may match it: a unit of the system manager,
+    /// not inside `user.slice` (a user's own manager and sessions name their units freely,
+    /// e.g. `systemd-run --user --unit=research-bot.service`).
+    pub fn system_unit(&self) -> Option<&str> {
+        let in_user_slice = self
+            .cgroup
+            .as_deref()
+            .is_some_and(|g| g.trim_start_matches('/').split('/').next() == Some("user.slice"));
+        if in_user_slice {
+            None
+        } else {
+            self.unit.as_deref()
+        }
     }
 }
 
@@ -525,33 +531,49 @@ mod tests {
             unit("/system.slice/system-getty.slice/getty@tty1.service").as_deref(),
             Some("getty@tty1.service")
         );
-        // A user's own units never look like system units.
-        assert_eq!(
-            unit("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service").as_deref(),
-            Some("user@1000:bot.service")
-        );
-        assert_eq!(
-            unit("/user.slice/user-1000.slice/user@1000.service/init.scope").as_deref(),
-            Some("user@1000:init.scope")
-        );
-        assert_eq!(
-            unit("/user.slice/user-1000.slice/user@1000.service").as_deref(),
-            Some("user@1000.service")
-        );
-        // Cgroups a delegated unit makes below itself do not rename it.
+        // Below the unit nothing renames it.
         assert_eq!(
             unit("/system.slice/evil.service/victim.service").as_deref(),
             Some("evil.service")
+        );
+        assert_eq!(
+            unit("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service").as_deref(),
+            Some("user@1000.service")
         );
         assert_eq!(
             unit("/user.slice/user-1000.slice/session-3.scope").as_deref(),
             Some("session-3.scope")
         );
         assert_eq!(unit("/"), None);
-        assert_eq!(unit("/user.slice/victim.service.d"), None);
+        assert_eq!(unit("/machine/bot.service"), None);
+        assert_eq!(unit("/system.slice/victim.service.d"), None);
         assert_eq!(
             parse_cgroup_v2("0::/a/b.service\n").as_deref(),
             Some("/a/b.service")
+        );
+        let caller = |cg: &str| Caller {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+            exe: None,
+            exe_id: None,
+            exe_sha256: None,
+            unit: unit_of_cgroup(cg),
+            cgroup: Some(cg.to_string()),
+        };
+        assert_eq!(
+            caller("/system.slice/bot.service").system_unit(),
+            Some("bot.service")
+        );
+        // Inside user.slice no unit is matchable: not a user's manager, not a session.
+        assert_eq!(
+            caller("/user.slice/user-1000.slice/user@1000.service/app.slice/bot.service")
+                .system_unit(),
+            None
+        );
+        assert_eq!(
+            caller("/user.slice/user-1000.slice/session-3.scope").system_unit(),
+            None
         );
     }
 

@@ -430,6 +430,21 @@ fn unit_selectors_match_only_the_system_manager() {
     let nested = Cgroup::new("system.slice/tessera-test-other.service/tessera-test-victim.service");
     let inner = nested.run_as(65534, &helper, &whoami);
     assert_eq!(inner["status"], 403, "{inner}");
+    // A unit of a user's own manager cannot be selected at all.
+    d.write_agent(
+        "user-unit",
+        &agent_toml(
+            "uid = 65534\nunit = \"user@1000:tessera-test-victim.service\"",
+            "",
+        ),
+    );
+    d.reload();
+    assert!(
+        d.log_text()
+            .contains("user-manager units cannot be selected"),
+        "{}",
+        d.log_text()
+    );
 }
 
 /// (Item 7) The caller is the process that sends: one that connected as root and then dropped to
