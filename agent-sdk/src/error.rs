@@ -20,6 +20,8 @@ pub enum ProblemType {
     MethodNotAllowed,
     /// The whole request (headers, body, answer) did not finish within the daemon's deadline.
     RequestTimeout,
+    /// Asked over D-Bus for an agent whose selectors only the agent socket can check.
+    UseSocket,
     Internal,
     /// A type this SDK version does not know.
     Other(String),
@@ -30,7 +32,7 @@ pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
 
 impl ProblemType {
     /// Every type the daemon sends; the one list both sides use.
-    pub const KNOWN: [ProblemType; 17] = [
+    pub const KNOWN: [ProblemType; 18] = [
         ProblemType::UnknownCaller,
         ProblemType::AmbiguousCaller,
         ProblemType::CallerGone,
@@ -47,6 +49,7 @@ impl ProblemType {
         ProblemType::NotFound,
         ProblemType::MethodNotAllowed,
         ProblemType::RequestTimeout,
+        ProblemType::UseSocket,
         ProblemType::Internal,
     ];
 
@@ -77,6 +80,7 @@ impl ProblemType {
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::RequestTimeout => "request-timeout",
+            ProblemType::UseSocket => "use-socket",
             ProblemType::Internal => "internal",
             ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
@@ -96,7 +100,8 @@ impl ProblemType {
             | ProblemType::ScopeNotAllowed
             | ProblemType::TtlNotAllowed
             | ProblemType::AgentSuspended
-            | ProblemType::AgentRevoked => 403,
+            | ProblemType::AgentRevoked
+            | ProblemType::UseSocket => 403,
             ProblemType::AmbiguousCaller => 409,
             ProblemType::MalformedRequest => 400,
             ProblemType::BodyTooLarge => 413,
@@ -127,6 +132,7 @@ impl ProblemType {
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::RequestTimeout => "Request not completed within the deadline",
+            ProblemType::UseSocket => "Use the agent socket",
             ProblemType::Internal | ProblemType::Other(_) => "Internal error",
         }
     }

@@ -157,9 +157,28 @@ pub struct Caller {
     pub exe_sha256: Option<String>,
     pub unit: Option<String>,
     pub cgroup: Option<String>,
+    /// Known only from a message bus: the bus names the process that connected to it, not the
+    /// sender of each message, so only `uid`/`gid` facts are believed.
+    pub via_bus: bool,
 }
 
 impl Caller {
+    /// A caller as the bus reports it: uid and gid, nothing read from `/proc` that could
+    /// belong to another process sharing the bus connection.
+    pub fn from_bus(pid: i32, uid: u32, gid: u32) -> Caller {
+        Caller {
+            pid,
+            uid,
+            gid,
+            exe: None,
+            exe_id: None,
+            exe_sha256: None,
+            unit: None,
+            cgroup: None,
+            via_bus: true,
+        }
+    }
+
     /// This caller as the audit trail records it.
     pub fn record(&self) -> crate::audit::CallerRecord {
         crate::audit::CallerRecord {
@@ -411,6 +430,7 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
         exe_sha256,
         unit,
         cgroup,
+        via_bus: false,
     })
 }
 
@@ -560,6 +580,7 @@ mod tests {
             exe_sha256: None,
             unit: unit_of_cgroup(cg),
             cgroup: Some(cg.to_string()),
+            via_bus: false,
         };
         assert_eq!(
             caller("/system.slice/bot.service").system_unit(),

@@ -616,6 +616,60 @@ fn gdbus_as(bus: &TestBus, uid: u32, args: &[&str]) -> Output {
         .expect("gdbus")
 }
 
+/// DESIGN, callers and selectors: the bus names the process that connected to it, not the
+/// sender, so over D-Bus only `uid`/`gid` agents are served; an agent with other selectors
+/// gets `UseSocket` naming the socket, audited. (Before, a bus caller that was the enrolled
+/// `exe` got that agent's token.)
+#[test]
+fn dbus_serves_only_uid_gid_agents() {
+    let gdbus = std::fs::canonicalize("/usr/bin/gdbus").unwrap();
+    let (bus, d) = on_bus(
+        Backend::pkcs11(),
+        vec![
+            ("ids".into(), agent_toml("uid = 0", "")),
+            (
+                "pinned".into(),
+                agent_toml(&format!("uid = 65534\nexe = \"{}\"", gdbus.display()), ""),
+            ),
+        ],
+    );
+    let get_token = |uid: u32| {
+        gdbus_as(
+            &bus,
+            uid,
+            &[
+                "call",
+                "--object-path",
+                "/org/tessera/Tessera1",
+                "--method",
+                "org.tessera.Tessera1.Credentials.GetToken",
+                AUD,
+                "[]",
+                "0",
+            ],
+        )
+    };
+    let ok = get_token(0);
+    assert!(ok.status.success(), "a uid-only agent over D-Bus: {ok:?}");
+    let refused = get_token(65534);
+    assert!(!refused.status.success(), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("org.tessera.Tessera1.Error.UseSocket"),
+        "{err}"
+    );
+    assert!(
+        err.contains(d.socket.to_str().unwrap()),
+        "names the socket: {err}"
+    );
+    assert!(
+        events(&d, "access.denied")
+            .iter()
+            .any(|r| r["details"]["problem"] == "use-socket"),
+        "the refusal is audited"
+    );
+}
+
 /// (Item 17) Agent properties are for admins, checked by the daemon itself (an open bus),
 /// and the shipped policy does not let others introspect agent object paths.
 #[test]

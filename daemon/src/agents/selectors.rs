@@ -56,9 +56,22 @@ impl Selectors {
 
     /// Every selector but `exe_sha256` matches (what can be decided without reading the
     /// executable).
+    /// Only `uid`/`gid` are given: what a caller known from a message bus can be checked
+    /// against.
+    pub fn ids_only(&self) -> bool {
+        self.exe.is_none()
+            && self.exe_sha256.is_none()
+            && self.unit.is_none()
+            && self.cgroup.is_none()
+    }
+
+    /// `uid` and `gid` match.
+    pub fn ids_match(&self, c: &Caller) -> bool {
+        self.uid.is_none_or(|u| u == c.uid) && self.gid.is_none_or(|g| g == c.gid)
+    }
+
     pub fn matches_cheap(&self, c: &Caller) -> bool {
-        self.uid.is_none_or(|u| u == c.uid)
-            && self.gid.is_none_or(|g| g == c.gid)
+        self.ids_match(c)
             && self.exe.as_ref().is_none_or(|e| exe_is(e, c))
             && self
                 .unit

@@ -399,6 +399,27 @@ impl Credentials {
             .collect();
         match matching.as_slice() {
             [one] => Ok((*one).clone()),
+            [] if caller.via_bus => {
+                // The bus cannot vouch for more than uid/gid: an agent that needs more is
+                // served on the socket only (DESIGN: `UseSocket`).
+                match live.iter().find(|a| {
+                    !a.selectors.ids_only()
+                        && a.selectors.ids_match(caller)
+                        && wanted.is_none_or(|w| a.name == w)
+                }) {
+                    Some(a) => Err(Problem::new(
+                        Kind::UseSocket,
+                        format!(
+                            "agent {} has selectors a D-Bus caller cannot be checked against; ask on the agent socket",
+                            a.name
+                        ),
+                    )),
+                    None => Err(Problem::new(
+                        Kind::UnknownCaller,
+                        format!("no enrolled agent matches uid {}", caller.uid),
+                    )),
+                }
+            }
             [] => {
                 // Tell a revoked agent that it is revoked, not that it is unknown.
                 let revoked = self.agents.revoked();

@@ -31,6 +31,8 @@ pub struct Settings {
     pub bus: String,
     /// Members may call the admin methods (root always may).
     pub admin_group: String,
+    /// The agent socket, named to D-Bus callers that must use it.
+    pub socket: std::path::PathBuf,
 }
 
 /// Settings shared between the runtime (which writes them on reload) and the doors.

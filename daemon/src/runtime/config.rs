@@ -340,6 +340,7 @@ impl Config {
             per_uid_connections: self.limits.per_uid_connections,
             bus: self.dbus.bus.clone(),
             admin_group: self.dbus.admin_group.clone(),
+            socket: self.socket.clone(),
         }
     }
 }

@@ -22,7 +22,11 @@ impl Credentials {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<HashMap<String, OwnedValue>, TesseraError> {
         let caller = self.0.caller(conn, &hdr).await?;
-        let w = self.0.svc.whoami(&caller, None)?;
+        let w = self
+            .0
+            .svc
+            .whoami(&caller, None)
+            .map_err(|p| self.0.refusal(p))?;
         let mut m = json_to_dict(&w.policy);
         m.insert("name".into(), owned(Value::from(w.name.as_str())));
         m.insert("id".into(), owned(Value::from(w.id.as_str())));
@@ -53,7 +57,12 @@ impl Credentials {
             ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
             agent: None,
         };
-        let t = self.0.svc.issue_token(&caller, req).await?;
+        let t = self
+            .0
+            .svc
+            .issue_token(&caller, req)
+            .await
+            .map_err(|p| self.0.refusal(p))?;
         Ok((t.token, t.exp as u64))
     }
 }

@@ -25,7 +25,6 @@ use zbus::zvariant::{ObjectPath, OwnedValue, Value};
 use zbus::{connection, Connection};
 
 use crate::agents::{AdminError, EventKind, ReconcileReport};
-use crate::caller::Peer;
 use crate::credentials::hostca::HostCaError;
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::Credentials as Pipeline;
@@ -58,6 +57,7 @@ pub enum TesseraError {
     RateLimited(String),
     AuditUnavailable(String),
     CertificateRejected(String),
+    UseSocket(String),
     Failed(String),
 }
 
@@ -102,6 +102,7 @@ impl From<Problem> for TesseraError {
             Kind::TtlNotAllowed => TesseraError::TtlNotAllowed(msg),
             Kind::AgentSuspended => TesseraError::AgentSuspended(msg),
             Kind::AgentRevoked => TesseraError::AgentRevoked(msg),
+            Kind::UseSocket => TesseraError::UseSocket(msg),
             Kind::RateLimited => TesseraError::RateLimited(msg),
             Kind::BackendUnavailable => TesseraError::Backend(msg),
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
@@ -274,6 +275,15 @@ impl Ctx {
         }
     }
 
+    /// A refusal as a D-Bus error; `UseSocket` names the socket to use.
+    fn refusal(&self, p: Problem) -> TesseraError {
+        if p.kind == Kind::UseSocket {
+            let socket = crate::doors::with(&self.settings, |s| s.socket.clone());
+            return TesseraError::UseSocket(format!("{p} ({})", socket.display()));
+        }
+        p.into()
+    }
+
     /// The calling process as the kernel describes it, pinned like a socket peer.
     async fn caller(
         &self,
@@ -281,22 +291,19 @@ impl Ctx {
         hdr: &Header<'_>,
     ) -> Result<crate::caller::Caller, TesseraError> {
         let (uid, pid) = bus_creds(conn, hdr).await?;
-        let peer = Peer::from_pid(pid as i32, uid, primary_gid(pid));
-        // The pidfd was taken after the bus answered: confirm the same connection still has
-        // the same pid, so the pidfd is of the process that sent the message.
+        let gid = primary_gid(pid);
+        // The gid was read for this pid after the bus answered: confirm the same connection
+        // still has the same pid.
         let (uid2, pid2) = bus_creds(conn, hdr).await?;
         if (uid2, pid2) != (uid, pid) {
             return Err(TesseraError::CallerGone(
                 "caller changed while being identified".into(),
             ));
         }
-        let mut caller = self.svc.identify(Arc::new(peer)).await?;
-        // A bus connection can be shared by processes (a child keeps it while the connector
-        // execs an enrolled program) and the bus tells only who connected: over D-Bus no
-        // `exe`/`exe_sha256` selector matches. Such agents use the socket, which checks
-        // every message's sender.
-        caller.exe_id = None;
-        caller.exe_sha256 = None;
+        // The bus names the process that connected to it, not the sender of this message, and
+        // Debian 12's dbus-daemon gives no ProcessFD: only uid/gid are believed; agents with
+        // other selectors are refused with UseSocket.
+        let caller = crate::caller::Caller::from_bus(pid as i32, uid, gid);
         Ok(caller)
     }
 }
