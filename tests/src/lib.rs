@@ -119,6 +119,18 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// A directory for executables that `exe` selectors name: not under `/tmp` or `/var/tmp`
+/// (the daemon refuses those at enrolment), reachable by other uids.
+pub fn exe_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::Builder::new()
+        .prefix("tessera-test-exe-")
+        .tempdir_in("/var/lib")
+        .expect("tempdir in /var/lib (tests run as root)");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
 /// A small runtime for driving the async SDK client from a test.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -33,7 +33,7 @@ fn start(backend: Backend, policy: BusPolicy, envs: Vec<(String, String)>) -> En
     Env {
         bus,
         d,
-        bins: shared_tempdir(),
+        bins: tessera_e2e::exe_dir(),
     }
 }
 
@@ -65,13 +65,7 @@ impl Env {
         String::from_utf8(o.stdout).unwrap()
     }
     fn helper(&self, name: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let mut bytes = std::fs::read(bin("agentcall")).unwrap();
-        bytes.extend_from_slice(name.as_bytes());
-        let p = self.bins.path().join(name);
-        std::fs::write(&p, bytes).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
+        tessera_e2e::helper_copy(self.bins.path(), name, name)
     }
     fn agents(&self) -> Vec<Value> {
         serde_json::from_str(&self.ok(&["--json", "agent", "list"])).unwrap()

@@ -438,6 +438,15 @@ fn unit_selectors_match_only_the_system_manager() {
             "",
         ),
     );
+    // Nor an executable in a temporary directory (DESIGN: refused at enrolment).
+    d.write_agent(
+        "tmp-exe",
+        &agent_toml("uid = 65534\nexe = \"/tmp/bot\"", ""),
+    );
+    d.write_agent(
+        "dotdot-exe",
+        &agent_toml("uid = 65534\nexe = \"/usr/../tmp/bot\"", ""),
+    );
     d.reload();
     assert!(
         d.log_text()
@@ -445,6 +454,9 @@ fn unit_selectors_match_only_the_system_manager() {
         "{}",
         d.log_text()
     );
+    let log = d.log_text();
+    assert!(log.contains("is under /tmp or /var/tmp"), "{log}");
+    assert!(log.contains("must not contain '..'"), "{log}");
 }
 
 /// (Item 7) The caller is the process that sends: one that connected as root and then dropped to
@@ -1016,7 +1028,7 @@ fn refusals_and_retention_bound_the_audit() {
 /// one is refused, and `exe` selectors compare the file, not the path.
 #[test]
 fn a_connection_cannot_be_lent_to_or_through_an_enrolled_program() {
-    let bins = shared_tempdir();
+    let bins = tessera_e2e::exe_dir();
     let enrolled = helper_copy(bins.path(), "enrolled", "salt-e");
     let attacker = helper_copy(bins.path(), "attacker", "salt-a");
     let d = Daemon::start_with(
@@ -1076,7 +1088,7 @@ fn a_connection_cannot_be_lent_to_or_through_an_enrolled_program() {
 /// `max_exe_bytes`: callers that need no hash are served without their executable being read.
 #[test]
 fn executables_are_hashed_lazily_and_within_bounds() {
-    let bins = shared_tempdir();
+    let bins = tessera_e2e::exe_dir();
     let plain = helper_copy(bins.path(), "plain", "p");
     let pinned = helper_copy(bins.path(), "pinned", "q");
     let d = Daemon::start_with(

@@ -10,7 +10,7 @@ use jsonwebtoken::{decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, V
 use serde_json::{json, Value};
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{agentcall, helper_copy, sha256_file, shared_tempdir, Backend, Daemon};
+use tessera_e2e::{agentcall, helper_copy, sha256_file, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
 
@@ -149,7 +149,7 @@ tessera_e2e::both_backends!(file_enrolled_agent_gets_a_verifiable_token);
 
 /// Run `exe` (an agentcall copy) as `uid`, asking for a token.
 fn callers_are_told_apart_by_uid_and_executable(backend: Backend) {
-    let bins = shared_tempdir();
+    let bins = tessera_e2e::exe_dir();
     let a = helper_copy(bins.path(), "agent-a", "salt-a");
     let b = helper_copy(bins.path(), "agent-b", "salt-b");
     let d = Daemon::start_with(

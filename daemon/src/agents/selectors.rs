@@ -33,6 +33,17 @@ impl Selectors {
             if !exe.is_absolute() {
                 return Err(format!("selector exe {:?} must be an absolute path", exe));
             }
+            // Stat'ed in the daemon's mount namespace: a path in a world-writable temporary
+            // directory (private per service under systemd) names nothing stable.
+            use std::path::Component;
+            if exe.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(format!("selector exe {exe:?} must not contain '..'"));
+            }
+            if exe.starts_with("/tmp") || exe.starts_with("/var/tmp") {
+                return Err(format!(
+                    "selector exe {exe:?} is under /tmp or /var/tmp; install the program elsewhere"
+                ));
+            }
         }
         if let Some(h) = &self.exe_sha256 {
             if h.len() != 64
