@@ -100,15 +100,24 @@ pub fn sha256_file(p: &Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
 }
 
+/// The header of a compact JWT, unverified.
+pub fn jwt_header(token: &str) -> serde_json::Value {
+    jwt_part(token, 0)
+}
+
 /// The claims of a compact JWT, unverified (for checks that relate a token to the audit;
 /// signatures are checked elsewhere with jsonwebtoken).
 pub fn jwt_claims(token: &str) -> serde_json::Value {
+    jwt_part(token, 1)
+}
+
+fn jwt_part(token: &str, i: usize) -> serde_json::Value {
     use base64::Engine;
-    let payload = token.split('.').nth(1).expect("JWT payload");
+    let part = token.split('.').nth(i).expect("JWT part");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .expect("base64url payload");
-    serde_json::from_slice(&bytes).expect("JSON claims")
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON")
 }
 
 /// Seconds since the Unix epoch.

@@ -109,6 +109,19 @@ fn tpm_evidence_verifies_and_tampering_is_caught() {
 
     // The SDK verifier accepts it and names the JWK's key.
     let ok = verify(&ev, &expect).expect("evidence verifies");
+    // Later evidence (a fresh nonce) verifies against the AK pinned at provisioning.
+    let nonce2: [u8; 32] = rand::random();
+    let ev2 = rt()
+        .block_on(d.client().attestation(&nonce2, None))
+        .unwrap();
+    verify(
+        &ev2,
+        &Expectations {
+            nonce: nonce2.to_vec(),
+            ..expect.clone()
+        },
+    )
+    .expect("later evidence verifies against the pinned AK");
     assert_eq!(ok.key, key);
     let must = attestation::FIXED_TPM
         | attestation::FIXED_PARENT

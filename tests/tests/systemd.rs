@@ -183,8 +183,16 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let c = tessera::Client::with_socket(&own_socket);
-    rt.block_on(c.token(&TokenOptions::new("https://api.example.com")))
-        .expect("the key is still there after the stop");
+    let again_token = rt
+        .block_on(c.token(&TokenOptions::new("https://api.example.com")))
+        .expect("a token after the stop");
+    // The same key, not a new one.
+    let kid = |t: &str| tessera_e2e::jwt_header(t)["kid"].clone();
+    assert_eq!(
+        kid(&again_token.token),
+        kid(&token.token),
+        "the key survived the stop"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(again.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -155,13 +155,24 @@ fn hold(socket: &str, n: usize, secs: u64) {
 /// this program, sends a request on the connection the parent made.
 fn fork_then_exec(socket: &str, exe: &str) {
     use std::os::unix::process::CommandExt;
-    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    // Let the daemon accept while we are still this program.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    // The daemon has accepted (and taken its snapshot) once it answers on this connection.
+    health_on(&mut s);
+    let parent = std::process::id();
+    let me = std::fs::read_link("/proc/self/exe").unwrap();
     // SAFETY: this process has one thread (no runtime was built in this mode).
     match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Speak only once the connector really is the enrolled program.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_link(format!("/proc/{parent}/exe"))
+                .ok()
+                .as_ref()
+                == Some(&me)
+            {
+                assert!(std::time::Instant::now() < deadline, "parent did not exec");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             whoami_on(s);
         }
         nix::unistd::ForkResult::Parent { .. } => {
@@ -178,8 +189,9 @@ fn fork_then_exec(socket: &str, exe: &str) {
 fn exec_self(socket: &str, exe: &str) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    // The daemon has accepted (and taken its snapshot) once it answers on this connection.
+    health_on(&mut s);
     let fd = s.as_raw_fd();
     nix::fcntl::fcntl(
         &s,
@@ -190,4 +202,32 @@ fn exec_self(socket: &str, exe: &str) {
         .args([socket, "send-on-fd", &fd.to_string()])
         .exec();
     panic!("exec {exe}: {e}");
+}
+
+/// One keep-alive `GET /v1/health` on `s`, read to the end of its answer.
+fn health_on(s: &mut std::os::unix::net::UnixStream) {
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: tessera\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "daemon closed the connection");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return;
+            }
+        }
+    }
 }
