@@ -313,6 +313,10 @@ fn hostile_audiences_do_not_match_a_host_glob() {
         },
     );
     token(&d, &TokenOptions::new("https://db.internal.example.com")).expect("a real host");
+    // A host label the glob allows, but an audience too long to put in a token.
+    let long = format!("https://{}.internal.example.com", "a".repeat(2000));
+    let e = token(&d, &TokenOptions::new(&long)).expect_err("too long");
+    assert_eq!(e.problem(), Some(ProblemType::MalformedRequest), "{e}");
     for bad in [
         "https://evil.test#.internal.example.com",
         "https://evil.test?.internal.example.com",
