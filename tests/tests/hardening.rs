@@ -120,6 +120,31 @@ tessera_e2e::both_backends!(revoked_file_agent_stays_revoked);
 /// the agent is revoked; every token handed out is in the audit before `agent.revoked`, was
 /// issued no later than the revocation, and no token is handed out after `Revoke` returned.
 fn no_token_leaves_after_revocation(backend: Backend) {
+    nothing_leaves_after(
+        backend,
+        &["agent", "revoke", "busy", "--reason", "incident"],
+        ProblemType::AgentRevoked,
+        "agent.revoked",
+    );
+}
+
+tessera_e2e::both_backends!(no_token_leaves_after_revocation);
+
+/// The same for a suspension: it too is recorded under the issuance gate.
+fn no_token_leaves_after_suspension(backend: Backend) {
+    nothing_leaves_after(
+        backend,
+        &["agent", "suspend", "busy"],
+        ProblemType::AgentSuspended,
+        "agent.suspended",
+    );
+}
+
+tessera_e2e::both_backends!(no_token_leaves_after_suspension);
+
+/// 16 clients ask for tokens while an admin runs `tessera ARGS` to cut the agent off: every
+/// token handed out is audited before `event`, and once the call returned all are `refused`.
+fn nothing_leaves_after(backend: Backend, args: &[&str], refused: ProblemType, event: &str) {
     let (bus, d) = on_bus(
         backend,
         vec![("busy".into(), agent_toml("uid = 0", "rate = 1000000"))],
@@ -143,15 +168,13 @@ fn no_token_leaves_after_revocation(backend: Backend) {
                         let mut got = vec![];
                         loop {
                             match c.token(&TokenOptions::new(AUD)).await {
-                                Ok(t) => {
-                                    // Revoke had returned before this request was even sent?
-                                    got.push((t.token, false));
-                                }
+                                Ok(t) => got.push(t.token),
                                 Err(e) => {
                                     assert!(
                                         matches!(
                                             e.problem(),
                                             Some(ProblemType::AgentRevoked)
+                                                | Some(ProblemType::AgentSuspended)
                                                 | Some(ProblemType::UnknownCaller)
                                         ),
                                         "{e}"
@@ -187,25 +210,21 @@ fn no_token_leaves_after_revocation(backend: Backend) {
         assert!(std::time::Instant::now() < deadline, "no tokens issued");
         std::thread::sleep(Duration::from_millis(10));
     }
-    cli_ok(
-        &bus,
-        &d,
-        &["agent", "revoke", "busy", "--reason", "incident"],
-    );
+    cli_ok(&bus, &d, args);
     let returned_at = tessera_e2e::now_unix();
     revoked.store(true, Ordering::SeqCst);
-    // After Revoke returned, nothing more: one more request from here is refused.
-    let e = token(&d, &TokenOptions::new(AUD)).expect_err("token after Revoke returned");
-    assert_eq!(e.problem(), Some(ProblemType::AgentRevoked));
+    // After the call returned, nothing more: one more request from here is refused.
+    let e = token(&d, &TokenOptions::new(AUD)).expect_err("token after the call returned");
+    assert_eq!(e.problem(), Some(refused));
     let tokens = clients.join().expect("clients");
     assert!(!tokens.is_empty());
 
     let records = d.audit_records();
     let revoked_seq = records
         .iter()
-        .find(|r| r["event"] == "agent.revoked")
+        .find(|r| r["event"] == event)
         .and_then(|r| r["seq"].as_u64())
-        .expect("agent.revoked recorded");
+        .unwrap_or_else(|| panic!("{event} recorded"));
     let issued: HashMap<String, u64> = records
         .iter()
         .filter(|r| r["event"] == "token.issued")
@@ -216,7 +235,7 @@ fn no_token_leaves_after_revocation(backend: Backend) {
             )
         })
         .collect();
-    for (t, _) in &tokens {
+    for t in &tokens {
         let claims = tessera_e2e::jwt_claims(t);
         let jti = claims["jti"].as_str().unwrap();
         let seq = issued
@@ -224,13 +243,11 @@ fn no_token_leaves_after_revocation(backend: Backend) {
             .unwrap_or_else(|| panic!("token {jti} handed out without an audit record"));
         assert!(
             *seq < revoked_seq,
-            "token {jti} audited at {seq}, after agent.revoked at {revoked_seq}"
+            "token {jti} audited at {seq}, after {event} at {revoked_seq}"
         );
         assert!(claims["iat"].as_i64().unwrap() <= returned_at);
     }
 }
-
-tessera_e2e::both_backends!(no_token_leaves_after_revocation);
 
 /// (Item 4) The kill switch marks every agent revoked at once: every `agent.revoked` is in the
 /// audit before the first key is destroyed, and one CRL covers them all.
