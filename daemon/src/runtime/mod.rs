@@ -290,13 +290,19 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
         },
         Duration::from_secs(10),
     ));
+    // Stopped by a signal, never aborted: an abort inside a flush would lose what it had
+    // taken (collapsed refusal counts).
+    let (flusher_stop, mut flusher_stopped) = tokio::sync::watch::channel(false);
     let flusher = {
         let svc = svc.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             let mut n: u64 = 0;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = flusher_stopped.changed() => break,
+                }
                 if let Err(e) = svc.flush_counters() {
                     tracing::warn!(error = %e, "cannot write issue counters");
                 }
@@ -363,16 +369,16 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     tracing::info!("stopping: draining connections");
     systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     // Release the bus name first so a new instance can take it, then drain the socket.
-    if let Some(c) = &dbus {
-        let _ = c.release_name(doors::dbus::BUS_NAME).await;
+    if let Some(door) = dbus {
+        door.stop().await;
     }
-    drop(dbus);
     let _ = stop_tx.send(());
     let _ = server.await;
     if let Some(w) = watchdog {
         w.abort();
     }
-    flusher.abort();
+    let _ = flusher_stop.send(true);
+    let _ = flusher.await;
     follower.abort();
     destroyer.abort();
     if let Err(e) = svc.flush_counters() {

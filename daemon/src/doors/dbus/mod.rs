@@ -238,6 +238,23 @@ fn primary_gid(pid: u32) -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// The running D-Bus door.
+pub struct Door {
+    conn: Connection,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Door {
+    /// Stop step (1): give up the bus name and close the connection, so nothing is answered
+    /// on the bus once the daemon starts closing its parts.
+    pub async fn stop(self) {
+        let _ = self.conn.release_name(BUS_NAME).await;
+        self.follower.abort();
+        let _ = self.follower.await;
+        drop(self.conn);
+    }
+}
+
 /// `Manager.Reload()`: re-read the config and `agents_dir`, which is the runtime's to do; it
 /// hands the door this hook.
 pub type ReloadHook = Arc<
@@ -340,7 +357,7 @@ pub async fn start(
     svc: Arc<Pipeline>,
     settings: SharedSettings,
     reload: ReloadHook,
-) -> Result<Option<Connection>, zbus::Error> {
+) -> Result<Option<Door>, zbus::Error> {
     let bus = crate::doors::with(&settings, |s| s.bus.clone());
     let builder = match bus.as_str() {
         "none" => return Ok(None),
@@ -368,11 +385,16 @@ pub async fn start(
     sync_objects(&conn, &ctx).await;
     let mut events = svc.agents().subscribe();
     let c = conn.clone();
-    tokio::spawn(async move {
+    let follower = tokio::spawn(async move {
         loop {
             let ev = match events.recv().await {
                 Ok(ev) => ev,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Signals for those changes are lost; the exported objects are not.
+                    tracing::warn!(missed = n, "D-Bus fell behind agent changes");
+                    sync_objects(&c, &ctx).await;
+                    continue;
+                }
                 Err(_) => break,
             };
             sync_objects(&c, &ctx).await;
@@ -397,5 +419,5 @@ pub async fn start(
         }
     });
     tracing::info!(bus = %bus, name = BUS_NAME, "D-Bus service up");
-    Ok(Some(conn))
+    Ok(Some(Door { conn, follower }))
 }
