@@ -1200,6 +1200,12 @@ fn failed_key_destruction_is_retried_until_the_key_is_gone() {
     assert_eq!(e.problem(), Some(ProblemType::AgentRevoked));
     assert_eq!(d.device_keys().len(), 1, "the key could not go yet");
     assert!(!events(&d, "key.destroy_failed").is_empty());
+    // `agent show` tells the admin the key is still to go.
+    let o = cli(&bus, &d, &["--json", "agent", "show", "bot"]);
+    assert!(o.status.success(), "{o:?}");
+    let shown: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["KeyState"], "destroy-pending", "{shown}");
+    assert_eq!(shown["Status"], "revoked", "{shown}");
     drop(lock);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     // The key goes, then its record: wait for both.
@@ -1214,6 +1220,15 @@ fn failed_key_destruction_is_retried_until_the_key_is_gone() {
     let destroyed = events(&d, "key.destroyed");
     assert_eq!(destroyed.len(), 1, "{destroyed:?}");
     assert_eq!(destroyed[0]["details"]["retried"], true);
+    // Once the key is gone the revoked agent's object goes too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cli(&bus, &d, &["agent", "show", "bot"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revoked agent still shown"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Records of `event` in the daemon's audit.

@@ -374,6 +374,7 @@ impl Agents {
                     ))
                     .await;
                     tracing::info!(agent = %a.name, "key destroyed on retry");
+                    self.publish(self.generation(), &a.name, EventKind::KeyDestroyed);
                 }
                 Err(e) => {
                     left += 1;

@@ -72,7 +72,11 @@ pub enum EventKind {
     Updated,
     Suspended,
     Resumed,
-    Revoked { reason: String },
+    Revoked {
+        reason: String,
+    },
+    /// A revoked agent's key whose destruction had failed is gone at last.
+    KeyDestroyed,
 }
 
 /// One change, published after it is durable. `generation` is the value of
@@ -257,6 +261,11 @@ impl Agents {
 
     /// A value of the registry's `meta` table (state other parts keep with the agents so it
     /// commits with the same durability).
+    /// Revoked agents whose key is still to be destroyed (retried in the background).
+    pub fn destroy_pending(&self) -> Result<Vec<Agent>, RegistryError> {
+        self.with_registry(|r| r.revoked_with_key())
+    }
+
     pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
         self.with_registry(|r| r.meta(key))
     }

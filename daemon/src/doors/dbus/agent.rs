@@ -30,13 +30,15 @@ impl AgentObject {
                 .await
                 .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
         }
-        self.ctx
-            .svc
-            .agents()
-            .live()
-            .iter()
+        let agents = self.ctx.svc.agents();
+        if let Some(a) = agents.live().iter().find(|a| a.name == self.name) {
+            return Ok(a.clone());
+        }
+        agents
+            .destroy_pending()
+            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?
+            .into_iter()
             .find(|a| a.name == self.name)
-            .cloned()
             .ok_or_else(|| zbus::fdo::Error::UnknownObject(format!("agent {} is gone", self.name)))
     }
 }
@@ -92,6 +94,21 @@ impl AgentObject {
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
         Ok(self.read(conn, hdr).await?.kid.unwrap_or_default())
+    }
+    /// "active", or "destroy-pending" for a revoked agent whose key could not be destroyed
+    /// yet (retried in the background until it is gone).
+    #[zbus(property)]
+    async fn key_state(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        let a = self.read(conn, hdr).await?;
+        Ok(match a.status {
+            crate::agents::Status::Revoked => "destroy-pending",
+            _ => "active",
+        }
+        .to_string())
     }
     #[zbus(property)]
     async fn created_at(

@@ -329,13 +329,18 @@ impl Ctx {
 /// returns (so a returned path exists) and on every change event.
 async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
     let mut exported = ctx.exported.lock().await;
-    let live: Vec<String> = ctx
+    // Live agents, and revoked ones whose key is still being destroyed (KeyState tells).
+    let mut live: Vec<String> = ctx
         .svc
         .agents()
         .live()
         .iter()
         .map(|a| a.name.clone())
         .collect();
+    match ctx.svc.agents().destroy_pending() {
+        Ok(pending) => live.extend(pending.into_iter().map(|a| a.name)),
+        Err(e) => tracing::warn!(error = %e, "cannot list keys pending destruction"),
+    }
     let server = conn.object_server();
     for name in exported.iter().filter(|n| !live.contains(n)) {
         let _ = server
@@ -411,7 +416,7 @@ pub async fn start(
                 EventKind::Revoked { reason } => Manager::agent_revoked(e, n, reason).await,
                 EventKind::Suspended => Manager::agent_suspended(e, n).await,
                 EventKind::Resumed => Manager::agent_resumed(e, n).await,
-                EventKind::Updated => Ok(()),
+                EventKind::Updated | EventKind::KeyDestroyed => Ok(()),
             };
             if let Err(err) = res {
                 tracing::warn!(error = %err, "cannot emit D-Bus signal");
