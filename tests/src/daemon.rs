@@ -15,6 +15,8 @@ pub struct Daemon {
     pub log: PathBuf,
     child: Option<Child>,
     envs: Vec<(String, String)>,
+    /// Extra `tesserad` arguments for the next spawn (e.g. `--accept-audit-tamper`).
+    pub args: Vec<String>,
 }
 
 pub struct Options {
@@ -67,6 +69,7 @@ impl Daemon {
             backend,
             child: None,
             envs: opts.envs,
+            args: vec![],
         };
         for (name, toml) in &opts.agents {
             d.write_agent(name, toml);
@@ -103,6 +106,7 @@ impl Daemon {
         let child = Command::new(bin("tesserad"))
             .arg("--config")
             .arg(&self.config)
+            .args(&self.args)
             .envs(self.backend.envs())
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra.iter().copied())

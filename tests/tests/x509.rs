@@ -758,3 +758,69 @@ fn certificates_racing_a_revocation_all_reach_the_crl() {
         );
     }
 }
+
+/// Item 20: the self-signed host CA renews itself while the daemon runs (same key, new
+/// certificate), not only at the next start. With `ca_validity` 20 s beyond the 30-day renewal
+/// window, renewal falls due 20 s after start; the old daemon only looked once an hour.
+#[test]
+fn self_signed_host_ca_renews_while_running() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            extra_config: "[certificates]\nca_validity = \"30days 20s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    let first = rt().block_on(d.client().bundle()).unwrap();
+    let serial = |pem: &str| {
+        let f = write(&d.scratch_dir(), "ca.pem", pem);
+        openssl_ok(&[
+            "x509",
+            "-in",
+            s(&f),
+            "-noout",
+            "-serial",
+            "-pubkey",
+            "-enddate",
+        ])
+    };
+    let before = serial(&first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let renewed = loop {
+        let now = rt().block_on(d.client().bundle()).unwrap();
+        if now != first {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host CA not renewed within 60 s:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let after = serial(&renewed);
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .skip_while(|l| !l.starts_with(name))
+            .take(if name == "-----BEGIN" { 4 } else { 1 })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_ne!(field(&before, "serial="), field(&after, "serial="));
+    assert_eq!(
+        field(&before, "-----BEGIN"),
+        field(&after, "-----BEGIN"),
+        "same key"
+    );
+    assert_ne!(field(&before, "notAfter="), field(&after, "notAfter="));
+    // The renewed certificate is what the daemon now issues from, and it is the one on disk.
+    let on_disk = std::fs::read_to_string(d.state_dir().join("ca/host-ca.pem")).unwrap();
+    assert_eq!(split_pem(&on_disk)[0].trim(), split_pem(&renewed)[0].trim());
+    let created = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "hostca.created")
+        .count();
+    assert!(created >= 2, "the renewal is audited");
+    assert!(d.stop().success());
+}

@@ -12,8 +12,11 @@
 //! a torn record, and the caller gets an error (the API answers 503).
 //!
 //! Files: `<state>/audit/audit.log` is current; past `rotate_bytes` it is renamed to
-//! `audit-<first seq>.log` and the chain carries on in a new `audit.log`. A torn last line
-//! found at start (crash mid-write) is moved aside to `torn-<time>.bin` and recorded.
+//! `audit-<first seq>.log` and the chain carries on in a new `audit.log`. An unparsable tail
+//! found at start (crash mid-write) is moved aside to `torn-<time>.bin` and recorded. A
+//! complete record that does not hold together, or a trail that no longer matches the last
+//! signed checkpoint (`checkpoint`), is tampering: start-up refuses it unless the admin
+//! accepts it, and then leaves it in place.
 //!
 //! Retention (`keep_files`, `keep_bytes`): after a rotation the oldest rotated files go, and
 //! first an `audit.pruned` record names them with the seq and hash of the last record they
@@ -21,8 +24,10 @@
 //! is still found.
 
 //!
-//! `writer`: the writer thread, rotation and start-up repair; `verify`: reading the chain back.
+//! `writer`: the writer thread, rotation and start-up repair; `verify`: reading the chain back;
+//! `checkpoint`: the signed head and the start-up check against it.
 
+pub mod checkpoint;
 mod verify;
 mod writer;
 
@@ -33,7 +38,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-pub use verify::{files_in_order, verify, Broken, Summary};
+pub use checkpoint::{Checkpoint, Head, Tamper};
+pub use verify::{files_in_order, verify, verify_anchored, Anchored, Broken, Summary};
 use writer::{last_record, repair_tail, Writer};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -49,6 +55,8 @@ pub enum AuditError {
     },
     #[error("audit writer has stopped")]
     Stopped,
+    #[error("the audit trail was tampered with at seq {}: {}; start with --accept-audit-tamper to carry on (recorded in the trail)", .0.seq, .0.reason)]
+    Tampered(Tamper),
     #[error("audit log {path} is unreadable at line {line}: {reason}")]
     Corrupt {
         path: String,
@@ -184,6 +192,12 @@ pub struct AuditConfig {
     /// go first (unlimited when unset).
     #[serde(default)]
     pub keep_bytes: Option<u64>,
+    /// A signed checkpoint after this many records ...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ... or this long after the last one, whichever comes first (and at every stop).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: crate::duration::Dur,
 }
 
 impl Default for AuditConfig {
@@ -192,8 +206,18 @@ impl Default for AuditConfig {
             rotate_bytes: default_rotate_bytes(),
             keep_files: None,
             keep_bytes: None,
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+
+fn default_checkpoint_interval() -> crate::duration::Dur {
+    crate::duration::Dur(std::time::Duration::from_secs(300))
 }
 
 fn default_rotate_bytes() -> u64 {
@@ -262,6 +286,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    head: tokio::sync::watch::Receiver<Head>,
     /// The writer thread, joined once by [`Audit::close`].
     thread: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -273,27 +298,49 @@ pub struct TornTail {
     pub saved_to: PathBuf,
 }
 
+/// What opening the trail found, for the runtime to record once the writer runs.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// An unparsable tail left by a crash, set aside.
+    pub torn: Option<TornTail>,
+    /// Tampering an admin accepted with `--accept-audit-tamper`.
+    pub tamper_accepted: Option<Tamper>,
+}
+
 impl Audit {
     /// Open (or create) the audit trail in `dir` and start the writer thread.
     pub fn open(dir: &Path, rotate_bytes: u64) -> Result<(Audit, Option<TornTail>), AuditError> {
-        Self::open_with(
-            dir,
-            &AuditConfig {
-                rotate_bytes,
-                ..AuditConfig::default()
-            },
-        )
+        let cfg = AuditConfig {
+            rotate_bytes,
+            ..AuditConfig::default()
+        };
+        Self::open_with(dir, &cfg, None, false).map(|(a, o)| (a, o.torn))
     }
 
-    /// [`Audit::open`] with retention.
+    /// [`Audit::open`] with retention, checked against the last checkpoint `anchor`: an
+    /// unparsable tail (a crash mid-write) is set aside; tampering found at the end of the
+    /// trail or against the anchor is refused ([`AuditError::Tampered`], nothing written)
+    /// unless `accept_tamper`, in which case the trail is left as found and the caller
+    /// records what was accepted.
     pub fn open_with(
         dir: &Path,
         cfg: &AuditConfig,
-    ) -> Result<(Audit, Option<TornTail>), AuditError> {
+        anchor: Option<&Checkpoint>,
+        accept_tamper: bool,
+    ) -> Result<(Audit, Opened), AuditError> {
         let rotate_bytes = cfg.rotate_bytes;
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let torn = repair_tail(dir)?;
+        let tamper = checkpoint::check_tail(dir, anchor)?;
+        let tamper_accepted = match tamper {
+            Some(t) if !accept_tamper => return Err(AuditError::Tampered(t)),
+            t => t,
+        };
         let (seq, prev) = last_record(dir)?;
+        let (head_tx, head) = tokio::sync::watch::channel(Head {
+            seq,
+            hash: prev.clone(),
+        });
         let mut w = Writer {
             dir: dir.to_path_buf(),
             file: None,
@@ -303,6 +350,7 @@ impl Audit {
             rotate_bytes,
             keep_files: cfg.keep_files,
             keep_bytes: cfg.keep_bytes,
+            head: head_tx,
         };
         w.open_file()?;
         let (tx, mut rx) = mpsc::channel::<Msg>(4096);
@@ -335,7 +383,23 @@ impl Audit {
             })
             .map_err(|e| io_err(dir, e))?;
         let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
-        Ok((Audit { tx, thread }, torn))
+        Ok((
+            Audit { tx, head, thread },
+            Opened {
+                torn,
+                tamper_accepted,
+            },
+        ))
+    }
+
+    /// The last durable record.
+    pub fn head(&self) -> Head {
+        self.head.borrow().clone()
+    }
+
+    /// Changes of [`Audit::head`], for the checkpoint signer.
+    pub fn watch_head(&self) -> tokio::sync::watch::Receiver<Head> {
+        self.head.clone()
     }
 
     /// Record an event durably; returns its `seq` once it is on disk.
@@ -387,9 +451,9 @@ mod tests {
         let cfg = AuditConfig {
             rotate_bytes: 600,
             keep_files: Some(2),
-            keep_bytes: None,
+            ..AuditConfig::default()
         };
-        let (a, _) = Audit::open_with(dir.path(), &cfg).unwrap();
+        let (a, _) = Audit::open_with(dir.path(), &cfg, None, false).unwrap();
         for i in 0..40 {
             a.record(Event::new("token.issued").details(json!({"i": i})))
                 .await

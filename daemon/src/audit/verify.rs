@@ -58,6 +58,87 @@ pub struct Broken {
 
 /// Check the whole chain under `path` (a directory, or a single file).
 pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
+    Ok(walk(path, None)?.map(|(s, _)| s))
+}
+
+/// A chain that verifies and what its newest checkpoint covers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Anchored {
+    pub summary: Summary,
+    /// Every record up to this seq is vouched for by the signed checkpoint.
+    pub anchored_through: u64,
+    /// When the checkpoint was signed (Unix seconds).
+    pub checkpoint_iat: i64,
+    /// Records after the checkpoint: chained, but nothing signed covers them yet.
+    pub unanchored: u64,
+}
+
+/// [`verify`], then check the signed checkpoint `jws` with the host CA key `key`: its
+/// record must be in the trail with the hash it signed. Rewriting any record up to it, or
+/// removing records after it, is reported as broken.
+pub fn verify_anchored(
+    path: &Path,
+    jws: &str,
+    key: &p256::ecdsa::VerifyingKey,
+) -> Result<Result<Anchored, Broken>, AuditError> {
+    let broken = |seq: u64, reason: String| Broken {
+        seq,
+        file: path.join(super::checkpoint::FILE).display().to_string(),
+        line: 1,
+        reason,
+    };
+    let cp = match super::checkpoint::verify(jws, key) {
+        Ok(cp) => cp,
+        Err(e) => return Ok(Err(broken(0, e.to_string()))),
+    };
+    let (summary, hash) = match walk(path, Some(cp.seq))? {
+        Ok(x) => x,
+        Err(b) => return Ok(Err(b)),
+    };
+    let last = summary.last_seq.unwrap_or(0);
+    if last < cp.seq {
+        return Ok(Err(broken(
+            cp.seq,
+            format!("the trail ends at seq {last} but the signed checkpoint covers seq {}: records were removed", cp.seq),
+        )));
+    }
+    match hash {
+        Some(h) if h == cp.hash => {}
+        Some(_) => {
+            return Ok(Err(broken(
+                cp.seq,
+                format!(
+                    "record seq {} is not the one the checkpoint signed: the trail was rewritten",
+                    cp.seq
+                ),
+            )))
+        }
+        None => {
+            return Ok(Err(broken(
+                cp.seq,
+                format!(
+                    "record seq {} of the checkpoint is not in the trail (it starts at seq {})",
+                    cp.seq,
+                    summary.first_seq.unwrap_or(0)
+                ),
+            )))
+        }
+    }
+    Ok(Ok(Anchored {
+        unanchored: last - cp.seq,
+        anchored_through: cp.seq,
+        checkpoint_iat: cp.iat,
+        summary,
+    }))
+}
+
+/// The chain check, also returning the hash of record `want` if the trail holds it.
+#[allow(clippy::type_complexity)]
+fn walk(
+    path: &Path,
+    want: Option<u64>,
+) -> Result<Result<(Summary, Option<String>), Broken>, AuditError> {
+    let mut wanted_hash = None;
     let files = if path.is_dir() {
         files_in_order(path)?
     } else {
@@ -131,6 +212,9 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
                 )));
             }
             first_seq.get_or_insert(seq);
+            if want == Some(seq) {
+                wanted_hash = v["hash"].as_str().map(str::to_string);
+            }
             prev = v["hash"].as_str().map(str::to_string);
             expected_seq = Some(seq + 1);
             records += 1;
@@ -148,11 +232,14 @@ pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
             }));
         }
     }
-    Ok(Ok(Summary {
-        files: files.len(),
-        records,
-        first_seq,
-        last_seq: expected_seq.map(|s| s - 1),
-        last_hash: prev.unwrap_or_else(|| GENESIS.to_string()),
-    }))
+    Ok(Ok((
+        Summary {
+            files: files.len(),
+            records,
+            first_seq,
+            last_seq: expected_seq.map(|s| s - 1),
+            last_hash: prev.unwrap_or_else(|| GENESIS.to_string()),
+        },
+        wanted_hash,
+    )))
 }

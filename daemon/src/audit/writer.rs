@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use super::checkpoint::Head;
 use super::verify::{files_in_order, first_seq};
 use super::{canonical, io_err, record_hash, AuditError, Event, Job, TornTail, CURRENT, GENESIS};
 
@@ -19,11 +20,20 @@ pub(super) struct Writer {
     pub(super) rotate_bytes: u64,
     pub(super) keep_files: Option<usize>,
     pub(super) keep_bytes: Option<u64>,
+    /// Published after every durable write, for whoever signs checkpoints.
+    pub(super) head: tokio::sync::watch::Sender<Head>,
 }
 
 impl Writer {
     pub(super) fn current(&self) -> PathBuf {
         self.dir.join(CURRENT)
+    }
+
+    fn publish_head(&self) {
+        self.head.send_replace(Head {
+            seq: self.seq,
+            hash: self.prev.clone(),
+        });
     }
 
     pub(super) fn open_file(&mut self) -> Result<(), AuditError> {
@@ -85,6 +95,7 @@ impl Writer {
             Ok(()) => {
                 self.seq = seq;
                 self.prev = prev;
+                self.publish_head();
                 for rec in &built {
                     emit_trace(rec);
                 }
@@ -180,6 +191,7 @@ impl Writer {
         self.append(line.as_bytes())?;
         self.seq = seq;
         self.prev = hash;
+        self.publish_head();
         emit_trace(&rec);
         for f in &doomed {
             fs::remove_file(f).map_err(|e| io_err(f, e))?;
@@ -241,9 +253,10 @@ pub(super) fn repair_tail(dir: &Path) -> Result<Option<TornTail>, AuditError> {
             .rposition(|b| *b == b'\n')
             .map_or(0, |p| p + 1);
         let last = &body[start..body.len() - 1];
+        // Only an unparsable final batch is a torn write. A complete record with a wrong
+        // hash was not left by a crash: that is for the tamper check, not for repair.
         match serde_json::from_slice::<Value>(last) {
-            Ok(v) if v["hash"].as_str() == Some(record_hash(&v).as_str()) => break,
-            // A complete-looking last line that does not hold together: torn too.
+            Ok(v) if v.is_object() => break,
             _ => good = start,
         }
     }

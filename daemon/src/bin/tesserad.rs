@@ -29,6 +29,12 @@ struct Args {
     /// D-Bus for --dev: "none", "session", "system" or an address.
     #[arg(long, requires = "dev")]
     bus: Option<String>,
+    /// Start even though the audit trail fails its start-up check (records removed or
+    /// rewritten since the last signed checkpoint, an edited record at its end). The trail is
+    /// left as found and `audit.tamper_accepted` is recorded; `tessera audit verify` still
+    /// reports the damage.
+    #[arg(long)]
+    accept_audit_tamper: bool,
 }
 
 fn main() -> ExitCode {
@@ -75,7 +81,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res = rt.block_on(tesserad::runtime::run(cfg, config_path.as_deref()));
+    let opts = tesserad::runtime::StartOptions {
+        accept_audit_tamper: args.accept_audit_tamper,
+    };
+    let res = rt.block_on(tesserad::runtime::run(cfg, config_path.as_deref(), opts));
     drop(dev_env);
     match res {
         Ok(()) => ExitCode::SUCCESS,

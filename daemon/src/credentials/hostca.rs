@@ -373,6 +373,16 @@ impl Credentials {
         Ok(renewed)
     }
 
+    /// How long until [`Credentials::renew_ca_if_due`] has something to do (zero when it is
+    /// due now), so the periodic task wakes when renewal is due, not only on its hourly round.
+    pub fn ca_renewal_due_in(&self) -> Option<std::time::Duration> {
+        let ca = self.host_ca().ok()?;
+        let end = x509::unix_of(&ca.chain[0].tbs_certificate.validity.not_after);
+        // One second past the boundary: `ca_expires_soon` needs strictly less time left.
+        let due = end - RENEW_BEFORE_SECS - x509::now_unix() + 1;
+        Some(std::time::Duration::from_secs(due.max(0) as u64))
+    }
+
     /// The stored chain, if it is for `key`.
     fn load_ca_chain(
         &self,

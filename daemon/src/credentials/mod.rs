@@ -7,6 +7,7 @@
 //!   certificates and key attestation; `problem`: refusals with stable names.
 
 pub mod certificate;
+pub mod checkpoint;
 pub mod evidence;
 pub mod hostca;
 pub mod issuer;
@@ -59,6 +60,10 @@ pub struct Credentials {
     refusals: Mutex<Refusals>,
     /// Executables being hashed, bounded per uid.
     hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
+    /// `<state>/audit`: where the checkpoint file goes.
+    audit_dir: PathBuf,
+    /// The seq of the newest signed checkpoint; also serialises signing them.
+    checkpointed: tokio::sync::Mutex<crate::audit::Head>,
 }
 
 /// Refusals over the audit budget, counted per uid.
@@ -215,6 +220,11 @@ impl Credentials {
             exe_cache: ExeHashCache::default(),
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
+            audit_dir: state_dir.join("audit"),
+            checkpointed: tokio::sync::Mutex::new(crate::audit::Head {
+                seq: 0,
+                hash: crate::audit::GENESIS.to_string(),
+            }),
         })
     }
 

@@ -24,6 +24,9 @@ pub struct Settings {
     pub identify_per_uid: usize,
     /// Time identifying a caller (hashing its executable) may take.
     pub identify_deadline: Duration,
+    /// A signed audit checkpoint after this many records or this long, whichever is first.
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -229,6 +229,14 @@ impl Config {
                 format_duration(self.tokens.max_ttl.0)
             )));
         }
+        if self.audit.checkpoint_every == 0
+            || self.audit.checkpoint_interval.0 < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "audit.checkpoint_every must be at least 1 and audit.checkpoint_interval at least 1s"
+                    .into(),
+            ));
+        }
         if self.tokens.default_ttl.0 < Duration::from_secs(1) {
             return Err(invalid("tokens.default_ttl must be at least 1s".into()));
         }
@@ -327,6 +335,8 @@ impl Config {
             max_exe_bytes: self.limits.max_exe_bytes,
             identify_per_uid: self.limits.identify_per_uid.max(1),
             identify_deadline: self.limits.request_deadline.0,
+            checkpoint_every: self.audit.checkpoint_every,
+            checkpoint_interval: self.audit.checkpoint_interval.0,
         }
     }
 

@@ -1,11 +1,12 @@
 //! The daemon's wiring: config, dev mode, systemd, logging, start-up, signals and stop.
 //!
-//! Start: state dir → audit → key store → registry → crash repair → host CA → agents_dir →
-//! D-Bus name → socket → ready. A failure before "ready" exits non-zero with the reason;
+//! Start: state dir → registry (it holds the last audit checkpoint) → audit, checked against
+//! that checkpoint → key store → crash repair → host CA → agents_dir → checkpoint → D-Bus name
+//! → socket → ready. A failure before "ready" exits non-zero with the reason;
 //! nothing is half-started.
 //!
 //! Stop (SIGTERM, SIGINT): stop accepting and release the bus name → drain connections →
-//! flush issue counters → `daemon.stopped` recorded → key store closed on its owner thread and
+//! flush issue counters → `daemon.stopped` recorded → final checkpoint → key store closed on its owner thread and
 //! joined (TPM objects flushed, PKCS#11 `C_Finalize`, module unloaded) → audit writer joined
 //! → registry closed → return. Nothing of a device is left for process exit to tear down.
 
@@ -27,7 +28,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::agents::registry::Registry;
 use crate::agents::{Agents, ReconcileReport};
-use crate::audit::{Audit, Event};
+use crate::audit::{checkpoint, Audit, Event};
+use crate::credentials::checkpoint::CheckpointSignError;
 use crate::credentials::Credentials;
 use crate::doors::{self, SharedSettings};
 use crate::keystore::{self, owner::KeyStoreHandle};
@@ -199,11 +201,36 @@ impl Daemon {
 }
 
 /// Everything that runs before the socket opens; used by `run` and by tests of start-up.
-pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon>> {
+pub async fn start(
+    cfg: Config,
+    config_path: Option<&Path>,
+    opts: StartOptions,
+) -> Result<Arc<Daemon>> {
     check_state_dir(&cfg.state_dir, &cfg.socket)?;
-    let (audit, torn) = Audit::open_with(&cfg.state_dir.join("audit"), &cfg.audit)
-        .context("cannot open the audit trail")?;
-    if let Some(t) = torn {
+    // The registry first: it holds the last checkpoint the trail is checked against.
+    let registry =
+        Registry::open(&cfg.state_dir.join("registry.db")).context("cannot open the registry")?;
+    let stored = registry
+        .meta(crate::credentials::checkpoint::META_CHECKPOINT)
+        .context("cannot read the registry")?;
+    let (anchor, unreadable_anchor) = match stored.as_deref().map(checkpoint::parse_unverified) {
+        None => (None, None),
+        Some(Ok(cp)) => (Some(cp), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+    };
+    if let Some(e) = &unreadable_anchor {
+        if !opts.accept_audit_tamper {
+            bail!("the registry's audit checkpoint is unreadable ({e}); start with --accept-audit-tamper to carry on (recorded in the trail)");
+        }
+    }
+    let (audit, opened) = Audit::open_with(
+        &cfg.state_dir.join("audit"),
+        &cfg.audit,
+        anchor.as_ref(),
+        opts.accept_audit_tamper,
+    )
+    .context("cannot open the audit trail")?;
+    if let Some(t) = opened.torn {
         audit
             .record(Event::new("audit.tail_recovered").details(json!({
                 "bytes": t.bytes, "saved_to": t.saved_to,
@@ -211,12 +238,14 @@ pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon
             .await?;
         tracing::warn!(bytes = t.bytes, saved_to = %t.saved_to.display(), "torn audit tail set aside");
     }
+    let tamper = opened.tamper_accepted.map(|t| (t.seq, t.reason));
+    if let Some((seq, reason)) = tamper.or(unreadable_anchor.map(|e| (0, e))) {
+        accept_tamper(&audit, anchor.as_ref(), seq, &reason).await?;
+    }
     let backend = cfg.backend.clone();
     let state_dir = cfg.state_dir.clone();
     let ks = KeyStoreHandle::spawn(move || keystore::open(&backend, &state_dir))
         .context("cannot open the key store")?;
-    let registry =
-        Registry::open(&cfg.state_dir.join("registry.db")).context("cannot open the registry")?;
     let agents = Agents::new(cfg.agents_settings(), registry, ks.clone(), audit.clone())?;
     let creds = Credentials::new(
         cfg.credentials_settings(),
@@ -238,8 +267,24 @@ pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon
         .init_host_ca()
         .await
         .context("cannot set up the host CA")?;
+    // The anchor the trail was checked against must be the host CA's own.
+    match creds.check_stored_checkpoint().await {
+        Ok(_) => {}
+        Err(e @ CheckpointSignError::Stored(_)) => {
+            if !opts.accept_audit_tamper {
+                bail!("{e} (was the host CA replaced?); start with --accept-audit-tamper to carry on (recorded in the trail)");
+            }
+            accept_tamper(&audit, anchor.as_ref(), 0, &e.to_string()).await?;
+        }
+        Err(e) => return Err(e).context("cannot check the stored audit checkpoint"),
+    }
     let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
     tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
+    // Anchor what start-up wrote (and re-anchor after accepted tampering).
+    creds
+        .checkpoint()
+        .await
+        .context("cannot sign the audit checkpoint")?;
     Ok(Arc::new(Daemon {
         credentials: creds,
         agents,
@@ -250,9 +295,38 @@ pub async fn start(cfg: Config, config_path: Option<&Path>) -> Result<Arc<Daemon
     }))
 }
 
+/// How this start may differ from a normal one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// `--accept-audit-tamper`: carry on over a trail that fails its start-up check,
+    /// recording `audit.tamper_accepted`, instead of refusing to start.
+    pub accept_audit_tamper: bool,
+}
+
+async fn accept_tamper(
+    audit: &Audit,
+    anchor: Option<&checkpoint::Checkpoint>,
+    seq: u64,
+    reason: &str,
+) -> Result<()> {
+    tracing::error!(
+        seq,
+        reason,
+        "audit tampering accepted by --accept-audit-tamper"
+    );
+    audit
+        .record(Event::new("audit.tamper_accepted").details(json!({
+            "seq": seq,
+            "reason": reason,
+            "checkpoint": anchor.map(|a| json!({"seq": a.seq, "hash": a.hash, "iat": a.iat})),
+        })))
+        .await?;
+    Ok(())
+}
+
 /// Run until SIGTERM/SIGINT. SIGHUP re-reads `agents_dir` (and the config file, if any).
-pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
-    let d = start(cfg.clone(), config_path).await?;
+pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) -> Result<()> {
+    let d = start(cfg.clone(), config_path, opts).await?;
     let svc = d.credentials.clone();
     let follower = svc.spawn_event_follower();
     // The bus name first, then the socket: once the socket answers, everything is up.
@@ -307,12 +381,6 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
                     tracing::warn!(error = %e, "cannot write issue counters");
                 }
                 n += 1;
-                // The self-signed host CA renews itself near its end (checked hourly).
-                if n.is_multiple_of(1800) {
-                    if let Err(e) = svc.renew_ca_if_due().await {
-                        tracing::warn!(error = %e, "cannot renew the host CA certificate");
-                    }
-                }
                 // Counted refusals reach the audit within a minute even if nobody asks again.
                 if n.is_multiple_of(30) {
                     svc.flush_refusals().await;
@@ -322,6 +390,38 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
                 if n.is_multiple_of(150) {
                     if let Err(e) = svc.agents().prune_certificates(crate::agents::now_unix()) {
                         tracing::warn!(error = %e, "cannot prune expired certificates");
+                    }
+                }
+            }
+        })
+    };
+    let checkpointer = svc.spawn_checkpointer(flusher_stop.subscribe());
+    // The self-signed host CA renews itself 30 days before its end: wake when that is due
+    // (at most an hour apart, so a clock change is noticed), without a restart.
+    let ca_renewer = {
+        let svc = svc.clone();
+        let mut stopped = flusher_stop.subscribe();
+        tokio::spawn(async move {
+            const ROUND: Duration = Duration::from_secs(3600);
+            let mut wait = svc.ca_renewal_due_in().map_or(ROUND, |d| d.min(ROUND));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => break,
+                }
+                wait = match svc.renew_ca_if_due().await {
+                    Ok(true) => Duration::from_secs(1),
+                    Ok(false) => ROUND,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the host CA certificate");
+                        ROUND
+                    }
+                };
+                // Next: when it is due, unless that is now and nothing could be done (an
+                // installed certificate only warns; a failure waits for the next round).
+                if let Some(due) = svc.ca_renewal_due_in() {
+                    if !due.is_zero() {
+                        wait = due.min(ROUND);
                     }
                 }
             }
@@ -379,6 +479,8 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
     }
     let _ = flusher_stop.send(true);
     let _ = flusher.await;
+    let _ = checkpointer.await;
+    let _ = ca_renewer.await;
     follower.abort();
     destroyer.abort();
     if let Err(e) = svc.flush_counters() {
@@ -389,6 +491,11 @@ pub async fn run(cfg: Config, config_path: Option<&Path>) -> Result<()> {
         let _ = std::fs::remove_file(&cfg.socket);
     }
     let stopped = d.audit.record(Event::new("daemon.stopped")).await;
+    // The final checkpoint covers `daemon.stopped`: a trail cut short after a clean stop
+    // is found at the next start.
+    if let Err(e) = svc.checkpoint().await {
+        tracing::error!(error = %e, "cannot sign the final audit checkpoint");
+    }
     svc.close().await;
     d.audit.close().await;
     d.agents.close();

@@ -136,11 +136,19 @@ struct AuditCmd {
 
 #[derive(Subcommand)]
 enum AuditSub {
-    /// Check the hash chain; names the first bad seq.
+    /// Check the hash chain (names the first bad seq) and, with --ca, the signed checkpoint:
+    /// records up to it must be as signed; later ones are reported as unanchored.
     Verify {
         /// Audit directory or file.
         #[arg(default_value = "/var/lib/tessera/audit")]
         path: PathBuf,
+        /// The host CA certificate (PEM) from a copy you trust, not the host's own file: its
+        /// key must have signed the checkpoint.
+        #[arg(long, value_name = "PEM")]
+        ca: Option<PathBuf>,
+        /// The checkpoint to check against (default: checkpoint.jws in the audit directory).
+        #[arg(long, value_name = "FILE", requires = "ca")]
+        checkpoint: Option<PathBuf>,
     },
     /// Show the last records.
     Tail {
@@ -347,12 +355,117 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+fn broken_trail(b: &tesserad::audit::Broken, as_json: bool) -> ExitCode {
+    if as_json {
+        print_json(&json!({"intact": false, "broken": b}));
+    }
+    eprintln!(
+        "tessera: audit trail broken at seq {} ({}:{}): {}",
+        b.seq, b.file, b.line, b.reason
+    );
+    ExitCode::from(EXIT_UNVERIFIED)
+}
+
+/// `audit verify --ca`: the chain, then the checkpoint signed by the CA's key.
+fn verify_anchored(
+    path: &std::path::Path,
+    ca: &std::path::Path,
+    checkpoint: Option<&std::path::Path>,
+    as_json: bool,
+) -> ExitCode {
+    let key = match std::fs::read_to_string(ca)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| {
+            tesserad::credentials::x509::certs_from_pem(&pem).map_err(|e| e.to_string())
+        })
+        .and_then(|certs| {
+            tesserad::credentials::x509::cert_p256_key(&certs[0])
+                .ok_or_else(|| "its first certificate has no P-256 key".to_string())
+        }) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("tessera: {}: {e}", ca.display());
+            return ExitCode::from(2);
+        }
+    };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+    };
+    let jws = match checkpoint {
+        Some(f) => std::fs::read_to_string(f)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", f.display())),
+        None => tesserad::audit::checkpoint::read_file(&dir).map_err(|e| e.to_string()),
+    };
+    let jws = match jws {
+        Ok(Some(j)) => j,
+        Ok(None) => {
+            eprintln!(
+                "tessera: no checkpoint in {} ({}): nothing anchors this trail",
+                dir.display(),
+                tesserad::audit::checkpoint::FILE
+            );
+            return ExitCode::from(EXIT_UNVERIFIED);
+        }
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match tesserad::audit::verify_anchored(path, &jws, &key) {
+        Ok(Ok(a)) => {
+            if as_json {
+                print_json(&json!({"intact": true, "summary": a.summary, "anchored": a}));
+            } else {
+                let s = &a.summary;
+                println!(
+                    "intact: {} records in {} file(s), seq {}..{}, last hash {}",
+                    s.records,
+                    s.files,
+                    s.first_seq.unwrap_or(0),
+                    s.last_seq.unwrap_or(0),
+                    s.last_hash
+                );
+                println!(
+                    "anchored through seq {} (checkpoint signed at {}); {} record(s) after it unanchored",
+                    a.anchored_through,
+                    unix_time_text(a.checkpoint_iat),
+                    a.unanchored
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(b)) => broken_trail(&b, as_json),
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unix_time_text(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
 async fn audit(cmd: AuditSub, as_json: bool) -> ExitCode {
     match cmd {
-        AuditSub::Verify { path } => match tesserad::audit::verify(&path) {
+        AuditSub::Verify {
+            path,
+            ca: Some(ca),
+            checkpoint,
+        } => verify_anchored(&path, &ca, checkpoint.as_deref(), as_json),
+        AuditSub::Verify { path, .. } => match tesserad::audit::verify(&path) {
             Ok(Ok(s)) => {
                 if as_json {
-                    print_json(&json!({"intact": true, "summary": s}));
+                    print_json(&json!({"intact": true, "summary": s, "anchored": false}));
                 } else {
                     println!(
                         "intact: {} records in {} file(s), seq {}..{}, last hash {}",
@@ -362,19 +475,11 @@ async fn audit(cmd: AuditSub, as_json: bool) -> ExitCode {
                         s.last_seq.unwrap_or(0),
                         s.last_hash
                     );
+                    println!("not anchored: give --ca to check the signed checkpoint");
                 }
                 ExitCode::SUCCESS
             }
-            Ok(Err(b)) => {
-                if as_json {
-                    print_json(&json!({"intact": false, "broken": b}));
-                }
-                eprintln!(
-                    "tessera: audit trail broken at seq {} ({}:{}): {}",
-                    b.seq, b.file, b.line, b.reason
-                );
-                ExitCode::from(EXIT_UNVERIFIED)
-            }
+            Ok(Err(b)) => broken_trail(&b, as_json),
             Err(e) => {
                 eprintln!("tessera: {e}");
                 ExitCode::FAILURE
