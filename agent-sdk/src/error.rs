@@ -22,6 +22,12 @@ pub enum ProblemType {
     RequestTimeout,
     /// Asked over D-Bus for an agent whose selectors only the agent socket can check.
     UseSocket,
+    /// The agent's policy has `require_binding`: ask for a bound token (`bind`).
+    BindingRequired,
+    /// A proof's target (DPoP `htu`) is not allowed by the agent's `audiences`.
+    TargetNotAllowed,
+    /// A proof's `access_token` / `ath` is not a token of this agent bound to its proof key.
+    TokenNotAccepted,
     Internal,
     /// A type this SDK version does not know.
     Other(String),
@@ -32,7 +38,7 @@ pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
 
 impl ProblemType {
     /// Every type the daemon sends; the one list both sides use.
-    pub const KNOWN: [ProblemType; 18] = [
+    pub const KNOWN: [ProblemType; 21] = [
         ProblemType::UnknownCaller,
         ProblemType::AmbiguousCaller,
         ProblemType::CallerGone,
@@ -50,6 +56,9 @@ impl ProblemType {
         ProblemType::MethodNotAllowed,
         ProblemType::RequestTimeout,
         ProblemType::UseSocket,
+        ProblemType::BindingRequired,
+        ProblemType::TargetNotAllowed,
+        ProblemType::TokenNotAccepted,
         ProblemType::Internal,
     ];
 
@@ -81,6 +90,9 @@ impl ProblemType {
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::RequestTimeout => "request-timeout",
             ProblemType::UseSocket => "use-socket",
+            ProblemType::BindingRequired => "binding-required",
+            ProblemType::TargetNotAllowed => "target-not-allowed",
+            ProblemType::TokenNotAccepted => "token-not-accepted",
             ProblemType::Internal => "internal",
             ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
@@ -101,7 +113,10 @@ impl ProblemType {
             | ProblemType::TtlNotAllowed
             | ProblemType::AgentSuspended
             | ProblemType::AgentRevoked
-            | ProblemType::UseSocket => 403,
+            | ProblemType::UseSocket
+            | ProblemType::BindingRequired
+            | ProblemType::TargetNotAllowed
+            | ProblemType::TokenNotAccepted => 403,
             ProblemType::AmbiguousCaller => 409,
             ProblemType::MalformedRequest => 400,
             ProblemType::BodyTooLarge => 413,
@@ -133,6 +148,9 @@ impl ProblemType {
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::RequestTimeout => "Request not completed within the deadline",
             ProblemType::UseSocket => "Use the agent socket",
+            ProblemType::BindingRequired => "Agent policy requires sender-constrained tokens",
+            ProblemType::TargetNotAllowed => "Proof target not allowed by policy",
+            ProblemType::TokenNotAccepted => "Token not bound to this agent's proof key",
             ProblemType::Internal | ProblemType::Other(_) => "Internal error",
         }
     }

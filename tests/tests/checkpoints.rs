@@ -346,3 +346,98 @@ fn an_edited_last_record_is_tampering_not_a_torn_tail() {
         "{out}"
     );
 }
+
+#[test]
+fn records_removed_from_the_start_behind_a_forged_pruned_record_are_caught() {
+    let mut d = start("");
+    let ca = ca_copy(&d);
+    tokens(&d, 4);
+    assert!(d.stop().success());
+    let recs = log_lines(&d);
+    // Drop the first three records and explain it with a forged retention record at the end,
+    // hashed like a real one.
+    let mut forged: Vec<Value> = recs[3..].to_vec();
+    let mut pruned = recs.last().unwrap().clone();
+    pruned["seq"] = Value::from(recs.last().unwrap()["seq"].as_u64().unwrap() + 1);
+    pruned["event"] = Value::from("audit.pruned");
+    pruned["caller"] = Value::Null;
+    pruned["agent"] = Value::Null;
+    pruned["details"] = serde_json::json!({
+        "files": ["audit-00000000000000000001.log"],
+        "through_seq": 3,
+        "last_hash": recs[2]["hash"],
+    });
+    pruned["prev"] = recs.last().unwrap()["hash"].clone();
+    pruned["hash"] = Value::String(tesserad::audit::record_hash(&pruned));
+    forged.push(pruned);
+    let copy = copy_trail(&d);
+    write_log(copy.path(), &forged);
+    assert_eq!(
+        verify_cli(copy.path(), None).0,
+        Some(0),
+        "the chain alone holds"
+    );
+    let (code, out) = verify_cli(copy.path(), Some(&ca));
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("records removed"), "{out}");
+    // And the daemon does not start over it (and so never re-anchors it).
+    write_log(&d.audit_dir(), &forged);
+    refused_start(&mut d, "records were removed");
+}
+
+#[test]
+fn a_refused_start_changes_nothing() {
+    let mut d = start("");
+    tokens(&d, 2);
+    assert!(d.stop().success());
+    let mut recs = log_lines(&d);
+    recs.pop();
+    // Records removed after the checkpoint, and a torn half line after them.
+    write_log(&d.audit_dir(), &recs);
+    let log = d.audit_dir().join("audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(b"{\"seq\":99,\"ev");
+    std::fs::write(&log, &bytes).unwrap();
+    refused_start(&mut d, "records were removed");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the trail is as found");
+    assert!(
+        !std::fs::read_dir(d.audit_dir())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("torn-")),
+        "no torn tail set aside by a refused start"
+    );
+}
+
+#[test]
+fn retention_keeps_the_anchor_and_the_trail_verifies_through_restarts() {
+    // Retention never removes the file holding the newest checkpoint's record: with
+    // checkpoints every 5 records it can follow closely.
+    let mut d = start("[audit]\nrotate_bytes = 4096\nkeep_files = 1\ncheckpoint_every = 5\n");
+    let ca = ca_copy(&d);
+    for round in 0..3 {
+        for _ in 0..8 {
+            tokens(&d, 5);
+            // Let the signer keep up, as it does between bursts.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(d.stop().success(), "round {round}");
+        let files = tesserad::audit::files_in_order(&d.audit_dir()).unwrap();
+        assert!(
+            !files[0].ends_with("audit-00000000000000000001.log"),
+            "retention ran: {files:?}"
+        );
+        let recs = log_lines(&d);
+        assert!(recs.iter().any(|r| r["event"] == "audit.pruned"));
+        let (code, out) = verify_cli(&d.audit_dir(), Some(&ca));
+        assert_eq!(code, Some(0), "round {round}: {out}");
+        assert!(out.contains("0 record(s) after it unanchored"), "{out}");
+        // Pruned files are not tampering: the next start carries on.
+        d.spawn();
+        d.wait_ready();
+    }
+    assert!(d.stop().success());
+    assert!(!log_lines(&d)
+        .iter()
+        .any(|r| r["event"] == "audit.tamper_accepted"));
+}

@@ -982,7 +982,7 @@ fn refusals_and_retention_bound_the_audit() {
     let mut d = Daemon::start_with(
         Backend::pkcs11(),
         Options {
-            extra_config: "[limits]\nrefusal_audit_per_uid = 20\n[audit]\nrotate_bytes = 20000\nkeep_files = 2\n".into(),
+            extra_config: "[limits]\nrefusal_audit_per_uid = 20\n[audit]\nrotate_bytes = 20000\nkeep_files = 2\ncheckpoint_every = 20\n".into(),
             agents: vec![("bot".into(), agent_toml("uid = 0", "rate = 1000000"))],
             ..Default::default()
         },

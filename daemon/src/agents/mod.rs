@@ -259,13 +259,13 @@ impl Agents {
         self.with_registry(|r| r.prune_certificates(now))
     }
 
-    /// A value of the registry's `meta` table (state other parts keep with the agents so it
-    /// commits with the same durability).
     /// Revoked agents whose key is still to be destroyed (retried in the background).
     pub fn destroy_pending(&self) -> Result<Vec<Agent>, RegistryError> {
         self.with_registry(|r| r.revoked_with_key())
     }
 
+    /// A value of the registry's `meta` table (state other parts keep with the agents so it
+    /// commits with the same durability).
     pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
         self.with_registry(|r| r.meta(key))
     }

@@ -23,6 +23,9 @@ pub struct Policy {
     /// Tokens per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u32>,
+    /// Only sender-constrained tokens (`bind`): a bearer token request is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_binding: bool,
 }
 
 impl Policy {
@@ -147,6 +150,98 @@ pub fn audience_allowed(patterns: &[String], audience: &str) -> bool {
     !audience.is_empty() && patterns.iter().any(|p| glob_match(p, audience))
 }
 
+/// Why a proof target (DPoP `htu`, WPT `aud`, RFC 9421 `@target-uri`) cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("the target must be an absolute https URI (http only to loopback): {0}")]
+    Malformed(String),
+    #[error("target {0} is not allowed by the agent's audiences")]
+    NotAllowed(String),
+}
+
+/// Parse and check a proof target: absolute `https` (or `http` to a loopback host), no
+/// userinfo, no fragment, and no query unless `query_ok`. Returns it normalised (WHATWG URL).
+pub fn proof_target(target: &str, query_ok: bool) -> Result<url::Url, TargetError> {
+    let bad = |why: &str| {
+        TargetError::Malformed(format!("{why} ({:?})", crate::audit::client_text(target)))
+    };
+    let u = url::Url::parse(target).map_err(|_| bad("not a URI"))?;
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    };
+    match u.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => return Err(bad("scheme must be https, or http to loopback")),
+    }
+    if u.host().is_none() {
+        return Err(bad("no host"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(bad("userinfo is not allowed"));
+    }
+    if u.fragment().is_some() {
+        return Err(bad("a fragment is not allowed"));
+    }
+    if u.query().is_some() && !query_ok {
+        return Err(bad("a query is not allowed"));
+    }
+    Ok(u)
+}
+
+/// Whether some `audiences` entry allows proof target `t`: an entry that parses as an
+/// http(s) URL with the same scheme and port (default ports explicit), a matching host (globs
+/// as for audiences: case-insensitive, trailing dot removed, `*` = one or more DNS label
+/// characters) and a path that is a prefix of the target's on a `/` boundary (no path = every
+/// path). Entries that are not URLs (or carry userinfo, a query or a fragment) allow nothing.
+pub fn proof_target_allowed(audiences: &[String], t: &url::Url) -> bool {
+    let Some(host) = t.host_str() else {
+        return false;
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let port = t.port_or_known_default();
+    audiences.iter().any(|a| {
+        let Some((scheme, rest)) = a.split_once("://") else {
+            return false;
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != t.scheme() || rest.contains(['?', '#', '@']) {
+            return false;
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host_pat, pat_port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                match p.parse::<u16>() {
+                    Ok(p) => (h, Some(p)),
+                    Err(_) => return false,
+                }
+            }
+            _ => (authority, None),
+        };
+        let default = if scheme == "https" { 443 } else { 80 };
+        if pat_port.unwrap_or(default) != port.unwrap_or(default) {
+            return false;
+        }
+        let host_pat = host_pat.trim_end_matches('.').to_ascii_lowercase();
+        if host_pat.is_empty() || !host_glob(&host_pat, &host) {
+            return false;
+        }
+        let path = path.trim_end_matches('/');
+        path.is_empty() || t.path() == path || t.path().starts_with(&format!("{path}/"))
+    })
+}
+
+/// A host pattern where `*` is one or more DNS label characters.
+fn host_glob(pattern: &str, host: &str) -> bool {
+    glob_match(&format!("https://{pattern}"), &format!("https://{host}"))
+}
+
 /// Requested scopes that the policy does not allow (empty = all allowed).
 pub fn scopes_not_allowed(allowed: &[String], requested: &[String]) -> Vec<String> {
     requested
@@ -207,6 +302,62 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proof_targets_follow_the_audience_urls() {
+        let pats: Vec<String> = [
+            "https://api.example.com",
+            "https://*.internal.example.com:8443/v1",
+            "http://127.0.0.1:9000/x/",
+            "spiffe://other/agent",
+            "https://q.example.com/?a=b",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let ok = |t: &str| {
+            let u = proof_target(t, false).unwrap();
+            proof_target_allowed(&pats, &u)
+        };
+        assert!(ok("https://api.example.com/anything/at/all"));
+        assert!(ok("https://API.Example.com./"));
+        assert!(ok("https://api.example.com:443/x"));
+        assert!(!ok("https://api.example.com:8443/x"), "port differs");
+        assert!(ok("https://db.internal.example.com:8443/v1"));
+        assert!(ok("https://db.internal.example.com:8443/v1/items"));
+        assert!(
+            !ok("https://db.internal.example.com:8443/v10"),
+            "not on a / boundary"
+        );
+        assert!(
+            !ok("https://db.internal.example.com:8443/"),
+            "outside the path"
+        );
+        assert!(
+            !ok("https://a.b.internal.example.com:8443/v1"),
+            "* is one label"
+        );
+        assert!(!ok("https://internal.example.com:8443/v1"));
+        assert!(ok("http://127.0.0.1:9000/x/y"));
+        assert!(!ok("http://127.0.0.1:9001/x/y"));
+        assert!(
+            !ok("https://q.example.com/"),
+            "an audience with a query allows nothing"
+        );
+        assert!(!ok("https://other/agent"));
+        for bad in [
+            "http://api.example.com/",
+            "https://user@api.example.com/",
+            "https://api.example.com/#f",
+            "https://api.example.com/?q=1",
+            "api.example.com/x",
+            "ftp://api.example.com/",
+            "",
+        ] {
+            assert!(proof_target(bad, false).is_err(), "{bad}");
+        }
+        assert!(proof_target("https://api.example.com/?q=1", true).is_ok());
+    }
 
     #[test]
     fn globs() {

@@ -29,6 +29,11 @@ pub const FILE: &str = "checkpoint.jws";
 pub struct Head {
     pub seq: u64,
     pub hash: String,
+    /// Seq of the last `audit.pruned` this process wrote (0: none): the signer anchors it
+    /// at once, so a verifier never sees retention it cannot vouch for.
+    pub pruned_at: u64,
+    /// Seq of the oldest record still in the trail (retention moves it).
+    pub first: u64,
 }
 
 /// What a checkpoint says.
@@ -37,6 +42,14 @@ pub struct Checkpoint {
     pub seq: u64,
     pub hash: String,
     pub iat: i64,
+    /// Seq of the oldest record kept when it was signed: removing older ones is retention
+    /// only if a checkpoint vouched for it.
+    #[serde(default = "one")]
+    pub first: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +63,19 @@ pub enum CheckpointError {
 /// `base64url(header).base64url(payload)`; the caller signs SHA-256 of it.
 pub fn signing_input(kid: &str, cp: &Checkpoint) -> String {
     let header = json!({"alg": "ES256", "typ": TYP, "kid": kid});
-    let payload = json!({"seq": cp.seq, "hash": cp.hash, "iat": cp.iat});
+    let payload = json!({"seq": cp.seq, "hash": cp.hash, "iat": cp.iat, "first": cp.first});
     format!(
         "{}.{}",
         B64.encode(header.to_string()),
         B64.encode(payload.to_string())
     )
+}
+
+/// The `kid` in a checkpoint's header (which CA key signed it), if readable.
+pub fn kid(jws: &str) -> Option<String> {
+    let h = jws.trim().split('.').next()?;
+    let header: Value = serde_json::from_slice(&B64.decode(h).ok()?).ok()?;
+    header["kid"].as_str().map(str::to_string)
 }
 
 /// Read a checkpoint without checking its signature (what the daemon does with the copy in its
@@ -86,6 +106,9 @@ fn parts(jws: &str) -> Result<(Checkpoint, String, Signature), CheckpointError> 
     }
     let cp: Checkpoint = serde_json::from_slice(&decode(p)?)
         .map_err(|_| bad("the payload lacks seq, hash or iat"))?;
+    if cp.seq == 0 {
+        return Err(bad("seq must be at least 1"));
+    }
     let sig = Signature::from_slice(&decode(s)?).map_err(|_| bad("not an ES256 signature"))?;
     Ok((cp, format!("{h}.{p}"), sig))
 }
@@ -118,15 +141,27 @@ pub struct Tamper {
 /// names is there with its hash, and every record after it is whole and chained. Without an
 /// anchor only the last record and its link are checked. Reads back from the end, so the work
 /// is the records since the anchor, not the trail. A complete record with a wrong hash is
-/// tampering (a crash leaves an unparsable tail, which [`super::writer::repair_tail`] removes
-/// first); so is a trail that ends before the anchor.
-pub fn check_tail(dir: &Path, anchor: Option<&Checkpoint>) -> Result<Option<Tamper>, AuditError> {
+/// tampering (a crash leaves an unparsable tail, which is left out via `current_len`); so is a
+/// trail that ends before the anchor or lacks the anchored record (retention keeps it).
+///
+/// `current_len`: how much of the current file to consider (the rest is a torn tail about to
+/// be set aside), so nothing is changed before the verdict.
+pub fn check_tail(
+    dir: &Path,
+    anchor: Option<&Checkpoint>,
+    current_len: Option<u64>,
+) -> Result<Option<Tamper>, AuditError> {
     let tamper = |seq: u64, reason: String| Ok(Some(Tamper { seq, reason }));
     let files = files_in_order(dir)?;
     // Newest first, back to the anchor (or two records without one).
     let mut tail: Vec<Value> = Vec::new();
     'files: for path in files.iter().rev() {
-        let data = fs::read(path).map_err(|e| io_err(path, e))?;
+        let mut data = fs::read(path).map_err(|e| io_err(path, e))?;
+        if path.file_name() == Some(std::ffi::OsStr::new(super::CURRENT)) {
+            if let Some(len) = current_len {
+                data.truncate(len as usize);
+            }
+        }
         for line in data.split(|b| *b == b'\n').rev() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -153,6 +188,21 @@ pub fn check_tail(dir: &Path, anchor: Option<&Checkpoint>) -> Result<Option<Tamp
     tail.reverse();
     let last_seq = tail.last().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
     if let Some(a) = anchor {
+        // The oldest record is where the checkpoint left it, or older: records removed
+        // from the start since are not retention anyone vouched for.
+        let oldest = match files.first() {
+            Some(f) => super::verify::first_seq(f)?.unwrap_or(0),
+            None => 0,
+        };
+        if oldest > a.first {
+            return tamper(
+                a.first,
+                format!(
+                    "the trail starts at seq {oldest} but the last checkpoint saw it start at seq {}: records were removed",
+                    a.first
+                ),
+            );
+        }
         if last_seq < a.seq {
             return tamper(
                 a.seq,
@@ -162,33 +212,24 @@ pub fn check_tail(dir: &Path, anchor: Option<&Checkpoint>) -> Result<Option<Tamp
                 ),
             );
         }
-        let first = tail.first().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
-        if first == a.seq {
-            if tail[0]["hash"].as_str() != Some(a.hash.as_str()) {
-                return tamper(
-                    a.seq,
-                    format!(
-                        "record seq {} is not the one the last checkpoint signed: the trail was rewritten",
-                        a.seq
-                    ),
-                );
+        // Retention never removes the anchored record, so it must be here.
+        match tail.first() {
+            Some(first) if first["seq"].as_u64() == Some(a.seq) => {
+                if first["hash"].as_str() != Some(a.hash.as_str()) {
+                    return tamper(
+                        a.seq,
+                        format!(
+                            "record seq {} is not the one the last checkpoint signed: the trail was rewritten",
+                            a.seq
+                        ),
+                    );
+                }
             }
-        } else {
-            // The anchored record is gone: only retention may have taken it.
-            let pruned = tail.iter().any(|v| {
-                v["event"] == "audit.pruned"
-                    && v["details"]["through_seq"]
-                        .as_u64()
-                        .is_some_and(|t| t >= a.seq)
-            });
-            if !pruned {
+            _ => {
                 return tamper(
                     a.seq,
-                    format!(
-                        "record seq {} of the last checkpoint is missing and no audit.pruned record accounts for it",
-                        a.seq
-                    ),
-                );
+                    format!("record seq {} of the last checkpoint is missing", a.seq),
+                )
             }
         }
     }
@@ -201,11 +242,11 @@ pub fn check_tail(dir: &Path, anchor: Option<&Checkpoint>) -> Result<Option<Tamp
             );
         }
         if let Some(prev) = i.checked_sub(1).map(|j| &tail[j]) {
-            let want = prev["seq"].as_u64().unwrap_or(0) + 1;
-            if seq != want || v["prev"] != prev["hash"] {
+            let before = prev["seq"].as_u64().unwrap_or(0);
+            if before.checked_add(1) != Some(seq) || v["prev"] != prev["hash"] {
                 return tamper(
-                    want,
-                    format!("record seq {seq} does not follow seq {} (records removed, reordered or inserted)", want - 1),
+                    seq,
+                    format!("record seq {seq} does not follow seq {before} (records removed, reordered or inserted)"),
                 );
             }
         }
@@ -234,6 +275,7 @@ mod tests {
             seq: 9,
             hash: "ab".repeat(32),
             iat: 1,
+            first: 1,
         };
         let jws = sign(&sk, &cp);
         assert_eq!(verify(&jws, sk.verifying_key()).unwrap(), cp);
@@ -269,6 +311,7 @@ mod tests {
             seq: 3,
             hash: String::new(),
             iat: 0,
+            first: 1,
         };
         let log = dir.path().join("audit.log");
         let text = fs::read_to_string(&log).unwrap();
@@ -278,22 +321,28 @@ mod tests {
             hash: rec3["hash"].as_str().unwrap().to_string(),
             ..anchor
         };
-        assert!(check_tail(dir.path(), Some(&anchor)).unwrap().is_none());
-        assert!(check_tail(dir.path(), None).unwrap().is_none());
+        assert!(check_tail(dir.path(), Some(&anchor), None)
+            .unwrap()
+            .is_none());
+        assert!(check_tail(dir.path(), None, None).unwrap().is_none());
         assert_eq!(head.seq, 5);
         // Cut after the anchor: still fine (a crash before the next checkpoint looks so).
         fs::write(&log, lines[..4].join("\n") + "\n").unwrap();
-        assert!(check_tail(dir.path(), Some(&anchor)).unwrap().is_none());
+        assert!(check_tail(dir.path(), Some(&anchor), None)
+            .unwrap()
+            .is_none());
         // Cut before it: records removed.
         fs::write(&log, lines[..2].join("\n") + "\n").unwrap();
-        let t = check_tail(dir.path(), Some(&anchor)).unwrap().unwrap();
+        let t = check_tail(dir.path(), Some(&anchor), None)
+            .unwrap()
+            .unwrap();
         assert!(t.reason.contains("removed"), "{}", t.reason);
         // An edited complete last line is tampering even without an anchor.
         let edited = lines[4].replace("\"i\":4", "\"i\":5");
         let mut l: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
         l[4] = edited;
         fs::write(&log, l.join("\n") + "\n").unwrap();
-        let t = check_tail(dir.path(), None).unwrap().unwrap();
+        let t = check_tail(dir.path(), None, None).unwrap().unwrap();
         assert_eq!(t.seq, 5);
         // Opening refuses it and leaves the file as it was; accepting leaves it too.
         let before = fs::read(&log).unwrap();

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use checkpoint::{Checkpoint, Head, Tamper};
 pub use verify::{files_in_order, verify, verify_anchored, Anchored, Broken, Summary};
-use writer::{last_record, repair_tail, Writer};
+use writer::{find_torn, last_record, repair_tail, Writer};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const CURRENT: &str = "audit.log";
@@ -287,6 +287,8 @@ enum Msg {
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
     head: tokio::sync::watch::Receiver<Head>,
+    /// Seq of the newest signed checkpoint (retention keeps it).
+    anchored: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The writer thread, joined once by [`Audit::close`].
     thread: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -330,17 +332,32 @@ impl Audit {
     ) -> Result<(Audit, Opened), AuditError> {
         let rotate_bytes = cfg.rotate_bytes;
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let torn = repair_tail(dir)?;
-        let tamper = checkpoint::check_tail(dir, anchor)?;
+        // The verdict first, on the trail as it would be without its torn tail; nothing is
+        // changed when start-up is refused.
+        let torn = find_torn(dir)?;
+        let tamper = checkpoint::check_tail(dir, anchor, torn.map(|(good, _)| good))?;
         let tamper_accepted = match tamper {
             Some(t) if !accept_tamper => return Err(AuditError::Tampered(t)),
             t => t,
         };
+        let torn = match torn {
+            Some((good, _)) => Some(repair_tail(dir, good)?),
+            None => None,
+        };
         let (seq, prev) = last_record(dir)?;
+        let first = match files_in_order(dir)?.first() {
+            Some(f) => verify::first_seq(f)?.unwrap_or(1),
+            None => 1,
+        };
         let (head_tx, head) = tokio::sync::watch::channel(Head {
             seq,
             hash: prev.clone(),
+            pruned_at: 0,
+            first,
         });
+        let anchored = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            anchor.map_or(0, |a| a.seq),
+        ));
         let mut w = Writer {
             dir: dir.to_path_buf(),
             file: None,
@@ -351,6 +368,9 @@ impl Audit {
             keep_files: cfg.keep_files,
             keep_bytes: cfg.keep_bytes,
             head: head_tx,
+            anchored: anchored.clone(),
+            pruned_at: 0,
+            first,
         };
         w.open_file()?;
         let (tx, mut rx) = mpsc::channel::<Msg>(4096);
@@ -384,7 +404,12 @@ impl Audit {
             .map_err(|e| io_err(dir, e))?;
         let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
         Ok((
-            Audit { tx, head, thread },
+            Audit {
+                tx,
+                head,
+                anchored,
+                thread,
+            },
             Opened {
                 torn,
                 tamper_accepted,
@@ -395,6 +420,12 @@ impl Audit {
     /// The last durable record.
     pub fn head(&self) -> Head {
         self.head.borrow().clone()
+    }
+
+    /// A checkpoint now covers `seq`: retention keeps the file that holds it.
+    pub fn set_anchored(&self, seq: u64) {
+        self.anchored
+            .store(seq, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Changes of [`Audit::head`], for the checkpoint signer.

@@ -58,7 +58,7 @@ pub struct Broken {
 
 /// Check the whole chain under `path` (a directory, or a single file).
 pub fn verify(path: &Path) -> Result<Result<Summary, Broken>, AuditError> {
-    Ok(walk(path, None)?.map(|(s, _)| s))
+    Ok(walk(path, None)?.map(|(s, _, _)| s))
 }
 
 /// A chain that verifies and what its newest checkpoint covers.
@@ -83,7 +83,7 @@ pub fn verify_anchored(
 ) -> Result<Result<Anchored, Broken>, AuditError> {
     let broken = |seq: u64, reason: String| Broken {
         seq,
-        file: path.join(super::checkpoint::FILE).display().to_string(),
+        file: "checkpoint".to_string(),
         line: 1,
         reason,
     };
@@ -91,10 +91,18 @@ pub fn verify_anchored(
         Ok(cp) => cp,
         Err(e) => return Ok(Err(broken(0, e.to_string()))),
     };
-    let (summary, hash) = match walk(path, Some(cp.seq))? {
+    let (summary, hash, pruned_by) = match walk(path, Some(cp.seq))? {
         Ok(x) => x,
         Err(b) => return Ok(Err(b)),
     };
+    // Only retention the checkpoint vouches for explains a trail that starts late: an
+    // `audit.pruned` record after it could have been written by anyone.
+    if let Some(p) = pruned_by.filter(|p| *p > cp.seq) {
+        return Ok(Err(broken(
+            p,
+            format!("the trail starts at seq {} and only audit.pruned record seq {p}, after the signed checkpoint (seq {}), accounts for that: records removed", summary.first_seq.unwrap_or(0), cp.seq),
+        )));
+    }
     let last = summary.last_seq.unwrap_or(0);
     if last < cp.seq {
         return Ok(Err(broken(
@@ -132,12 +140,13 @@ pub fn verify_anchored(
     }))
 }
 
-/// The chain check, also returning the hash of record `want` if the trail holds it.
+/// The chain check, also returning the hash of record `want` if the trail holds it and the
+/// seq of the `audit.pruned` record that accounts for a trail starting after seq 1.
 #[allow(clippy::type_complexity)]
 fn walk(
     path: &Path,
     want: Option<u64>,
-) -> Result<Result<(Summary, Option<String>), Broken>, AuditError> {
+) -> Result<Result<(Summary, Option<String>, Option<u64>), Broken>, AuditError> {
     let mut wanted_hash = None;
     let files = if path.is_dir() {
         files_in_order(path)?
@@ -151,7 +160,7 @@ fn walk(
     // (seq, prev, file, line) of a first record other than seq 1, and whether an
     // `audit.pruned` record accounts for what came before it.
     let mut pruned_before: Option<(u64, String, String, usize)> = None;
-    let mut pruned_justified = false;
+    let mut pruned_justified: Option<u64> = None;
     for file in &files {
         let f = File::open(file).map_err(|e| io_err(file, e))?;
         for (i, line) in BufReader::new(f).lines().enumerate() {
@@ -199,7 +208,7 @@ fn walk(
                         && v["details"]["through_seq"].as_u64() == s0.checked_sub(1)
                         && v["details"]["last_hash"].as_str() == Some(p0.as_str())
                     {
-                        pruned_justified = true;
+                        pruned_justified.get_or_insert(seq);
                     }
                 }
             }
@@ -221,7 +230,7 @@ fn walk(
         }
     }
     if let Some((seq, _, file, line)) = pruned_before {
-        if !pruned_justified {
+        if pruned_justified.is_none() {
             return Ok(Err(Broken {
                 seq: 1,
                 file,
@@ -241,5 +250,6 @@ fn walk(
             last_hash: prev.unwrap_or_else(|| GENESIS.to_string()),
         },
         wanted_hash,
+        pruned_justified,
     )))
 }

@@ -22,6 +22,12 @@ pub(super) struct Writer {
     pub(super) keep_bytes: Option<u64>,
     /// Published after every durable write, for whoever signs checkpoints.
     pub(super) head: tokio::sync::watch::Sender<Head>,
+    /// Seq of the newest signed checkpoint: retention never removes it or anything after it.
+    pub(super) anchored: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Seq of the last `audit.pruned` written by this writer (0: none).
+    pub(super) pruned_at: u64,
+    /// Seq of the oldest record kept.
+    pub(super) first: u64,
 }
 
 impl Writer {
@@ -33,6 +39,8 @@ impl Writer {
         self.head.send_replace(Head {
             seq: self.seq,
             hash: self.prev.clone(),
+            pruned_at: self.pruned_at,
+            first: self.first,
         });
     }
 
@@ -161,7 +169,16 @@ impl Writer {
         let size = |p: &PathBuf| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut total: u64 = files.iter().map(size).sum();
         let mut doomed = Vec::new();
-        for f in rotated {
+        let anchored = self.anchored.load(std::sync::atomic::Ordering::SeqCst);
+        for (i, f) in rotated.iter().enumerate() {
+            // The file after this one starts one past this one's last record: a file that
+            // holds the newest checkpoint's record (or anything after it) stays, so the
+            // anchor can always be checked.
+            // (0: no checkpoint yet, nothing to keep for it.)
+            let next_first = first_seq(&files[i + 1])?.unwrap_or(u64::MAX);
+            if anchored > 0 && next_first > anchored {
+                break;
+            }
             let kept = rotated.len() - doomed.len();
             let over_files = self.keep_files.is_some_and(|k| kept > k);
             let over_bytes = self.keep_bytes.is_some_and(|k| total > k);
@@ -191,6 +208,8 @@ impl Writer {
         self.append(line.as_bytes())?;
         self.seq = seq;
         self.prev = hash;
+        self.pruned_at = seq;
+        self.first = through_seq + 1;
         self.publish_head();
         emit_trace(&rec);
         for f in &doomed {
@@ -228,51 +247,54 @@ fn emit_trace(rec: &Value) {
     );
 }
 
-/// Move a torn last line (no trailing newline, or not JSON) aside and truncate.
-pub(super) fn repair_tail(dir: &Path) -> Result<Option<TornTail>, AuditError> {
+/// Where a crash left the current file torn: the offset of its first line that is not a JSON
+/// record (or of a last line without its newline), and the file's length. `None` when whole.
+/// Everything from there on is an unsynced batch: batches are written only after the one
+/// before was synced, so a later complete line after a garbled one was never acknowledged.
+pub(super) fn find_torn(dir: &Path) -> Result<Option<(u64, u64)>, AuditError> {
     let path = dir.join(CURRENT);
-    let mut f = match OpenOptions::new().read(true).write(true).open(&path) {
-        Ok(f) => f,
+    let data = match fs::read(&path) {
+        Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path, e)),
     };
-    let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(|e| io_err(&path, e))?;
-    let mut good = data.len();
-    loop {
-        let body = &data[..good];
-        if body.is_empty() {
+    let mut at = 0usize;
+    while at < data.len() {
+        let Some(nl) = data[at..].iter().position(|b| *b == b'\n') else {
+            break; // a last line without its newline
+        };
+        let line = &data[at..at + nl];
+        let whole = line.iter().all(u8::is_ascii_whitespace)
+            || serde_json::from_slice::<Value>(line).is_ok_and(|v| v.is_object());
+        if !whole {
             break;
         }
-        if body.last() != Some(&b'\n') {
-            good = body.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
-            continue;
-        }
-        let start = body[..body.len() - 1]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |p| p + 1);
-        let last = &body[start..body.len() - 1];
-        // Only an unparsable final batch is a torn write. A complete record with a wrong
-        // hash was not left by a crash: that is for the tamper check, not for repair.
-        match serde_json::from_slice::<Value>(last) {
-            Ok(v) if v.is_object() => break,
-            _ => good = start,
-        }
+        at += nl + 1;
     }
-    if good == data.len() {
-        return Ok(None);
-    }
+    Ok((at < data.len()).then_some((at as u64, data.len() as u64)))
+}
+
+/// Move the torn part [`find_torn`] found aside to `torn-<time>.bin` and truncate there.
+pub(super) fn repair_tail(dir: &Path, good: u64) -> Result<TornTail, AuditError> {
+    let path = dir.join(CURRENT);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(|e| io_err(&path, e))?;
+    let good = (good as usize).min(data.len());
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     let saved_to = dir.join(format!("torn-{stamp}.bin"));
     fs::write(&saved_to, &data[good..]).map_err(|e| io_err(&saved_to, e))?;
     f.set_len(good as u64).map_err(|e| io_err(&path, e))?;
     f.seek(SeekFrom::End(0)).map_err(|e| io_err(&path, e))?;
     f.sync_all().map_err(|e| io_err(&path, e))?;
-    Ok(Some(TornTail {
+    Ok(TornTail {
         bytes: (data.len() - good) as u64,
         saved_to,
-    }))
+    })
 }
 
 /// `(seq, hash)` of the last record in the chain, or `(0, GENESIS)`.

@@ -30,13 +30,21 @@ pub enum CheckpointSignError {
     Stored(#[from] CheckpointError),
 }
 
+/// What start-up learnt of the stored checkpoint.
+#[derive(Debug)]
+pub enum StoredCheckpoint {
+    Verified(Checkpoint),
+    /// Signed by a host CA key that is gone (its `kid`); the CA was made anew at this start.
+    OldCaKey(String),
+}
+
 impl Credentials {
     /// Sign a checkpoint over the current audit head, unless the newest already covers it.
     /// Returns the seq it covers.
     pub async fn checkpoint(&self) -> Result<u64, CheckpointSignError> {
         let mut done = self.checkpointed.lock().await;
         let head = self.audit.head();
-        if head.seq == 0 || head == *done {
+        if head.seq == 0 || (head.seq == done.seq && head.hash == done.hash) {
             return Ok(done.seq);
         }
         let ca = self.host_ca()?;
@@ -45,6 +53,7 @@ impl Credentials {
             seq: head.seq,
             hash: head.hash.clone(),
             iat: crate::agents::now_unix(),
+            first: head.first,
         };
         let input = checkpoint::signing_input(&kid, &cp);
         let sig = self.keystore.sign(&ca.key_id, jwt::digest(&input)).await?;
@@ -52,23 +61,41 @@ impl Credentials {
         // The registry copy is the one start-up trusts: it goes first.
         self.agents.set_meta(META_CHECKPOINT, &jws)?;
         checkpoint::write_file(&self.audit_dir, &jws)?;
+        self.audit.set_anchored(cp.seq);
         *done = head;
         Ok(cp.seq)
     }
 
-    /// The stored checkpoint must carry the host CA's signature: a registry copy someone
-    /// wrote by hand anchors nothing. Called once the host CA is up.
-    pub async fn check_stored_checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointSignError> {
-        let Some(jws) = self.agents.meta(META_CHECKPOINT)? else {
-            return Ok(None);
-        };
+    /// The checkpoint start-up checked the trail against (`jws`, the newer of the registry's
+    /// and the file's) must carry the host CA's signature: one written by hand anchors
+    /// nothing. When the host CA key itself was lost and made anew at this start
+    /// (`ca_replaced`), a checkpoint by the old key cannot be checked; that is reported, not
+    /// taken for tampering (the trail already matched its seq and hash).
+    pub async fn check_stored_checkpoint(
+        &self,
+        jws: &str,
+        ca_replaced: bool,
+    ) -> Result<StoredCheckpoint, CheckpointSignError> {
         let ca = self.host_ca()?;
-        let cp = checkpoint::verify(&jws, &ca.key)?;
+        let (kid, _) = ecdsa::jwk_of(&ca.key);
+        let cp = match checkpoint::verify(jws, &ca.key) {
+            Ok(cp) => cp,
+            Err(CheckpointError::Signature)
+                if ca_replaced && checkpoint::kid(jws).is_some_and(|k| k != kid) =>
+            {
+                return Ok(StoredCheckpoint::OldCaKey(
+                    checkpoint::kid(jws).unwrap_or_default(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         *self.checkpointed.lock().await = Head {
             seq: cp.seq,
             hash: cp.hash.clone(),
+            pruned_at: 0,
+            first: cp.first,
         };
-        Ok(Some(cp))
+        Ok(StoredCheckpoint::Verified(cp))
     }
 
     /// Sign checkpoints as records come, until `stop` turns true.
@@ -89,9 +116,12 @@ impl Credentials {
                 }
                 let head = me.audit.head();
                 let done = me.checkpointed.lock().await.clone();
+                let same = head.seq == done.seq && head.hash == done.hash;
+                // Retention just removed files: anchor the audit.pruned record at once.
                 let due = head.seq.saturating_sub(done.seq) >= s.checkpoint_every
-                    || (head != done && since.elapsed() >= s.checkpoint_interval);
-                if head == done {
+                    || head.pruned_at > done.seq
+                    || (!same && since.elapsed() >= s.checkpoint_interval);
+                if same {
                     since = tokio::time::Instant::now();
                 }
                 if !due {

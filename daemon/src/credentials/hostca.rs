@@ -270,8 +270,8 @@ impl Credentials {
     }
 
     /// At start: find or make the CA key, load or make its certificate, destroy stray CA
-    /// keys, build the CRL.
-    pub async fn init_host_ca(&self) -> Result<(), HostCaError> {
+    /// keys, build the CRL. Returns whether a CA key on record was missing and replaced.
+    pub async fn init_host_ca(&self) -> Result<bool, HostCaError> {
         let _guard = self.ca_lock.lock().await;
         let dir = self.ca_dir();
         std::fs::create_dir_all(&dir).map_err(|e| state_err(&dir, e))?;
@@ -344,7 +344,8 @@ impl Credentials {
         };
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ca));
         drop(_guard);
-        self.refresh_crl().await
+        self.refresh_crl().await?;
+        Ok(new_key && known.is_some())
     }
 
     /// Renew the self-signed host CA certificate (same key) once it is within 30 days of its

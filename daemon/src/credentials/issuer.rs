@@ -46,8 +46,10 @@ impl Issuer {
         audience: &str,
         scopes: &[String],
         ttl_secs: u64,
+        cnf_jkt: Option<String>,
     ) -> Result<IssuedToken, KeyStoreError> {
-        let claims = Claims::new(issuer, agent, audience, scopes, ttl_secs);
+        let mut claims = Claims::new(issuer, agent, audience, scopes, ttl_secs);
+        claims.cnf_jkt = cnf_jkt;
         let signing_input = jwt::signing_input(agent.kid.as_deref().unwrap_or_default(), &claims);
         let sig = self
             .keystore
@@ -60,6 +62,22 @@ impl Issuer {
             iat: claims.iat,
             exp: claims.exp,
         })
+    }
+
+    /// A DPoP proof signed by `agent`'s key (its proof key). Policy must already have been
+    /// checked.
+    pub async fn dpop(
+        &self,
+        agent: &Agent,
+        claims: &jwt::DpopClaims,
+    ) -> Result<String, KeyStoreError> {
+        let jwk = agent.jwk.clone().unwrap_or_default();
+        let input = jwt::dpop_signing_input(&jwk, claims);
+        let sig = self
+            .keystore
+            .sign(&agent.key_id, jwt::digest(&input))
+            .await?;
+        Ok(jwt::compact(&input, &sig))
     }
 
     /// ECDSA signature by `key_id` over SHA-256 of the DER of a structure built here.

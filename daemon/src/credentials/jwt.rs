@@ -4,7 +4,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use p256::ecdsa::Signature;
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::agents::{now_unix, Agent};
@@ -20,6 +20,8 @@ pub struct Claims {
     pub jti: String,
     /// Space separated; absent when no scope was asked for.
     pub scope: Option<String>,
+    /// `cnf.jkt` of a DPoP-bound token (RFC 9449 §6): the proof key's RFC 7638 thumbprint.
+    pub cnf_jkt: Option<String>,
 }
 
 impl Claims {
@@ -32,8 +34,9 @@ impl Claims {
             aud: aud.to_string(),
             iat,
             exp: iat + ttl_secs as i64,
-            jti: B64.encode(rand::random::<[u8; 16]>()),
+            jti: new_jti(),
             scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
+            cnf_jkt: None,
         }
     }
 }
@@ -52,11 +55,53 @@ pub fn signing_input(kid: &str, c: &Claims) -> String {
     if let Some(scope) = &c.scope {
         claims["scope"] = json!(scope);
     }
+    if let Some(jkt) = &c.cnf_jkt {
+        claims["cnf"] = json!({ "jkt": jkt });
+    }
+    encode(&header, &claims)
+}
+
+fn encode(header: &Value, claims: &Value) -> String {
     format!(
         "{}.{}",
         B64.encode(header.to_string()),
         B64.encode(claims.to_string())
     )
+}
+
+/// A 128-bit random `jti`, base64url.
+pub fn new_jti() -> String {
+    B64.encode(rand::random::<[u8; 16]>())
+}
+
+/// `base64url(SHA-256(s))`: DPoP's `ath` of an access token.
+pub fn b64_sha256(s: &str) -> String {
+    B64.encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The claims of one DPoP proof (RFC 9449 §4.2).
+pub struct DpopClaims {
+    pub jti: String,
+    pub htm: String,
+    pub htu: String,
+    pub iat: i64,
+    pub ath: Option<String>,
+    pub nonce: Option<String>,
+}
+
+/// Signing input of a DPoP proof: header `{"typ":"dpop+jwt","alg":"ES256","jwk":<public key>}`
+/// (the key's public members only), then the claims.
+pub fn dpop_signing_input(jwk: &Value, c: &DpopClaims) -> String {
+    let public = json!({"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"]});
+    let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": public});
+    let mut claims = json!({"jti": c.jti, "htm": c.htm, "htu": c.htu, "iat": c.iat});
+    if let Some(ath) = &c.ath {
+        claims["ath"] = json!(ath);
+    }
+    if let Some(nonce) = &c.nonce {
+        claims["nonce"] = json!(nonce);
+    }
+    encode(&header, &claims)
 }
 
 /// What ES256 signs: SHA-256 of the signing input.

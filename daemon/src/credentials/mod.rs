@@ -13,6 +13,7 @@ pub mod hostca;
 pub mod issuer;
 pub mod jwt;
 pub mod problem;
+pub mod proof;
 pub mod settings;
 pub mod x509;
 
@@ -60,6 +61,8 @@ pub struct Credentials {
     refusals: Mutex<Refusals>,
     /// Executables being hashed, bounded per uid.
     hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
+    /// `ath` of the DPoP-bound tokens issued and not yet expired (for the bare-`ath` rule).
+    bound: Mutex<proof::BoundTokens>,
     /// `<state>/audit`: where the checkpoint file goes.
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.
@@ -120,6 +123,9 @@ pub struct TokenRequest {
     /// Which agent, when the caller matches several.
     #[serde(default)]
     pub agent: Option<String>,
+    /// `"dpop"`: a sender-constrained token (`cnf.jkt` of the agent's proof key).
+    #[serde(default)]
+    pub bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,10 +226,13 @@ impl Credentials {
             exe_cache: ExeHashCache::default(),
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
+            bound: Mutex::new(proof::BoundTokens::default()),
             audit_dir: state_dir.join("audit"),
             checkpointed: tokio::sync::Mutex::new(crate::audit::Head {
                 seq: 0,
                 hash: crate::audit::GENESIS.to_string(),
+                pruned_at: 0,
+                first: 1,
             }),
         })
     }
@@ -622,38 +631,56 @@ impl Credentials {
         caller: &Caller,
         req: TokenRequest,
     ) -> Result<TokenResponse, Problem> {
-        let req_summary = json!({"audience": req.audience, "scopes": req.scopes, "ttl": req.ttl, "agent": req.agent});
+        let req_summary = json!({"audience": req.audience, "scopes": req.scopes, "ttl": req.ttl, "agent": req.agent, "bind": req.bind});
         let agent = match self.match_agent(caller, req.agent.as_deref()) {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, req_summary).await),
         };
-        match self.check_policy(&agent, &req) {
-            Ok(ttl) => {
+        match self
+            .check_policy(&agent, &req)
+            .and_then(|ttl| Ok((ttl, proof::binding(&agent, req.bind.as_deref())?)))
+        {
+            Ok((ttl, jkt)) => {
                 let host_id = self.settings().ids.host_id();
                 let issued = match self
                     .issuer
-                    .jwt(&host_id, &agent, &req.audience, &req.scopes, ttl.as_secs())
+                    .jwt(
+                        &host_id,
+                        &agent,
+                        &req.audience,
+                        &req.scopes,
+                        ttl.as_secs(),
+                        jkt.clone(),
+                    )
                     .await
                 {
                     Ok(t) => t,
                     Err(e) => return Err(self.signing_problem(&agent, e)),
                 };
+                let mut details = json!({
+                    "jti": issued.jti,
+                    "aud": req.audience,
+                    "scope": req.scopes.join(" "),
+                    "iat": issued.iat,
+                    "exp": issued.exp,
+                    "kid": agent.kid,
+                });
+                if let Some(jkt) = &jkt {
+                    details["bind"] = json!("dpop");
+                    details["cnf_jkt"] = json!(jkt);
+                }
                 let ev = Event::new("token.issued")
                     .agent(&agent.name, &agent.id)
                     .caller(caller.record())
-                    .details(json!({
-                        "jti": issued.jti,
-                        "aud": req.audience,
-                        "scope": req.scopes.join(" "),
-                        "iat": issued.iat,
-                        "exp": issued.exp,
-                        "kid": agent.kid,
-                    }));
+                    .details(details);
                 self.release(caller, &agent, ev, "token").await?;
                 self.count_issued(&agent, issued.iat);
+                if jkt.is_some() {
+                    self.remember_bound(&issued.token, issued.exp);
+                }
                 Ok(TokenResponse {
                     token: issued.token,
-                    token_type: "Bearer",
+                    token_type: if jkt.is_some() { "DPoP" } else { "Bearer" },
                     expires_at: rfc3339(issued.exp),
                     exp: issued.exp,
                 })

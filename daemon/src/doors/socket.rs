@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 
 use crate::caller::Peer;
 use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::proof::ProofRequest;
 use crate::credentials::{Credentials, TokenRequest};
 use crate::doors::limits::PerUid;
 use crate::doors::problem::problem_response;
@@ -133,6 +134,16 @@ async fn route(
             let t = svc.issue_token(&caller, body).await?;
             Ok(json_response(StatusCode::OK, &t))
         }
+        (Method::POST, "/v1/proof") => {
+            let max = crate::doors::with(&settings, |s| s.max_body_bytes);
+            let caller = svc.identify(peer).await?;
+            let body: ProofRequest = match read_json(req, max).await {
+                Ok(b) => b,
+                Err(p) => return Err(svc.deny(&caller, None, p, json!(null)).await),
+            };
+            let proof = svc.issue_proof(&caller, body).await?;
+            Ok(json_response(StatusCode::OK, &proof))
+        }
         (Method::GET, "/v1/certificate") => {
             let caller = svc.identify(peer).await?;
             let chain = svc
@@ -164,8 +175,8 @@ async fn route(
         }
         (
             _,
-            "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/certificate"
-            | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
+            "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/proof"
+            | "/v1/certificate" | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
         ) => Err(Problem::new(
             Kind::MethodNotAllowed,
             format!("{} is not allowed on {path}", req.method()),

@@ -29,7 +29,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::agents::registry::Registry;
 use crate::agents::{Agents, ReconcileReport};
 use crate::audit::{checkpoint, Audit, Event};
-use crate::credentials::checkpoint::CheckpointSignError;
+use crate::credentials::checkpoint::{CheckpointSignError, StoredCheckpoint};
 use crate::credentials::Credentials;
 use crate::doors::{self, SharedSettings};
 use crate::keystore::{self, owner::KeyStoreHandle};
@@ -207,26 +207,39 @@ pub async fn start(
     opts: StartOptions,
 ) -> Result<Arc<Daemon>> {
     check_state_dir(&cfg.state_dir, &cfg.socket)?;
-    // The registry first: it holds the last checkpoint the trail is checked against.
+    // The registry first: it holds the last checkpoint the trail is checked against. The
+    // copy beside the trail counts too: the newer of the two is the anchor, so removing one
+    // of them (or rolling one back) does not switch the check off.
     let registry =
         Registry::open(&cfg.state_dir.join("registry.db")).context("cannot open the registry")?;
-    let stored = registry
-        .meta(crate::credentials::checkpoint::META_CHECKPOINT)
-        .context("cannot read the registry")?;
-    let (anchor, unreadable_anchor) = match stored.as_deref().map(checkpoint::parse_unverified) {
-        None => (None, None),
-        Some(Ok(cp)) => (Some(cp), None),
-        Some(Err(e)) => (None, Some(e.to_string())),
-    };
-    if let Some(e) = &unreadable_anchor {
-        if !opts.accept_audit_tamper {
-            bail!("the registry's audit checkpoint is unreadable ({e}); start with --accept-audit-tamper to carry on (recorded in the trail)");
+    let audit_dir = cfg.state_dir.join("audit");
+    let stored = [
+        registry
+            .meta(crate::credentials::checkpoint::META_CHECKPOINT)
+            .context("cannot read the registry")?,
+        checkpoint::read_file(&audit_dir).context("cannot read the audit checkpoint")?,
+    ];
+    let mut anchor: Option<(checkpoint::Checkpoint, String)> = None;
+    let mut unreadable = None;
+    for jws in stored.into_iter().flatten() {
+        match checkpoint::parse_unverified(&jws) {
+            Ok(cp) if anchor.as_ref().is_none_or(|(a, _)| cp.seq > a.seq) => {
+                anchor = Some((cp, jws))
+            }
+            Ok(_) => {}
+            Err(e) => unreadable = Some(format!("a stored audit checkpoint is unreadable ({e})")),
         }
     }
+    if let Some(e) = &unreadable {
+        if !opts.accept_audit_tamper {
+            bail!("{e}; start with --accept-audit-tamper to carry on (recorded in the trail)");
+        }
+    }
+    let anchor_cp = anchor.as_ref().map(|(cp, _)| cp.clone());
     let (audit, opened) = Audit::open_with(
-        &cfg.state_dir.join("audit"),
+        &audit_dir,
         &cfg.audit,
-        anchor.as_ref(),
+        anchor_cp.as_ref(),
         opts.accept_audit_tamper,
     )
     .context("cannot open the audit trail")?;
@@ -239,8 +252,8 @@ pub async fn start(
         tracing::warn!(bytes = t.bytes, saved_to = %t.saved_to.display(), "torn audit tail set aside");
     }
     let tamper = opened.tamper_accepted.map(|t| (t.seq, t.reason));
-    if let Some((seq, reason)) = tamper.or(unreadable_anchor.map(|e| (0, e))) {
-        accept_tamper(&audit, anchor.as_ref(), seq, &reason).await?;
+    if let Some((seq, reason)) = tamper.or(unreadable.map(|e| (0, e))) {
+        accept_tamper(&audit, anchor_cp.as_ref(), seq, &reason).await?;
     }
     let backend = cfg.backend.clone();
     let state_dir = cfg.state_dir.clone();
@@ -263,20 +276,33 @@ pub async fn start(
     if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
         tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
     }
-    creds
+    let ca_replaced = creds
         .init_host_ca()
         .await
         .context("cannot set up the host CA")?;
     // The anchor the trail was checked against must be the host CA's own.
-    match creds.check_stored_checkpoint().await {
-        Ok(_) => {}
-        Err(e @ CheckpointSignError::Stored(_)) => {
-            if !opts.accept_audit_tamper {
-                bail!("{e} (was the host CA replaced?); start with --accept-audit-tamper to carry on (recorded in the trail)");
+    if let Some((cp, jws)) = &anchor {
+        match creds.check_stored_checkpoint(jws, ca_replaced).await {
+            Ok(StoredCheckpoint::Verified(_)) => {}
+            Ok(StoredCheckpoint::OldCaKey(kid)) => {
+                tracing::error!(kid, "the last audit checkpoint was signed by a host CA key that is gone; the trail matched it, but its signature cannot be checked");
+                audit
+                    .record(Event::new("audit.checkpoint_unverifiable").details(json!({
+                        "seq": cp.seq, "hash": cp.hash, "kid": kid,
+                        "reason": "the host CA key was missing from the key store and was made anew",
+                    })))
+                    .await?;
             }
-            accept_tamper(&audit, anchor.as_ref(), 0, &e.to_string()).await?;
+            Err(e @ CheckpointSignError::Stored(_)) => {
+                if !opts.accept_audit_tamper {
+                    bail!(
+                        "{e}; start with --accept-audit-tamper to carry on (recorded in the trail)"
+                    );
+                }
+                accept_tamper(&audit, Some(cp), cp.seq, &e.to_string()).await?;
+            }
+            Err(e) => return Err(e).context("cannot check the stored audit checkpoint"),
         }
-        Err(e) => return Err(e).context("cannot check the stored audit checkpoint"),
     }
     let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
     tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
@@ -428,12 +454,17 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
         })
     };
     // A key whose destruction failed at revocation is retried until it is gone.
+    let destroyer_stop = flusher_stop.subscribe();
     let destroyer = {
         let agents = d.agents.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(DESTROY_RETRY);
+            let mut stopped = destroyer_stop;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
                 if let Err(e) = agents.retry_pending_destroys().await {
                     tracing::warn!(error = %e, "cannot retry pending key destructions");
                 }
@@ -482,7 +513,9 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     let _ = checkpointer.await;
     let _ = ca_renewer.await;
     follower.abort();
-    destroyer.abort();
+    // Awaited, not aborted: a retry in flight finishes and records `key.destroyed` before
+    // `daemon.stopped` and the final checkpoint.
+    let _ = destroyer.await;
     if let Err(e) = svc.flush_counters() {
         tracing::warn!(error = %e, "cannot write issue counters");
     }

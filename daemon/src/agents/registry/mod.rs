@@ -345,6 +345,7 @@ mod tests {
             max_ttl: None,
             max_cert_ttl: None,
             rate: None,
+            require_binding: false,
         }
     }
 

@@ -373,21 +373,25 @@ fn verify_anchored(
     checkpoint: Option<&std::path::Path>,
     as_json: bool,
 ) -> ExitCode {
-    let key = match std::fs::read_to_string(ca)
+    let certs = match std::fs::read_to_string(ca)
         .map_err(|e| e.to_string())
         .and_then(|pem| {
             tesserad::credentials::x509::certs_from_pem(&pem).map_err(|e| e.to_string())
-        })
-        .and_then(|certs| {
-            tesserad::credentials::x509::cert_p256_key(&certs[0])
-                .ok_or_else(|| "its first certificate has no P-256 key".to_string())
         }) {
-        Ok(k) => k,
+        Ok(c) => c,
         Err(e) => {
             eprintln!("tessera: {}: {e}", ca.display());
             return ExitCode::from(2);
         }
     };
+    let keys: Vec<p256::ecdsa::VerifyingKey> = certs
+        .iter()
+        .filter_map(tesserad::credentials::x509::cert_p256_key)
+        .collect();
+    if keys.is_empty() {
+        eprintln!("tessera: {}: no P-256 key in it", ca.display());
+        return ExitCode::from(2);
+    }
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {
@@ -414,7 +418,14 @@ fn verify_anchored(
             return ExitCode::FAILURE;
         }
     };
-    match tesserad::audit::verify_anchored(path, &jws, &key) {
+    // The key the checkpoint names (a PEM may hold the host CA and its issuers), else the
+    // first certificate's.
+    let kid = tesserad::audit::checkpoint::kid(&jws);
+    let key = keys
+        .iter()
+        .find(|k| Some(tesserad::keystore::ecdsa::jwk_of(k).0) == kid)
+        .unwrap_or(&keys[0]);
+    match tesserad::audit::verify_anchored(path, &jws, key) {
         Ok(Ok(a)) => {
             if as_json {
                 print_json(&json!({"intact": true, "summary": a.summary, "anchored": a}));

@@ -56,6 +56,7 @@ impl Credentials {
             scopes,
             ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
             agent: None,
+            bind: None,
         };
         let t = self
             .0

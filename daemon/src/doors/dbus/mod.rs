@@ -58,6 +58,7 @@ pub enum TesseraError {
     AuditUnavailable(String),
     CertificateRejected(String),
     UseSocket(String),
+    BindingRequired(String),
     Failed(String),
 }
 
@@ -103,6 +104,8 @@ impl From<Problem> for TesseraError {
             Kind::AgentSuspended => TesseraError::AgentSuspended(msg),
             Kind::AgentRevoked => TesseraError::AgentRevoked(msg),
             Kind::UseSocket => TesseraError::UseSocket(msg),
+            Kind::BindingRequired => TesseraError::BindingRequired(msg),
+            Kind::TargetNotAllowed | Kind::TokenNotAccepted => TesseraError::AccessDenied(msg),
             Kind::RateLimited => TesseraError::RateLimited(msg),
             Kind::BackendUnavailable => TesseraError::Backend(msg),
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
