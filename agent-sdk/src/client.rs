@@ -53,6 +53,70 @@ pub struct TokenOptions {
     pub ttl: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// `"dpop"`: a token bound to the agent's proof key (`cnf.jkt`, `token_type` `DPoP`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+}
+
+/// A DPoP proof (RFC 9449) for one HTTP request, made and signed by the daemon with the
+/// agent's proof key: `htm` the method, `htu` the target URI without query or fragment (its
+/// origin and path must be allowed by the agent's `audiences`), and the bound token the request
+/// carries (the daemon checks it is this agent's and puts its hash in `ath`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DpopOptions {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    pub htm: String,
+    pub htu: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// `ath` of another issuer's token (for one this daemon issued, give `access_token`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ath: Option<String>,
+    /// The server's `DPoP-Nonce`, when it asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl DpopOptions {
+    pub fn new(htm: impl Into<String>, htu: impl Into<String>) -> DpopOptions {
+        DpopOptions {
+            kind: "dpop",
+            htm: htm.into(),
+            htu: htu.into(),
+            access_token: None,
+            ath: None,
+            nonce: None,
+            agent: None,
+        }
+    }
+    pub fn access_token(mut self, token: impl Into<String>) -> Self {
+        self.access_token = Some(token.into());
+        self
+    }
+    pub fn ath(mut self, ath: impl Into<String>) -> Self {
+        self.ath = Some(ath.into());
+        self
+    }
+    pub fn nonce(mut self, nonce: impl Into<String>) -> Self {
+        self.nonce = Some(nonce.into());
+        self
+    }
+    pub fn agent(mut self, name: impl Into<String>) -> Self {
+        self.agent = Some(name.into());
+        self
+    }
+}
+
+/// `POST /v1/proof` answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProofResponse {
+    pub proof: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub jti: String,
 }
 
 /// Which certificate to ask for: a lifetime (at most the agent's limit) and which agent if
@@ -81,7 +145,13 @@ impl TokenOptions {
             scopes: vec![],
             ttl: None,
             agent: None,
+            bind: None,
         }
+    }
+    /// Ask for a DPoP-bound token (RFC 9449): use it with [`Client::dpop_proof`].
+    pub fn bind_dpop(mut self) -> Self {
+        self.bind = Some("dpop".into());
+        self
     }
     pub fn scope(mut self, s: impl Into<String>) -> Self {
         self.scopes.push(s.into());
@@ -129,6 +199,12 @@ impl Client {
     pub async fn token(&self, opts: &TokenOptions) -> Result<TokenResponse, Error> {
         let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
         self.call(Method::POST, "/v1/token", Some(body)).await
+    }
+
+    /// A DPoP proof for one request (see [`DpopOptions`]).
+    pub async fn dpop_proof(&self, opts: &DpopOptions) -> Result<ProofResponse, Error> {
+        let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/proof", Some(body)).await
     }
 
     /// The daemon's JWKS (every live agent key).

@@ -20,7 +20,8 @@ mod error;
 pub mod verify;
 
 pub use client::{
-    CertificateOptions, Client, Health, TokenOptions, TokenResponse, WhoAmI, DEFAULT_SOCKET,
+    CertificateOptions, Client, DpopOptions, Health, ProofResponse, TokenOptions, TokenResponse,
+    WhoAmI, DEFAULT_SOCKET,
 };
 pub use error::{Error, Problem, ProblemType};
 pub use hyper::Method;

@@ -72,6 +72,14 @@ pub fn verify(
             header.alg
         )));
     }
+    // Only agent tokens: a DPoP proof, checkpoint or WIT signed by a key in the set is not
+    // a token (explicit typing, RFC 8725 §3.11).
+    if header.typ.as_deref() != Some("JWT") {
+        return Err(VerifyError::Rejected(format!(
+            "typ {:?} is not JWT",
+            header.typ.as_deref().unwrap_or("(none)")
+        )));
+    }
     let kid = header.kid.ok_or(VerifyError::NoKid)?;
     let set: JwkSet = serde_json::from_value(jwks.clone())
         .map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
@@ -87,7 +95,7 @@ pub fn verify(
     }
     v.leeway = opts.leeway;
     v.validate_nbf = true;
-    v.set_required_spec_claims(&["exp", "aud", "sub", "iat"]);
+    v.set_required_spec_claims(&["exp", "aud", "sub", "iat", "iss"]);
     let data =
         decode::<Claims>(token, &key, &v).map_err(|e| VerifyError::Rejected(e.to_string()))?;
     let now = std::time::SystemTime::now()

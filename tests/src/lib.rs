@@ -147,3 +147,36 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// Run a relying-party check written in Python (`tests/python/NAME`) with the pinned
+/// libraries of `target/pyenv` (made by `scripts/setup`), feeding it `input` as JSON.
+/// Returns its JSON answer and whether it exited 0.
+pub fn python_check(name: &str, input: &serde_json::Value) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("TESSERA_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/pyenv/bin/python"));
+    let mut child = std::process::Command::new(&python)
+        .arg(root.join("tests/python").join(name))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} (run scripts/setup): {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("python output");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}

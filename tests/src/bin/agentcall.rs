@@ -2,7 +2,7 @@
 //! `{"status": <http status>, "body": <json>}`. Tests run copies of it under other uids and
 //! as different executables.
 //! Usage: agentcall SOCKET token AUDIENCE [SCOPE...] | agentcall SOCKET whoami |
-//! agentcall SOCKET get PATH |
+//! agentcall SOCKET get PATH | agentcall SOCKET post PATH JSON |
 //! agentcall SOCKET drop-then-whoami UID (connect as who we are, then setuid(UID), then ask) |
 //! agentcall SOCKET hold N SECONDS (N requests announcing a body that never comes) |
 //! agentcall SOCKET fork-then-exec EXE (connect, fork; the parent becomes EXE, the child asks) |
@@ -54,6 +54,11 @@ fn main() {
             )
         }
         "get" => (hyper_method("GET"), a[2].as_str(), None),
+        "post" => (
+            hyper_method("POST"),
+            a[2].as_str(),
+            Some(a[3].clone().into_bytes()),
+        ),
         _ => (hyper_method("GET"), "/v1/whoami", None),
     };
     match rt.block_on(client.request(method, path, body)) {

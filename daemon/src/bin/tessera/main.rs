@@ -60,6 +60,15 @@ enum Cmd {
         /// Which agent, when this process matches several.
         #[arg(long)]
         agent: Option<String>,
+        /// "dpop": a token bound to the agent's proof key (RFC 9449); send it with
+        /// `tessera proof dpop` proofs.
+        #[arg(long, value_parser = ["dpop"])]
+        bind: Option<String>,
+    },
+    /// Per-request proofs made by the daemon with this agent's proof key.
+    Proof {
+        #[command(subcommand)]
+        cmd: ProofSub,
     },
     /// Verify an agent token (relying party); exit 5 when it does not verify. The token is
     /// read from FILE, or from standard input with `-` (a token on the command line is
@@ -125,6 +134,29 @@ enum Cmd {
     Agent {
         #[command(subcommand)]
         cmd: agent::AgentSub,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProofSub {
+    /// A DPoP proof (RFC 9449) for one request; prints the proof JWT (the whole answer with
+    /// --json). Send it as the `DPoP` header with `Authorization: DPoP <token>`.
+    Dpop {
+        /// HTTP method of the request.
+        #[arg(long)]
+        method: String,
+        /// Target URI (no query or fragment).
+        #[arg(long)]
+        url: String,
+        /// File holding the bound token the request carries, or - for standard input (the
+        /// daemon checks it is this agent's and puts its hash in `ath`).
+        #[arg(long, value_name = "FILE")]
+        token: Option<PathBuf>,
+        /// The server's DPoP-Nonce.
+        #[arg(long)]
+        nonce: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
     },
 }
 
@@ -253,11 +285,13 @@ async fn run(cli: Cli) -> ExitCode {
             scopes,
             ttl,
             agent,
+            bind,
         } => {
             let mut opts = TokenOptions::new(audience);
             opts.scopes = scopes;
             opts.ttl = ttl;
             opts.agent = agent;
+            opts.bind = bind;
             match client.token(&opts).await {
                 Ok(t) if cli.json => {
                     print_json(&t);
@@ -265,6 +299,44 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Ok(t) => {
                     println!("{}", t.token);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Proof {
+            cmd:
+                ProofSub::Dpop {
+                    method,
+                    url,
+                    token,
+                    nonce,
+                    agent,
+                },
+        } => {
+            let mut opts = tessera::DpopOptions::new(method, url);
+            if let Some(f) = token {
+                match certs::read_input(&f).map(String::from_utf8) {
+                    Ok(Ok(t)) => opts = opts.access_token(t.trim()),
+                    Ok(Err(_)) => {
+                        eprintln!("tessera: {}: not text", f.display());
+                        return ExitCode::from(2);
+                    }
+                    Err(e) => {
+                        eprintln!("tessera: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            opts.nonce = nonce;
+            opts.agent = agent;
+            match client.dpop_proof(&opts).await {
+                Ok(p) if cli.json => {
+                    print_json(&json!({"proof": p.proof, "type": p.kind, "jti": p.jti}));
+                    ExitCode::SUCCESS
+                }
+                Ok(p) => {
+                    println!("{}", p.proof);
                     ExitCode::SUCCESS
                 }
                 Err(e) => client_error(&e),
