@@ -589,3 +589,79 @@ fn a_second_daemon_cannot_take_the_bus_name() {
     // The first daemon still owns it and answers.
     assert_eq!(env.agents().len(), 1);
 }
+
+/// Bound tokens and DPoP proofs over D-Bus (uid agents only, as DESIGN says for the bus):
+/// `require_binding` refuses `GetToken` with `Error.BindingRequired`; `GetBoundToken` and
+/// `GetProof` give what the socket gives, and a PyJWT relying party accepts it.
+#[test]
+fn bound_tokens_and_proofs_over_dbus() {
+    let env = start(Backend::pkcs11(), BusPolicy::Shipped, vec![]);
+    env.ok(&[
+        "agent",
+        "enroll",
+        "bound-bot",
+        "--uid",
+        "65534",
+        "--audience",
+        AUD,
+        "--require-binding",
+    ]);
+    let out = gdbus_as(
+        &env,
+        65534,
+        "org.tessera.Tessera1.Credentials.GetToken",
+        &[AUD, "[]", "0"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("org.tessera.Tessera1.Error.BindingRequired"),
+        "{out:?}"
+    );
+    let out = gdbus_as(
+        &env,
+        65534,
+        "org.tessera.Tessera1.Credentials.GetBoundToken",
+        &[AUD, "[]", "60", "dpop"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = text.split('\'').nth(1).expect("token in gdbus output");
+    let url = format!("{AUD}/v1/things");
+    let req = format!(
+        "{{'type': <'dpop'>, 'htm': <'PATCH'>, 'htu': <'{url}'>, 'access_token': <'{token}'>}}"
+    );
+    let out = gdbus_as(
+        &env,
+        65534,
+        "org.tessera.Tessera1.Credentials.GetProof",
+        &[&req],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let proof = text
+        .split("'proof': <'")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("proof in gdbus output");
+    let jwks = rt().block_on(env.d.client().jwks()).unwrap();
+    let (ok, out) = tessera_e2e::python_check(
+        "check_dpop.py",
+        &serde_json::json!({"token": token, "proof": proof, "jwks": jwks, "method": "PATCH",
+                            "url": url, "audience": AUD}),
+    );
+    assert!(ok, "{out}");
+    // A target outside the policy is refused over the bus too.
+    let req = "{'type': <'dpop'>, 'htm': <'GET'>, 'htu': <'https://evil.example/'>}";
+    let out = gdbus_as(
+        &env,
+        65534,
+        "org.tessera.Tessera1.Credentials.GetProof",
+        &[&req],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("org.tessera.Tessera1.Error.TargetNotAllowed"),
+        "{out:?}"
+    );
+}

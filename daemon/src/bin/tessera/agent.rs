@@ -57,9 +57,12 @@ pub enum AgentSub {
         /// Longest agent certificate (default: max_ttl).
         #[arg(long)]
         max_cert_ttl: Option<String>,
-        /// Tokens per minute.
+        /// Credentials per minute.
         #[arg(long)]
         rate: Option<u32>,
+        /// Only sender-constrained (DPoP-bound) tokens, never bearer tokens.
+        #[arg(long)]
+        require_binding: bool,
     },
     /// All live agents.
     List,
@@ -203,6 +206,7 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 max_ttl,
                 max_cert_ttl,
                 rate,
+                require_binding,
             } => {
                 let mut sel: HashMap<&str, Value<'_>> = HashMap::new();
                 if let Some(v) = uid {
@@ -227,6 +231,9 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 }
                 if let Some(r) = rate {
                     pol.insert("rate", r.into());
+                }
+                if require_binding {
+                    pol.insert("require_binding", true.into());
                 }
                 let path = mgr.enroll(&name, sel, pol).await?;
                 let props = agent_props(&conn, &path).await?;

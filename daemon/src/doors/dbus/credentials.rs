@@ -9,7 +9,8 @@ use zbus::message::Header;
 use zbus::zvariant::{OwnedValue, Value};
 use zbus::{interface, Connection};
 
-use super::{json_to_dict, owned, Ctx, TesseraError};
+use super::{dict_to_json, json_to_dict, owned, Ctx, TesseraError};
+use crate::credentials::proof::ProofRequest;
 use crate::credentials::TokenRequest;
 
 pub struct Credentials(pub(super) Arc<Ctx>);
@@ -65,5 +66,53 @@ impl Credentials {
             .await
             .map_err(|p| self.0.refusal(p))?;
         Ok((t.token, t.exp as u64))
+    }
+
+    /// A sender-constrained token: `bind` is `"dpop"` (RFC 9449 `cnf.jkt` of the agent's
+    /// proof key). Returns the token and its `exp`.
+    async fn get_bound_token(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        audience: String,
+        scopes: Vec<String>,
+        ttl_seconds: u64,
+        bind: String,
+    ) -> Result<(String, u64), TesseraError> {
+        let caller = self.0.caller(conn, &hdr).await?;
+        let req = TokenRequest {
+            audience,
+            scopes,
+            ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
+            agent: None,
+            bind: Some(bind),
+        };
+        let t = self
+            .0
+            .svc
+            .issue_token(&caller, req)
+            .await
+            .map_err(|p| self.0.refusal(p))?;
+        Ok((t.token, t.exp as u64))
+    }
+
+    /// `POST /v1/proof` over the bus: the same members in, the same members out.
+    async fn get_proof(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<HashMap<String, OwnedValue>, TesseraError> {
+        let caller = self.0.caller(conn, &hdr).await?;
+        let body = dict_to_json("proof request", &request)?;
+        let req: ProofRequest = serde_json::from_value(body)
+            .map_err(|e| TesseraError::InvalidArgs(format!("proof request: {e}")))?;
+        let p = self
+            .0
+            .svc
+            .issue_proof(&caller, req)
+            .await
+            .map_err(|p| self.0.refusal(p))?;
+        Ok(json_to_dict(&json!(p)))
     }
 }

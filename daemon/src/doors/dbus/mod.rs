@@ -59,6 +59,8 @@ pub enum TesseraError {
     CertificateRejected(String),
     UseSocket(String),
     BindingRequired(String),
+    TargetNotAllowed(String),
+    TokenNotAccepted(String),
     Failed(String),
 }
 
@@ -105,7 +107,8 @@ impl From<Problem> for TesseraError {
             Kind::AgentRevoked => TesseraError::AgentRevoked(msg),
             Kind::UseSocket => TesseraError::UseSocket(msg),
             Kind::BindingRequired => TesseraError::BindingRequired(msg),
-            Kind::TargetNotAllowed | Kind::TokenNotAccepted => TesseraError::AccessDenied(msg),
+            Kind::TargetNotAllowed => TesseraError::TargetNotAllowed(msg),
+            Kind::TokenNotAccepted => TesseraError::TokenNotAccepted(msg),
             Kind::RateLimited => TesseraError::RateLimited(msg),
             Kind::BackendUnavailable => TesseraError::Backend(msg),
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
