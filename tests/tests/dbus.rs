@@ -656,7 +656,7 @@ fn bound_tokens_and_proofs_over_dbus() {
         &env,
         65534,
         "org.tessera.Tessera1.Credentials.GetProof",
-        &[&req],
+        &[req],
     );
     assert!(!out.status.success(), "{out:?}");
     assert!(
