@@ -110,6 +110,61 @@ impl DpopOptions {
     }
 }
 
+/// A WIMSE Workload Proof Token (draft-ietf-wimse-wpt) for a request to `aud`, going with
+/// `wit` (from [`Client::wit`]): signed by the daemon with the key the WIT binds.
+#[derive(Debug, Clone, Serialize)]
+pub struct WptOptions {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    pub aud: String,
+    pub wit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ath: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tth: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oth: Option<std::collections::BTreeMap<String, String>>,
+    /// Lifetime, default 60 s, at most 5 min.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl WptOptions {
+    pub fn new(aud: impl Into<String>, wit: impl Into<String>) -> WptOptions {
+        WptOptions {
+            kind: "wpt",
+            aud: aud.into(),
+            wit: wit.into(),
+            access_token: None,
+            ath: None,
+            tth: None,
+            oth: None,
+            ttl: None,
+            agent: None,
+        }
+    }
+    pub fn access_token(mut self, token: impl Into<String>) -> Self {
+        self.access_token = Some(token.into());
+        self
+    }
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(format!("{}s", ttl.as_secs()));
+        self
+    }
+}
+
+/// `GET /v1/wit` answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WitResponse {
+    pub wit: String,
+    pub expires_at: String,
+    pub jti: String,
+}
+
 /// `POST /v1/proof` answer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProofResponse {
@@ -205,6 +260,29 @@ impl Client {
     pub async fn dpop_proof(&self, opts: &DpopOptions) -> Result<ProofResponse, Error> {
         let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
         self.call(Method::POST, "/v1/proof", Some(body)).await
+    }
+
+    /// A WPT for one request (see [`WptOptions`]).
+    pub async fn wpt(&self, opts: &WptOptions) -> Result<ProofResponse, Error> {
+        let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/proof", Some(body)).await
+    }
+
+    /// A WIMSE Workload Identity Token binding this agent's proof key, signed by the host CA;
+    /// `agent` names the agent when this process matches several.
+    pub async fn wit(&self, agent: Option<&str>) -> Result<WitResponse, Error> {
+        let path = match agent {
+            Some(a) => format!("/v1/wit?agent={}", query_value(a)),
+            None => "/v1/wit".to_string(),
+        };
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// The SPIFFE trust bundle (`/v1/bundle?format=spiffe`): agent keys (`jwt-svid`), the host
+    /// CA key (`wit-svid`) and the trust anchor certificates (`x509-svid`).
+    pub async fn spiffe_bundle(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/v1/bundle?format=spiffe", None)
+            .await
     }
 
     /// The daemon's JWKS (every live agent key).

@@ -21,7 +21,7 @@ pub mod verify;
 
 pub use client::{
     CertificateOptions, Client, DpopOptions, Health, ProofResponse, TokenOptions, TokenResponse,
-    WhoAmI, DEFAULT_SOCKET,
+    WhoAmI, WitResponse, WptOptions, DEFAULT_SOCKET,
 };
 pub use error::{Error, Problem, ProblemType};
 pub use hyper::Method;

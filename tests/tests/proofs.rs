@@ -250,6 +250,30 @@ fn cli_makes_a_bound_token_and_a_proof() {
                 "url": "https://api.example.com/a/b", "audience": AUD}),
     );
     assert!(ok, "{out}");
+    // WIT and WPT through the CLI.
+    let o = d.cli(&["wit"]);
+    assert!(o.status.success(), "{o:?}");
+    let wit = String::from_utf8(o.stdout).unwrap();
+    let o = d.cli_stdin(
+        &[
+            "proof",
+            "wpt",
+            "--aud",
+            "https://api.example.com/w",
+            "--wit",
+            "-",
+        ],
+        wit.trim().as_bytes(),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let wpt = String::from_utf8(o.stdout).unwrap();
+    let bundle = rt().block_on(d.client().spiffe_bundle()).unwrap();
+    let (ok, out) = python_check(
+        "check_wimse.py",
+        &json!({"wit": wit.trim(), "wpt": wpt.trim(), "bundle": bundle,
+                "aud": "https://api.example.com/w"}),
+    );
+    assert!(ok, "{out}");
     let o = d.cli(&[
         "proof",
         "dpop",
@@ -260,3 +284,125 @@ fn cli_makes_a_bound_token_and_a_proof() {
     ]);
     assert_eq!(o.status.code(), Some(3), "refused: {o:?}");
 }
+
+fn wit_and_wpt_verify_with_pyjwt(backend: Backend) {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "w");
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![
+                (
+                    "alpha".into(),
+                    format!("[selectors]\nuid = 0\n{}", policy("wit_ttl = \"10m\"")),
+                ),
+                (
+                    "beta".into(),
+                    format!(
+                        "[selectors]\nuid = 65534\nexe = \"{}\"\n{}",
+                        other.display(),
+                        policy("")
+                    ),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let rt = rt();
+    let wit = rt.block_on(c.wit(None)).unwrap();
+    let bundle = rt.block_on(c.spiffe_bundle()).unwrap();
+    let jwks = rt.block_on(c.jwks()).unwrap();
+    let token = rt.block_on(c.token(&TokenOptions::new(AUD))).unwrap().token;
+    let aud = "https://api.example.com/v1/jobs";
+    let wpt = rt
+        .block_on(c.wpt(&tessera::WptOptions::new(aud, &wit.wit).access_token(&token)))
+        .unwrap();
+    let (ok, out) = python_check(
+        "check_wimse.py",
+        &json!({"wit": wit.wit, "wpt": wpt.proof, "bundle": bundle, "aud": aud, "token": token}),
+    );
+    assert!(ok, "PyJWT relying party refused it: {out}");
+    let (strict, _) = python_check(
+        "check_wimse.py",
+        &json!({"wit": wit.wit, "wpt": wpt.proof, "bundle": bundle,
+                "aud": "https://api.example.com/v1/other", "token": token}),
+    );
+    assert!(!strict, "a WPT for another audience passed");
+    assert!(out["wit"]["sub"]
+        .as_str()
+        .unwrap()
+        .ends_with("/agent/alpha"));
+    let lifetime = out["wit"]["exp"].as_i64().unwrap() - out["wit"]["iat"].as_i64().unwrap();
+    assert_eq!(lifetime, 600, "policy wit_ttl");
+    // The WIT binds the agent's hardware key (the key of its tokens).
+    let kid = tessera_e2e::jwt_header(&token)["kid"].clone();
+    let agent_jwk = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .unwrap();
+    assert_eq!(out["wit"]["cnf"]["jwk"]["x"], agent_jwk["x"]);
+    // The WIT key is published apart: in the SPIFFE bundle as wit-svid, never in /v1/jwks.
+    let wit_kid = &out["wit_header"]["kid"];
+    assert!(!jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| &k["kid"] == wit_kid));
+    let uses: Vec<&str> = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["use"].as_str().unwrap())
+        .collect();
+    assert!(
+        uses.contains(&"jwt-svid") && uses.contains(&"wit-svid") && uses.contains(&"x509-svid")
+    );
+    // ... and the x509-svid entry is the CA certificate openssl sees in /v1/bundle.
+    let x509 = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["use"] == "x509-svid")
+        .unwrap();
+    assert!(x509.get("kid").is_none());
+    let pem = rt.block_on(c.bundle()).unwrap();
+    let der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert_eq!(x509["x5c"][0], der_b64);
+    // A WIT is not a token: our verifier refuses it against the bundle's keys.
+    assert!(
+        tessera::verify::verify(&wit.wit, &bundle, &tessera::verify::Options::new(AUD)).is_err()
+    );
+
+    let refused = |o: tessera::WptOptions| rt.block_on(c.wpt(&o)).expect_err("refused").problem();
+    assert_eq!(
+        refused(tessera::WptOptions::new("https://evil.example/x", &wit.wit)),
+        Some(ProblemType::TargetNotAllowed)
+    );
+    assert_eq!(
+        refused(tessera::WptOptions::new(aud, &token)),
+        Some(ProblemType::TokenNotAccepted),
+        "a token is not a WIT"
+    );
+    assert_eq!(
+        refused(tessera::WptOptions::new(aud, &wit.wit).ttl(std::time::Duration::from_secs(600))),
+        Some(ProblemType::TtlNotAllowed)
+    );
+    // beta cannot use alpha's WIT.
+    let body = json!({"type": "wpt", "aud": aud, "wit": wit.wit}).to_string();
+    let r = agentcall(&other, 65534, &d.socket, &["post", "/v1/proof", &body]);
+    assert_eq!(r["status"], 403, "{r}");
+    assert_eq!(r["body"]["type"], "urn:tessera:problem:token-not-accepted");
+    // Audited.
+    assert_eq!(events(&d, "wit.issued").len(), 1);
+    let wpts: Vec<Value> = events(&d, "proof.issued")
+        .into_iter()
+        .filter(|r| r["details"]["type"] == "wpt")
+        .collect();
+    assert_eq!(wpts.len(), 1);
+    assert_eq!(wpts[0]["details"]["jti"], wpt.jti);
+    assert_eq!(wpts[0]["details"]["path"], "/v1/jobs");
+}
+tessera_e2e::both_backends!(wit_and_wpt_verify_with_pyjwt);

@@ -26,7 +26,13 @@ pub struct Policy {
     /// Only sender-constrained tokens (`bind`): a bearer token request is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_binding: bool,
+    /// Lifetime of a WIMSE WIT (default and at most 1 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wit_ttl: Option<Dur>,
 }
+
+/// Longest WIT (and the default).
+pub const MAX_WIT_TTL: Duration = Duration::from_secs(3600);
 
 impl Policy {
     pub fn validate(
@@ -44,6 +50,11 @@ impl Policy {
             }
             if m.0.as_secs() < 60 {
                 return Err("policy max_cert_ttl must be at least 1m".into());
+            }
+        }
+        if let Some(w) = self.wit_ttl {
+            if w.0 > MAX_WIT_TTL || w.0.as_secs() < 1 || w.0.subsec_nanos() != 0 {
+                return Err("policy wit_ttl must be whole seconds from 1s to 1h".into());
             }
         }
         if self.audiences.is_empty() {

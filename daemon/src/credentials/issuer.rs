@@ -80,6 +80,32 @@ impl Issuer {
         Ok(jwt::compact(&input, &sig))
     }
 
+    /// A WIT for `agent`, signed by the host CA key `ca_key_id` (whose thumbprint is `ca_kid`).
+    pub async fn wit(
+        &self,
+        ca_key_id: &str,
+        ca_kid: &str,
+        claims: &jwt::WitClaims,
+    ) -> Result<String, KeyStoreError> {
+        let input = jwt::wit_signing_input(ca_kid, claims);
+        let sig = self.keystore.sign(ca_key_id, jwt::digest(&input)).await?;
+        Ok(jwt::compact(&input, &sig))
+    }
+
+    /// A WPT signed by `agent`'s key (its proof key).
+    pub async fn wpt(
+        &self,
+        agent: &Agent,
+        claims: &jwt::WptClaims,
+    ) -> Result<String, KeyStoreError> {
+        let input = jwt::wpt_signing_input(claims);
+        let sig = self
+            .keystore
+            .sign(&agent.key_id, jwt::digest(&input))
+            .await?;
+        Ok(jwt::compact(&input, &sig))
+    }
+
     /// ECDSA signature by `key_id` over SHA-256 of the DER of a structure built here.
     async fn sign_der<T: Encode>(&self, key_id: &str, tbs: &T) -> Result<Signature, IssueError> {
         let (_, digest) = x509::to_be_signed(tbs)?;

@@ -93,6 +93,7 @@ pub struct DpopClaims {
 /// (the key's public members only), then the claims.
 pub fn dpop_signing_input(jwk: &Value, c: &DpopClaims) -> String {
     let public = json!({"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"]});
+    // (No `alg` in the DPoP header's key: the header's own `alg` says it.)
     let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": public});
     let mut claims = json!({"jti": c.jti, "htm": c.htm, "htu": c.htu, "iat": c.iat});
     if let Some(ath) = &c.ath {
@@ -112,4 +113,60 @@ pub fn digest(signing_input: &str) -> [u8; 32] {
 /// The compact JWS: signing input, then the JOSE (r‖s) signature.
 pub fn compact(signing_input: &str, sig: &Signature) -> String {
     format!("{signing_input}.{}", B64.encode(ecdsa::to_jose(sig)))
+}
+
+/// The claims of a WIMSE Workload Identity Token (draft-ietf-wimse-workload-creds).
+pub struct WitClaims {
+    /// The host's SPIFFE id (never the federation issuer).
+    pub iss: String,
+    /// The agent's SPIFFE id.
+    pub sub: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+    /// The proof key the WIT binds (public members, with `alg`).
+    pub cnf_jwk: Value,
+}
+
+/// Signing input of a WIT: header `{"typ":"wit+jwt","alg":"ES256","kid":<host CA key
+/// thumbprint>}`, no `aud`.
+pub fn wit_signing_input(ca_kid: &str, c: &WitClaims) -> String {
+    let header = json!({"typ": "wit+jwt", "alg": "ES256", "kid": ca_kid});
+    let claims = json!({
+        "iss": c.iss, "sub": c.sub, "iat": c.iat, "exp": c.exp, "jti": c.jti,
+        "cnf": {"jwk": c.cnf_jwk},
+    });
+    encode(&header, &claims)
+}
+
+/// The claims of a WIMSE Workload Proof Token (draft-ietf-wimse-wpt).
+pub struct WptClaims {
+    pub aud: String,
+    pub exp: i64,
+    pub jti: String,
+    /// base64url SHA-256 of the WIT it goes with.
+    pub wth: String,
+    pub ath: Option<String>,
+    pub tth: Option<String>,
+    pub oth: Option<Value>,
+}
+
+/// Signing input of a WPT: header `{"typ":"wpt+jwt","alg":"ES256"}`.
+pub fn wpt_signing_input(c: &WptClaims) -> String {
+    let header = json!({"typ": "wpt+jwt", "alg": "ES256"});
+    let mut claims = json!({"aud": c.aud, "exp": c.exp, "jti": c.jti, "wth": c.wth});
+    for (k, v) in [("ath", &c.ath), ("tth", &c.tth)] {
+        if let Some(v) = v {
+            claims[k] = json!(v);
+        }
+    }
+    if let Some(oth) = &c.oth {
+        claims["oth"] = oth.clone();
+    }
+    encode(&header, &claims)
+}
+
+/// The public members of a P-256 JWK, with `alg` (what `cnf.jwk` carries).
+pub fn public_jwk(jwk: &Value) -> Value {
+    json!({"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"], "alg": "ES256"})
 }

@@ -20,6 +20,7 @@ use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::{jwt, Credentials};
+use crate::keystore::ecdsa;
 use tessera::attestation::key_from_jwk;
 
 /// Longest `nonce` a proof carries.
@@ -28,6 +29,11 @@ const MAX_NONCE: usize = 256;
 const MAX_TARGET: usize = 8192;
 /// Bound tokens remembered at most (their `ath`, until they expire).
 const MAX_BOUND: usize = 1_000_000;
+/// WPT lifetime: default and ceiling (draft-ietf-wimse-wpt: short-lived).
+const WPT_DEFAULT_TTL: u64 = 60;
+const WPT_MAX_TTL: u64 = 300;
+/// Other-token hashes a WPT carries at most.
+const MAX_OTH: usize = 8;
 
 /// `POST /v1/proof` body.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +60,29 @@ pub struct ProofRequest {
     /// Which agent, when the caller matches several.
     #[serde(default)]
     pub agent: Option<String>,
+    /// WPT: the target URI (no query, no fragment).
+    #[serde(default)]
+    pub aud: Option<String>,
+    /// WPT: the WIT this daemon issued to the agent, which the WPT goes with.
+    #[serde(default)]
+    pub wit: Option<String>,
+    /// WPT: hash of a transaction token.
+    #[serde(default)]
+    pub tth: Option<String>,
+    /// WPT: hashes of other tokens, `{name: hash}` (at most 8).
+    #[serde(default)]
+    pub oth: Option<serde_json::Map<String, Value>>,
+    /// WPT lifetime ("60s" by default, at most "5m").
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+/// `GET /v1/wit` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct WitResponse {
+    pub wit: String,
+    pub expires_at: String,
+    pub jti: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,58 +177,183 @@ impl Credentials {
         let summary = json!({
             "type": req.kind, "htm": req.htm, "htu": req.htu, "agent": req.agent,
             "access_token": req.access_token.as_ref().map(|_| "(given)"),
-            "ath": req.ath, "nonce": req.nonce,
+            "ath": req.ath, "nonce": req.nonce, "aud": req.aud,
+            "wit": req.wit.as_ref().map(|_| "(given)"), "ttl": req.ttl,
         });
         let agent = match self.match_agent(caller, req.agent.as_deref()) {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
         };
-        let checked = match self.check_dpop(&agent, &req) {
+        let made = match req.kind.as_str() {
+            "dpop" => self.check_dpop(&agent, &req).map(Checked::Dpop),
+            "wpt" => self.check_wpt(&agent, &req).map(Checked::Wpt),
+            other => Err(Problem::new(
+                Kind::MalformedRequest,
+                format!(
+                    "proof type {:?} is not supported (\"dpop\" and \"wpt\" are)",
+                    crate::audit::client_text(other)
+                ),
+            )),
+        };
+        let checked = match made {
             Ok(c) => c,
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
-        let claims = jwt::DpopClaims {
-            jti: jwt::new_jti(),
-            htm: checked.htm,
-            htu: checked.htu.to_string(),
-            iat: crate::agents::now_unix(),
-            ath: checked.ath,
-            nonce: req.nonce.clone(),
+        let iat = crate::agents::now_unix();
+        let jti = jwt::new_jti();
+        let (signed, kind, target, details) = match checked {
+            Checked::Dpop(c) => {
+                let claims = jwt::DpopClaims {
+                    jti: jti.clone(),
+                    htm: c.htm,
+                    htu: c.htu.to_string(),
+                    iat,
+                    ath: c.ath,
+                    nonce: req.nonce.clone(),
+                };
+                let details = json!({"htm": claims.htm, "ath": claims.ath});
+                (
+                    self.issuer.dpop(&agent, &claims).await,
+                    "dpop",
+                    c.htu,
+                    details,
+                )
+            }
+            Checked::Wpt(c) => {
+                let claims = jwt::WptClaims {
+                    aud: c.aud.to_string(),
+                    exp: iat + c.ttl as i64,
+                    jti: jti.clone(),
+                    wth: c.wth,
+                    ath: c.ath,
+                    tth: req.tth.clone(),
+                    oth: req.oth.clone().map(Value::Object),
+                };
+                let details = json!({"wth": claims.wth, "exp": claims.exp, "ath": claims.ath});
+                (
+                    self.issuer.wpt(&agent, &claims).await,
+                    "wpt",
+                    c.aud,
+                    details,
+                )
+            }
         };
-        let proof = match self.issuer.dpop(&agent, &claims).await {
+        let proof = match signed {
             Ok(p) => p,
             Err(e) => return Err(self.signing_problem(&agent, e)),
         };
+        let mut details = details;
+        details["type"] = json!(kind);
+        details["jti"] = json!(jti);
+        details["iat"] = json!(iat);
+        details["kid"] = json!(agent.kid);
+        // The target without its query: origin and path.
+        details["origin"] = json!(target.origin().ascii_serialization());
+        details["path"] = json!(target.path());
         let ev = Event::new("proof.issued")
             .agent(&agent.name, &agent.id)
             .caller(caller.record())
-            .details(json!({
-                "type": "dpop",
-                "jti": claims.jti,
-                "htm": claims.htm,
-                "origin": checked.htu.origin().ascii_serialization(),
-                "path": checked.htu.path(),
-                "iat": claims.iat,
-                "ath": claims.ath,
-                "kid": agent.kid,
-            }));
+            .details(details);
         self.release(caller, &agent, ev, "proof").await?;
-        self.count_issued(&agent, claims.iat);
-        Ok(ProofResponse {
-            proof,
-            kind: "dpop",
+        self.count_issued(&agent, iat);
+        Ok(ProofResponse { proof, kind, jti })
+    }
+
+    /// `GET /v1/wit`: a Workload Identity Token binding the agent's proof key, signed by the
+    /// host CA key in the device.
+    pub async fn issue_wit(
+        &self,
+        caller: &Caller,
+        wanted: Option<&str>,
+    ) -> Result<WitResponse, Problem> {
+        let summary = json!({"credential": "wit", "agent": wanted});
+        let agent = match self.match_agent(caller, wanted) {
+            Ok(a) => a,
+            Err(p) => return Err(self.deny(caller, None, p, summary).await),
+        };
+        if let Err(p) = self.may_issue(&agent) {
+            return Err(self.deny(caller, Some(&agent), p, summary).await);
+        }
+        let ca = self
+            .host_ca()
+            .map_err(crate::credentials::certificate::hostca_problem)?;
+        let (ca_kid, _) = ecdsa::jwk_of(&ca.key);
+        let ttl = agent
+            .policy
+            .wit_ttl
+            .map_or(policy::MAX_WIT_TTL, |d| d.0.min(policy::MAX_WIT_TTL));
+        let iat = crate::agents::now_unix();
+        let claims = jwt::WitClaims {
+            iss: self.settings().ids.host_id(),
+            sub: agent.id.clone(),
+            iat,
+            exp: iat + ttl.as_secs() as i64,
+            jti: jwt::new_jti(),
+            cnf_jwk: jwt::public_jwk(&agent.jwk.clone().unwrap_or_default()),
+        };
+        let wit = match self.issuer.wit(&ca.key_id, &ca_kid, &claims).await {
+            Ok(w) => w,
+            Err(e) => return Err(self.signing_problem(&agent, e)),
+        };
+        let ev = Event::new("wit.issued")
+            .agent(&agent.name, &agent.id)
+            .caller(caller.record())
+            .details(json!({
+                "jti": claims.jti, "iat": iat, "exp": claims.exp, "kid": agent.kid, "ca_kid": ca_kid,
+            }));
+        self.release(caller, &agent, ev, "WIT").await?;
+        self.count_issued(&agent, iat);
+        Ok(WitResponse {
+            wit,
+            expires_at: crate::credentials::rfc3339(claims.exp),
             jti: claims.jti,
         })
     }
 
+    /// `GET /v1/bundle?format=spiffe`: a SPIFFE trust bundle. Agent keys (`use: jwt-svid`),
+    /// the host CA key once as a `wit-svid` JWK (`kid` = thumbprint) and the trust anchor
+    /// certificates as `x509-svid` entries (`x5c`, no `kid`). `/v1/jwks` keeps agent keys only.
+    pub fn spiffe_bundle(&self) -> Result<Value, Problem> {
+        let ca = self
+            .host_ca()
+            .map_err(crate::credentials::certificate::hostca_problem)?;
+        let mut keys: Vec<Value> = self
+            .agents()
+            .live()
+            .iter()
+            .filter_map(|a| a.jwk.clone())
+            .map(|mut k| {
+                k["use"] = json!("jwt-svid");
+                k
+            })
+            .collect();
+        let (_, mut wit_key) = ecdsa::jwk_of(&ca.key);
+        wit_key["use"] = json!("wit-svid");
+        keys.push(wit_key);
+        let anchors = crate::credentials::x509::certs_from_pem(&ca.bundle_pem)
+            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        for cert in &anchors {
+            let Some(key) = crate::credentials::x509::cert_p256_key(cert) else {
+                continue;
+            };
+            let der = x509_cert::der::Encode::to_der(cert)
+                .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+            let (_, jwk) = ecdsa::jwk_of(&key);
+            keys.push(json!({
+                "kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"],
+                "use": "x509-svid",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(der)],
+            }));
+        }
+        Ok(json!({
+            "keys": keys,
+            "spiffe_sequence": self.agents().generation(),
+            "spiffe_refresh_hint": 300,
+        }))
+    }
+
     fn check_dpop(&self, agent: &Agent, req: &ProofRequest) -> Result<CheckedDpop, Problem> {
         let malformed = |m: String| Problem::new(Kind::MalformedRequest, m);
-        if req.kind != "dpop" {
-            return Err(malformed(format!(
-                "proof type {:?} is not supported (\"dpop\" is)",
-                crate::audit::client_text(&req.kind)
-            )));
-        }
         crate::credentials::check_not_suspended(agent)?;
         let htm = req
             .htm
@@ -241,6 +395,101 @@ impl Credentials {
         })
     }
 
+    fn check_wpt(&self, agent: &Agent, req: &ProofRequest) -> Result<CheckedWpt, Problem> {
+        let malformed = |m: String| Problem::new(Kind::MalformedRequest, m);
+        crate::credentials::check_not_suspended(agent)?;
+        let aud = req
+            .aud
+            .as_deref()
+            .filter(|u| u.len() <= MAX_TARGET)
+            .ok_or_else(|| malformed(format!("aud is required (at most {MAX_TARGET} bytes)")))?;
+        let aud = policy::proof_target(aud, false).map_err(|e| malformed(e.to_string()))?;
+        if !policy::proof_target_allowed(&agent.policy.audiences, &aud) {
+            return Err(Problem::new(
+                Kind::TargetNotAllowed,
+                policy::TargetError::NotAllowed(aud.to_string()).to_string(),
+            ));
+        }
+        let wit = req
+            .wit
+            .as_deref()
+            .ok_or_else(|| malformed("wit is required (GET /v1/wit)".into()))?;
+        let wth = self.check_wit(agent, wit)?;
+        let ath = match (&req.access_token, &req.ath) {
+            (Some(_), Some(_)) => {
+                return Err(malformed("give access_token or ath, not both".into()))
+            }
+            (Some(token), None) => Some(jwt::b64_sha256(token)),
+            (None, Some(ath)) => Some(check_hash("ath", ath)?),
+            (None, None) => None,
+        };
+        if let Some(t) = &req.tth {
+            check_hash("tth", t)?;
+        }
+        if let Some(oth) = &req.oth {
+            if oth.len() > MAX_OTH {
+                return Err(malformed(format!("oth has at most {MAX_OTH} entries")));
+            }
+            for (k, v) in oth {
+                let ok = k.len() <= 64
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && v.as_str().is_some_and(|h| check_hash("oth", h).is_ok());
+                if !ok {
+                    return Err(malformed(
+                        "oth entries are {name: base64url SHA-256} with short token names".into(),
+                    ));
+                }
+            }
+        }
+        let ttl = match &req.ttl {
+            None => WPT_DEFAULT_TTL,
+            Some(t) => {
+                let d = crate::duration::parse_duration(t).map_err(malformed)?;
+                if d.subsec_nanos() != 0 || d.as_secs() < 1 || d.as_secs() > WPT_MAX_TTL {
+                    return Err(Problem::new(
+                        Kind::TtlNotAllowed,
+                        format!("a WPT lives whole seconds from 1s to {WPT_MAX_TTL}s"),
+                    ));
+                }
+                d.as_secs()
+            }
+        };
+        self.check_rate(agent, &self.settings())?;
+        Ok(CheckedWpt { aud, wth, ath, ttl })
+    }
+
+    /// `wit` must be an unexpired WIT this daemon's host CA signed for this agent, binding
+    /// this agent's proof key. Returns its hash (`wth`).
+    fn check_wit(&self, agent: &Agent, wit: &str) -> Result<String, Problem> {
+        let refuse = |why: &str| {
+            Problem::new(
+                Kind::TokenNotAccepted,
+                format!("wit is not a WIT of agent {}: {why}", agent.name),
+            )
+        };
+        let ca = self
+            .host_ca()
+            .map_err(crate::credentials::certificate::hostca_problem)?;
+        let (header, claims) = verify_compact(wit, &ca.key).map_err(&refuse)?;
+        if header["typ"] != "wit+jwt" {
+            return Err(refuse("typ is not wit+jwt"));
+        }
+        if claims["sub"] != json!(agent.id) || claims["iss"] != json!(self.settings().ids.host_id())
+        {
+            return Err(refuse("issued to someone else"));
+        }
+        if claims["exp"].as_i64().unwrap_or(0) <= crate::agents::now_unix() {
+            return Err(refuse("expired"));
+        }
+        let jwk = agent.jwk.clone().unwrap_or_default();
+        let cnf = &claims["cnf"]["jwk"];
+        if cnf["x"] != jwk["x"] || cnf["y"] != jwk["y"] {
+            return Err(refuse("it binds another key"));
+        }
+        Ok(jwt::b64_sha256(wit))
+    }
+
     /// `access_token` must be a token this agent's key signed, bound to that same key.
     fn check_own_token(&self, agent: &Agent, token: &str) -> Result<String, Problem> {
         let refuse = |why: &str| {
@@ -252,34 +501,12 @@ impl Credentials {
                 ),
             )
         };
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refuse("not a compact JWS"));
-        };
         let key = agent
             .jwk
             .as_ref()
             .and_then(|j| key_from_jwk(j).ok())
             .ok_or_else(|| refuse("the agent has no key on record"))?;
-        let sig = B64
-            .decode(s)
-            .ok()
-            .and_then(|b| p256::ecdsa::Signature::from_slice(&b).ok())
-            .ok_or_else(|| refuse("not an ES256 signature"))?;
-        key.verify(format!("{h}.{p}").as_bytes(), &sig)
-            .map_err(|_| refuse("not signed by this agent's key"))?;
-        let header: Value = B64
-            .decode(h)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| refuse("unreadable header"))?;
-        let claims: Value = B64
-            .decode(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| refuse("unreadable claims"))?;
+        let (header, claims) = verify_compact(token, &key).map_err(refuse)?;
         // Tokens are `typ: JWT`; a proof or checkpoint signed by the same key is not a token.
         if header["typ"] != "JWT" || claims["sub"] != json!(agent.id) {
             return Err(refuse("not a token issued to this agent"));
@@ -327,6 +554,58 @@ struct CheckedDpop {
     htm: String,
     htu: url::Url,
     ath: Option<String>,
+}
+
+struct CheckedWpt {
+    aud: url::Url,
+    wth: String,
+    ath: Option<String>,
+    ttl: u64,
+}
+
+enum Checked {
+    Dpop(CheckedDpop),
+    Wpt(CheckedWpt),
+}
+
+/// A base64url SHA-256 (43 characters).
+fn check_hash(what: &str, h: &str) -> Result<String, Problem> {
+    let ok = h.len() == 43 && B64.decode(h).map(|b| b.len() == 32).unwrap_or(false);
+    if ok {
+        Ok(h.to_string())
+    } else {
+        Err(Problem::new(
+            Kind::MalformedRequest,
+            format!("{what} must be a base64url SHA-256 (43 characters)"),
+        ))
+    }
+}
+
+/// Check an ES256 compact JWS against `key`; its header and claims.
+fn verify_compact(
+    jws: &str,
+    key: &p256::ecdsa::VerifyingKey,
+) -> Result<(Value, Value), &'static str> {
+    let mut parts = jws.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not a compact JWS");
+    };
+    let sig = B64
+        .decode(s)
+        .ok()
+        .and_then(|b| p256::ecdsa::Signature::from_slice(&b).ok())
+        .ok_or("not an ES256 signature")?;
+    key.verify(format!("{h}.{p}").as_bytes(), &sig)
+        .map_err(|_| "not signed by the expected key")?;
+    let part = |x: &str| -> Option<Value> { serde_json::from_slice(&B64.decode(x).ok()?).ok() };
+    let header = part(h).ok_or("unreadable header")?;
+    let claims = part(p).ok_or("unreadable claims")?;
+    if header["alg"] != "ES256" {
+        return Err("alg is not ES256");
+    }
+    Ok((header, claims))
 }
 
 #[cfg(test)]

@@ -155,10 +155,24 @@ async fn route(
                 .await?;
             Ok(pem_response("application/pem-certificate-chain", chain))
         }
-        (Method::GET, "/v1/bundle") => Ok(pem_response(
-            "application/pem-certificate-chain",
-            svc.bundle_pem()?,
-        )),
+        (Method::GET, "/v1/bundle") => match query_param(&req, "format").as_deref() {
+            None | Some("pem") => Ok(pem_response(
+                "application/pem-certificate-chain",
+                svc.bundle_pem()?,
+            )),
+            Some("spiffe") => Ok(json_response(StatusCode::OK, &svc.spiffe_bundle()?)),
+            Some(_) => Err(Problem::new(
+                Kind::MalformedRequest,
+                "format is \"pem\" (default) or \"spiffe\"",
+            )),
+        },
+        (Method::GET, "/v1/wit") => {
+            let caller = svc.identify(peer).await?;
+            let wit = svc
+                .issue_wit(&caller, query_param(&req, "agent").as_deref())
+                .await?;
+            Ok(json_response(StatusCode::OK, &wit))
+        }
         (Method::GET, "/v1/crl") => {
             Ok(pem_response("application/x-pem-file", svc.crl_pem().await?))
         }
@@ -175,7 +189,7 @@ async fn route(
         }
         (
             _,
-            "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/proof"
+            "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/proof" | "/v1/wit"
             | "/v1/certificate" | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
         ) => Err(Problem::new(
             Kind::MethodNotAllowed,

@@ -346,6 +346,7 @@ mod tests {
             max_cert_ttl: None,
             rate: None,
             require_binding: false,
+            wit_ttl: None,
         }
     }
 

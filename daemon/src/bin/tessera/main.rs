@@ -65,6 +65,12 @@ enum Cmd {
         #[arg(long, value_parser = ["dpop"])]
         bind: Option<String>,
     },
+    /// A WIMSE Workload Identity Token for this agent (signed by the host CA, binding the
+    /// agent's proof key); prints it (the whole answer with --json).
+    Wit {
+        #[arg(long)]
+        agent: Option<String>,
+    },
     /// Per-request proofs made by the daemon with this agent's proof key.
     Proof {
         #[command(subcommand)]
@@ -158,6 +164,38 @@ enum ProofSub {
         #[arg(long)]
         agent: Option<String>,
     },
+    /// A WIMSE Workload Proof Token for one request, to send with the WIT; prints the WPT.
+    Wpt {
+        /// Target URI (no query or fragment).
+        #[arg(long)]
+        aud: String,
+        /// File holding the WIT (`tessera wit`), or - for standard input.
+        #[arg(long, value_name = "FILE")]
+        wit: PathBuf,
+        /// File holding an access token the request carries (its hash goes in `ath`).
+        #[arg(long, value_name = "FILE")]
+        token: Option<PathBuf>,
+        /// Lifetime, default 60s, at most 5m.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+}
+
+/// A credential from FILE or standard input (`-`), trimmed.
+fn read_secret(f: &std::path::Path) -> Result<String, ExitCode> {
+    match certs::read_input(f).map(String::from_utf8) {
+        Ok(Ok(t)) => Ok(t.trim().to_string()),
+        Ok(Err(_)) => {
+            eprintln!("tessera: {}: not text", f.display());
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 #[derive(Args)]
@@ -316,16 +354,9 @@ async fn run(cli: Cli) -> ExitCode {
         } => {
             let mut opts = tessera::DpopOptions::new(method, url);
             if let Some(f) = token {
-                match certs::read_input(&f).map(String::from_utf8) {
-                    Ok(Ok(t)) => opts = opts.access_token(t.trim()),
-                    Ok(Err(_)) => {
-                        eprintln!("tessera: {}: not text", f.display());
-                        return ExitCode::from(2);
-                    }
-                    Err(e) => {
-                        eprintln!("tessera: {e}");
-                        return ExitCode::from(2);
-                    }
+                match read_secret(&f) {
+                    Ok(t) => opts = opts.access_token(t),
+                    Err(code) => return code,
                 }
             }
             opts.nonce = nonce;
@@ -337,6 +368,55 @@ async fn run(cli: Cli) -> ExitCode {
                 }
                 Ok(p) => {
                     println!("{}", p.proof);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Proof {
+            cmd:
+                ProofSub::Wpt {
+                    aud,
+                    wit,
+                    token,
+                    ttl,
+                    agent,
+                },
+        } => {
+            let wit = match read_secret(&wit) {
+                Ok(w) => w,
+                Err(code) => return code,
+            };
+            let mut opts = tessera::WptOptions::new(aud, wit);
+            if let Some(f) = token {
+                match read_secret(&f) {
+                    Ok(t) => opts = opts.access_token(t),
+                    Err(code) => return code,
+                }
+            }
+            opts.ttl = ttl;
+            opts.agent = agent;
+            match client.wpt(&opts).await {
+                Ok(p) if cli.json => {
+                    print_json(&json!({"proof": p.proof, "type": p.kind, "jti": p.jti}));
+                    ExitCode::SUCCESS
+                }
+                Ok(p) => {
+                    println!("{}", p.proof);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Wit { agent } => {
+            let res = client.wit(agent.as_deref()).await;
+            match res {
+                Ok(w) if cli.json => {
+                    print_json(&json!({"wit": w.wit, "expires_at": w.expires_at, "jti": w.jti}));
+                    ExitCode::SUCCESS
+                }
+                Ok(w) => {
+                    println!("{}", w.wit);
                     ExitCode::SUCCESS
                 }
                 Err(e) => client_error(&e),
