@@ -157,6 +157,66 @@ impl WptOptions {
     }
 }
 
+/// An RFC 9421 HTTP message signature for one request, made by the daemon with the agent's
+/// proof key over a signature base it builds from these parts: `@method` and `@authority`
+/// always, `content-digest` when `content_digest` is given, and the `components` asked for
+/// (`@target-uri`, `@path`, `@query`, `content-type`, or lower-case names of `headers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSignatureOptions {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    pub method: String,
+    pub target_uri: String,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_digest: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl HttpSignatureOptions {
+    pub fn new(method: impl Into<String>, target_uri: impl Into<String>) -> Self {
+        HttpSignatureOptions {
+            kind: "http-signature",
+            method: method.into(),
+            target_uri: target_uri.into(),
+            headers: Default::default(),
+            content_digest: None,
+            components: vec![],
+            agent: None,
+        }
+    }
+    /// Cover a header field (its name is lower-cased).
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        let name = name.to_ascii_lowercase();
+        self.components.push(name.clone());
+        self.headers.insert(name, value.into());
+        self
+    }
+    /// Cover a derived component (`@target-uri`, `@path`, `@query`).
+    pub fn component(mut self, c: impl Into<String>) -> Self {
+        self.components.push(c.into());
+        self
+    }
+    /// The `Content-Digest` of the body (RFC 9530), `sha-256=:<base64>:`.
+    pub fn content_digest(mut self, d: impl Into<String>) -> Self {
+        self.content_digest = Some(d.into());
+        self
+    }
+}
+
+/// The `Signature-Input` and `Signature` header values to send.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSignature {
+    pub signature_input: String,
+    pub signature: String,
+    /// The signature's `nonce`.
+    pub jti: String,
+}
+
 /// `GET /v1/wit` answer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WitResponse {
@@ -258,6 +318,15 @@ impl Client {
 
     /// A DPoP proof for one request (see [`DpopOptions`]).
     pub async fn dpop_proof(&self, opts: &DpopOptions) -> Result<ProofResponse, Error> {
+        let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/proof", Some(body)).await
+    }
+
+    /// An RFC 9421 signature for one request (see [`HttpSignatureOptions`]).
+    pub async fn http_signature(
+        &self,
+        opts: &HttpSignatureOptions,
+    ) -> Result<HttpSignature, Error> {
         let body = serde_json::to_vec(opts).map_err(|e| Error::Protocol(e.to_string()))?;
         self.call(Method::POST, "/v1/proof", Some(body)).await
     }

@@ -20,8 +20,8 @@ mod error;
 pub mod verify;
 
 pub use client::{
-    CertificateOptions, Client, DpopOptions, Health, ProofResponse, TokenOptions, TokenResponse,
-    WhoAmI, WitResponse, WptOptions, DEFAULT_SOCKET,
+    CertificateOptions, Client, DpopOptions, Health, HttpSignature, HttpSignatureOptions,
+    ProofResponse, TokenOptions, TokenResponse, WhoAmI, WitResponse, WptOptions, DEFAULT_SOCKET,
 };
 pub use error::{Error, Problem, ProblemType};
 pub use hyper::Method;

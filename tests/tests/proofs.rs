@@ -406,3 +406,144 @@ fn wit_and_wpt_verify_with_pyjwt(backend: Backend) {
     assert_eq!(wpts[0]["details"]["path"], "/v1/jobs");
 }
 tessera_e2e::both_backends!(wit_and_wpt_verify_with_pyjwt);
+
+/// RFC 9421 signatures verified by the PyPI package http-message-signatures, the key looked
+/// up by `keyid` in the daemon's JWKS; and the CLI's `proof sign-http` with a body digest.
+fn http_signatures_verify_with_http_message_signatures(backend: Backend) {
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![(
+                "alpha".into(),
+                format!("[selectors]\nuid = 0\n{}", policy("")),
+            )],
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let rt = rt();
+    let jwks = rt.block_on(c.jwks()).unwrap();
+    let url = "https://api.example.com/v1/orders?limit=10&sort=asc";
+    let body = "{\"item\":\"tea\",\"qty\":2}";
+    let digest = {
+        use base64::Engine;
+        use sha2::Digest;
+        format!(
+            "sha-256=:{}:",
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body.as_bytes()))
+        )
+    };
+    let sig = rt
+        .block_on(
+            c.http_signature(
+                &tessera::HttpSignatureOptions::new("POST", url)
+                    .component("@target-uri")
+                    .component("@query")
+                    .header("Content-Type", "application/json")
+                    .header("X-Request-Id", "r-17")
+                    .content_digest(&digest),
+            ),
+        )
+        .unwrap();
+    assert!(
+        sig.signature_input.starts_with("tessera=("),
+        "{}",
+        sig.signature_input
+    );
+    let headers = json!({
+        "Content-Type": "application/json",
+        "X-Request-Id": "r-17",
+        "Content-Digest": digest,
+        "Signature-Input": sig.signature_input,
+        "Signature": sig.signature,
+    });
+    let (ok, out) = python_check(
+        "check_httpsig.py",
+        &json!({"method": "POST", "url": url, "headers": headers, "body": body, "jwks": jwks,
+                "require": ["@method", "@authority", "@target-uri", "content-digest", "content-type"]}),
+    );
+    assert!(ok, "http-message-signatures refused it: {out}");
+    assert_eq!(out["params"]["tag"], "tessera");
+    assert_eq!(out["params"]["alg"], "ecdsa-p256-sha256");
+    // Strict: another body, another header value, or another URL does not verify.
+    for (what, m) in [
+        ("body", json!({"body": "{\"item\":\"tea\",\"qty\":200}"})),
+        ("header", json!({"headers": {"X-Request-Id": "r-18"}})),
+        (
+            "url",
+            json!({"url": "https://api.example.com/v1/orders?limit=1000&sort=asc"}),
+        ),
+    ] {
+        let mut input = json!({"method": "POST", "url": url, "headers": headers.clone(),
+                               "body": body, "jwks": jwks});
+        for (k, v) in m.as_object().unwrap() {
+            if k == "headers" {
+                for (hk, hv) in v.as_object().unwrap() {
+                    input["headers"][hk] = hv.clone();
+                }
+            } else {
+                input[k] = v.clone();
+            }
+        }
+        let (ok, _) = python_check("check_httpsig.py", &input);
+        assert!(!ok, "a changed {what} verified");
+    }
+    // Refusals: a target outside policy, a component the daemon does not sign, a header
+    // value with a line break.
+    let refused = |o: tessera::HttpSignatureOptions| {
+        rt.block_on(c.http_signature(&o))
+            .expect_err("refused")
+            .problem()
+    };
+    assert_eq!(
+        refused(tessera::HttpSignatureOptions::new(
+            "GET",
+            "https://evil.example/"
+        )),
+        Some(ProblemType::TargetNotAllowed)
+    );
+    assert_eq!(
+        refused(tessera::HttpSignatureOptions::new("GET", AUD).component("@status")),
+        Some(ProblemType::MalformedRequest)
+    );
+    assert_eq!(
+        refused(tessera::HttpSignatureOptions::new("GET", AUD).header("x-a", "1\r\nx-b: 2")),
+        Some(ProblemType::MalformedRequest)
+    );
+    // The CLI, with the body's digest computed for us.
+    let f = d.scratch_dir().join("body.json");
+    std::fs::write(&f, body).unwrap();
+    let o = d.cli(&[
+        "--json",
+        "proof",
+        "sign-http",
+        "--method",
+        "PUT",
+        "--url",
+        "https://api.example.com/v1/orders/9",
+        "--header",
+        "Content-Type: application/json",
+        "--body-file",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["content_digest"], digest);
+    let (ok, out) = python_check(
+        "check_httpsig.py",
+        &json!({"method": "PUT", "url": "https://api.example.com/v1/orders/9",
+                "headers": {"Content-Type": "application/json", "Content-Digest": digest,
+                            "Signature-Input": v["signature_input"], "Signature": v["signature"]},
+                "body": body, "jwks": jwks, "require": ["content-digest", "content-type"]}),
+    );
+    assert!(ok, "{out}");
+    // Audited, named by nonce.
+    let recs: Vec<Value> = events(&d, "proof.issued")
+        .into_iter()
+        .filter(|r| r["details"]["type"] == "http-signature")
+        .collect();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0]["details"]["jti"], sig.jti);
+    assert_eq!(recs[0]["details"]["path"], "/v1/orders");
+}
+tessera_e2e::both_backends!(http_signatures_verify_with_http_message_signatures);

@@ -106,6 +106,14 @@ impl Issuer {
         Ok(jwt::compact(&input, &sig))
     }
 
+    /// An RFC 9421 `ecdsa-p256-sha256` signature by `agent`'s key over a signature base
+    /// built by [`crate::credentials::httpsig`]: standard base64 of r‖s.
+    pub async fn http_signature(&self, agent: &Agent, base: &str) -> Result<String, KeyStoreError> {
+        let sig = self.keystore.sign(&agent.key_id, jwt::digest(base)).await?;
+        use base64::Engine as _;
+        Ok(base64::engine::general_purpose::STANDARD.encode(crate::keystore::ecdsa::to_jose(&sig)))
+    }
+
     /// ECDSA signature by `key_id` over SHA-256 of the DER of a structure built here.
     async fn sign_der<T: Encode>(&self, key_id: &str, tbs: &T) -> Result<Signature, IssueError> {
         let (_, digest) = x509::to_be_signed(tbs)?;

@@ -10,6 +10,7 @@ pub mod certificate;
 pub mod checkpoint;
 pub mod evidence;
 pub mod hostca;
+pub mod httpsig;
 pub mod issuer;
 pub mod jwt;
 pub mod problem;

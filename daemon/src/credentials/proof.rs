@@ -19,7 +19,7 @@ use crate::agents::{policy, Agent};
 use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::problem::{Kind, Problem};
-use crate::credentials::{jwt, Credentials};
+use crate::credentials::{httpsig, jwt, Credentials};
 use crate::keystore::ecdsa;
 use tessera::attestation::key_from_jwk;
 
@@ -75,6 +75,21 @@ pub struct ProofRequest {
     /// WPT lifetime ("60s" by default, at most "5m").
     #[serde(default)]
     pub ttl: Option<String>,
+    /// RFC 9421: the request's method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// RFC 9421: the request's target URI (a query is allowed).
+    #[serde(default)]
+    pub target_uri: Option<String>,
+    /// RFC 9421: header fields the signature may cover, `{lower-case name: value}`.
+    #[serde(default)]
+    pub headers: Option<serde_json::Map<String, Value>>,
+    /// RFC 9421: the request's `Content-Digest` (RFC 9530), always covered when given.
+    #[serde(default)]
+    pub content_digest: Option<String>,
+    /// RFC 9421: components to cover besides `@method` and `@authority`.
+    #[serde(default)]
+    pub components: Option<Vec<String>>,
 }
 
 /// `GET /v1/wit` answer.
@@ -87,10 +102,18 @@ pub struct WitResponse {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProofResponse {
-    pub proof: String,
+    /// The proof JWT (DPoP, WPT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// The proof's `jti` (RFC 9421: its `nonce`).
     pub jti: String,
+    /// RFC 9421: the `Signature-Input` and `Signature` header values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature_input: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// `ath` of the DPoP-bound tokens this daemon issued that have not expired. A bare `ath` for
@@ -187,10 +210,23 @@ impl Credentials {
         let made = match req.kind.as_str() {
             "dpop" => self.check_dpop(&agent, &req).map(Checked::Dpop),
             "wpt" => self.check_wpt(&agent, &req).map(Checked::Wpt),
+            "http-signature" => crate::credentials::check_not_suspended(&agent)
+                .and_then(|()| {
+                    httpsig::build(
+                        &agent.policy.audiences,
+                        req.method.as_deref(),
+                        req.target_uri.as_deref(),
+                        req.headers.as_ref(),
+                        req.content_digest.as_deref(),
+                        req.components.as_deref(),
+                    )
+                })
+                .and_then(|b| self.check_rate(&agent, &self.settings()).map(|()| b))
+                .map(Checked::HttpSig),
             other => Err(Problem::new(
                 Kind::MalformedRequest,
                 format!(
-                    "proof type {:?} is not supported (\"dpop\" and \"wpt\" are)",
+                    "proof type {:?} is not supported (\"dpop\", \"wpt\" and \"http-signature\" are)",
                     crate::audit::client_text(other)
                 ),
             )),
@@ -201,7 +237,26 @@ impl Credentials {
         };
         let iat = crate::agents::now_unix();
         let jti = jwt::new_jti();
+        let mut http = None;
         let (signed, kind, target, details) = match checked {
+            Checked::HttpSig(b) => {
+                let nonce = httpsig::nonce();
+                let params = httpsig::signature_params(
+                    &b,
+                    iat,
+                    &nonce,
+                    agent.kid.as_deref().unwrap_or_default(),
+                );
+                let base = httpsig::signature_base(&b, &params);
+                let signed = self.issuer.http_signature(&agent, &base).await;
+                let details = json!({
+                    "htm": b.method,
+                    "components": b.components.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+                    "expires": iat + httpsig::LIFETIME,
+                });
+                http = Some(params);
+                (signed, "http-signature", b.target, details)
+            }
             Checked::Dpop(c) => {
                 let claims = jwt::DpopClaims {
                     jti: jti.clone(),
@@ -243,6 +298,16 @@ impl Credentials {
             Err(e) => return Err(self.signing_problem(&agent, e)),
         };
         let mut details = details;
+        // An RFC 9421 signature is named by its nonce.
+        let jti = match &http {
+            Some(params) => params
+                .split("nonce=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_default()
+                .to_string(),
+            None => jti,
+        };
         details["type"] = json!(kind);
         details["jti"] = json!(jti);
         details["iat"] = json!(iat);
@@ -256,7 +321,22 @@ impl Credentials {
             .details(details);
         self.release(caller, &agent, ev, "proof").await?;
         self.count_issued(&agent, iat);
-        Ok(ProofResponse { proof, kind, jti })
+        Ok(match http {
+            Some(params) => ProofResponse {
+                proof: None,
+                kind,
+                jti,
+                signature_input: Some(format!("{}={params}", httpsig::LABEL)),
+                signature: Some(format!("{}=:{proof}:", httpsig::LABEL)),
+            },
+            None => ProofResponse {
+                proof: Some(proof),
+                kind,
+                jti,
+                signature_input: None,
+                signature: None,
+            },
+        })
     }
 
     /// `GET /v1/wit`: a Workload Identity Token binding the agent's proof key, signed by the
@@ -566,6 +646,7 @@ struct CheckedWpt {
 enum Checked {
     Dpop(CheckedDpop),
     Wpt(CheckedWpt),
+    HttpSig(httpsig::Base),
 }
 
 /// A base64url SHA-256 (43 characters).
