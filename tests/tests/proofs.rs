@@ -547,3 +547,76 @@ fn http_signatures_verify_with_http_message_signatures(backend: Backend) {
     assert_eq!(recs[0]["details"]["path"], "/v1/orders");
 }
 tessera_e2e::both_backends!(http_signatures_verify_with_http_message_signatures);
+
+/// Domain separation: whatever the daemon signs for one purpose does not pass for another —
+/// checked with the relying-party code nobody here wrote (PyJWT-based checks) and ours.
+#[test]
+fn proofs_cannot_pass_for_one_another() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("alpha".into(), format!("[selectors]\nuid = 0\n{}", policy("")))],
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let rt = rt();
+    let jwks = rt.block_on(c.jwks()).unwrap();
+    let bundle = rt.block_on(c.spiffe_bundle()).unwrap();
+    let bound = rt
+        .block_on(c.token(&TokenOptions::new(AUD).bind_dpop()))
+        .unwrap()
+        .token;
+    let url = "https://api.example.com/x";
+    let dpop = rt
+        .block_on(c.dpop_proof(&DpopOptions::new("GET", url).access_token(&bound)))
+        .unwrap()
+        .proof;
+    let wit = rt.block_on(c.wit(None)).unwrap().wit;
+    let wpt = rt
+        .block_on(c.wpt(&tessera::WptOptions::new(url, &wit)))
+        .unwrap()
+        .proof;
+    // None of the proofs, nor the WIT, is a token (our verifier and the CLI check typ).
+    for (what, jws) in [("dpop", &dpop), ("wpt", &wpt), ("wit", &wit)] {
+        assert!(
+            tessera::verify::verify(jws, &jwks, &tessera::verify::Options::new(url)).is_err(),
+            "{what} passed as a token"
+        );
+        let o = d.cli_stdin(&["verify", "-", "--audience", url], jws.as_bytes());
+        assert_eq!(o.status.code(), Some(5), "{what}: {o:?}");
+    }
+    // A WPT or a WIT is not a DPoP proof; a DPoP proof is not a WPT; a token is not a WIT.
+    for (what, proof) in [("wpt", &wpt), ("wit", &wit)] {
+        let (ok, out) = python_check(
+            "check_dpop.py",
+            &json!({"token": bound, "proof": proof, "jwks": jwks, "method": "GET", "url": url,
+                    "audience": AUD}),
+        );
+        assert!(!ok, "{what} passed as a DPoP proof: {out}");
+    }
+    let (ok, _) = python_check(
+        "check_wimse.py",
+        &json!({"wit": wit, "wpt": dpop, "bundle": bundle, "aud": url}),
+    );
+    assert!(!ok, "a DPoP proof passed as a WPT");
+    let (ok, _) = python_check(
+        "check_wimse.py",
+        &json!({"wit": bound, "wpt": wpt, "bundle": bundle, "aud": url}),
+    );
+    assert!(!ok, "a token passed as a WIT");
+    // And the daemon itself takes none of them for another: a DPoP proof or token is no WIT,
+    // a WIT or proof is no bound token.
+    for not_wit in [&dpop, &bound] {
+        let e = rt
+            .block_on(c.wpt(&tessera::WptOptions::new(url, not_wit)))
+            .expect_err("refused");
+        assert_eq!(e.problem(), Some(ProblemType::TokenNotAccepted));
+    }
+    for not_token in [&wit, &dpop, &wpt] {
+        let e = rt
+            .block_on(c.dpop_proof(&DpopOptions::new("GET", url).access_token(not_token)))
+            .expect_err("refused");
+        assert_eq!(e.problem(), Some(ProblemType::TokenNotAccepted));
+    }
+}
