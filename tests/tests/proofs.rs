@@ -555,7 +555,10 @@ fn proofs_cannot_pass_for_one_another() {
     let d = Daemon::start_with(
         Backend::pkcs11(),
         Options {
-            agents: vec![("alpha".into(), format!("[selectors]\nuid = 0\n{}", policy("")))],
+            agents: vec![(
+                "alpha".into(),
+                format!("[selectors]\nuid = 0\n{}", policy("")),
+            )],
             ..Default::default()
         },
     );

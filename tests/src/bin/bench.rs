@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
-use tessera::{CertificateOptions, TokenOptions};
+use tessera::{CertificateOptions, DpopOptions, HttpSignatureOptions, TokenOptions};
 use tessera_e2e::daemon::Options;
 use tessera_e2e::devices::write_config;
 use tessera_e2e::{shared_tempdir, Backend, Daemon};
@@ -64,6 +64,10 @@ enum Credential {
     Token,
     Certificate,
     Attestation,
+    /// A DPoP proof for a request carrying a bound token (fetched once per client).
+    Dpop,
+    /// An RFC 9421 signature covering method, authority, target URI and a content digest.
+    HttpSignature,
 }
 
 fn tokens(d: &Daemon, clients: usize, per_client: usize) -> Stats {
@@ -106,12 +110,33 @@ where
 }
 
 fn credentials(d: &Daemon, what: Credential, clients: usize, per_client: usize) -> Stats {
+    let bound = Arc::new(
+        tessera_e2e::rt()
+            .block_on(d.client().token(&TokenOptions::new(AUD).bind_dpop()))
+            .expect("bound token")
+            .token,
+    );
     timed_workers(clients, per_client, |_| {
         let c = Arc::new(d.client());
+        let bound = bound.clone();
         Box::new(move || {
             let c = c.clone();
+            let bound = bound.clone();
             async move {
                 match what {
+                    Credential::Dpop => {
+                        let o = DpopOptions::new("POST", format!("{AUD}/v1/orders"))
+                            .access_token(bound.as_str());
+                        c.dpop_proof(&o).await.expect("dpop proof");
+                    }
+                    Credential::HttpSignature => {
+                        let o = HttpSignatureOptions::new("POST", format!("{AUD}/v1/orders"))
+                            .component("@target-uri")
+                            .content_digest(
+                                "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:",
+                            );
+                        c.http_signature(&o).await.expect("http signature");
+                    }
                     Credential::Token => {
                         c.token(&TokenOptions::new(AUD)).await.expect("token");
                     }
@@ -369,6 +394,25 @@ fn main() {
                 s.per_sec,
                 s.p50.as_secs_f64() / raw.p50.as_secs_f64()
             );
+        }
+        for clients in [1usize, 16] {
+            for (what, label) in [
+                (Credential::Dpop, "DPoP proof (hardware key)"),
+                (
+                    Credential::HttpSignature,
+                    "RFC 9421 signature (hardware key)",
+                ),
+            ] {
+                let s = credentials(&d, what, clients, (n / clients).max(1));
+                println!(
+                    "| {name} | {label}, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
+                    s.n,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.per_sec,
+                    s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+                );
+            }
         }
         for (what, label, per) in [
             (
