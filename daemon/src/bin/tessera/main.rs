@@ -203,6 +203,21 @@ enum ProofSub {
     },
 }
 
+/// A proof JWT on standard output (the whole answer with --json).
+fn print_proof(res: Result<tessera::ProofResponse, tessera::Error>, as_json: bool) -> ExitCode {
+    match res {
+        Ok(p) if as_json => {
+            print_json(&json!({"proof": p.proof, "type": p.kind, "jti": p.jti}));
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            println!("{}", p.proof);
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(&e),
+    }
+}
+
 /// A credential from FILE or standard input (`-`), trimmed.
 fn read_secret(f: &std::path::Path) -> Result<String, ExitCode> {
     match certs::read_input(f).map(String::from_utf8) {
@@ -381,17 +396,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
             opts.nonce = nonce;
             opts.agent = agent;
-            match client.dpop_proof(&opts).await {
-                Ok(p) if cli.json => {
-                    print_json(&json!({"proof": p.proof, "type": p.kind, "jti": p.jti}));
-                    ExitCode::SUCCESS
-                }
-                Ok(p) => {
-                    println!("{}", p.proof);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => client_error(&e),
-            }
+            print_proof(client.dpop_proof(&opts).await, cli.json)
         }
         Cmd::Proof {
             cmd:
@@ -416,17 +421,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
             opts.ttl = ttl;
             opts.agent = agent;
-            match client.wpt(&opts).await {
-                Ok(p) if cli.json => {
-                    print_json(&json!({"proof": p.proof, "type": p.kind, "jti": p.jti}));
-                    ExitCode::SUCCESS
-                }
-                Ok(p) => {
-                    println!("{}", p.proof);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => client_error(&e),
-            }
+            print_proof(client.wpt(&opts).await, cli.json)
         }
         Cmd::Proof {
             cmd:

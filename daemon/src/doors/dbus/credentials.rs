@@ -15,6 +15,35 @@ use crate::credentials::TokenRequest;
 
 pub struct Credentials(pub(super) Arc<Ctx>);
 
+impl Credentials {
+    /// `GetToken` and `GetBoundToken`: the socket's token pipeline for the bus's caller.
+    async fn token(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        audience: String,
+        scopes: Vec<String>,
+        ttl_seconds: u64,
+        bind: Option<String>,
+    ) -> Result<(String, u64), TesseraError> {
+        let caller = self.0.caller(conn, hdr).await?;
+        let req = TokenRequest {
+            audience,
+            scopes,
+            ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
+            agent: None,
+            bind,
+        };
+        let t = self
+            .0
+            .svc
+            .issue_token(&caller, req)
+            .await
+            .map_err(|p| self.0.refusal(p))?;
+        Ok((t.token, t.exp as u64))
+    }
+}
+
 #[interface(name = "org.tessera.Tessera1.Credentials")]
 impl Credentials {
     async fn who_am_i(
@@ -51,21 +80,8 @@ impl Credentials {
         scopes: Vec<String>,
         ttl_seconds: u64,
     ) -> Result<(String, u64), TesseraError> {
-        let caller = self.0.caller(conn, &hdr).await?;
-        let req = TokenRequest {
-            audience,
-            scopes,
-            ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
-            agent: None,
-            bind: None,
-        };
-        let t = self
-            .0
-            .svc
-            .issue_token(&caller, req)
+        self.token(conn, &hdr, audience, scopes, ttl_seconds, None)
             .await
-            .map_err(|p| self.0.refusal(p))?;
-        Ok((t.token, t.exp as u64))
     }
 
     /// A sender-constrained token: `bind` is `"dpop"` (RFC 9449 `cnf.jkt` of the agent's
@@ -79,21 +95,8 @@ impl Credentials {
         ttl_seconds: u64,
         bind: String,
     ) -> Result<(String, u64), TesseraError> {
-        let caller = self.0.caller(conn, &hdr).await?;
-        let req = TokenRequest {
-            audience,
-            scopes,
-            ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
-            agent: None,
-            bind: Some(bind),
-        };
-        let t = self
-            .0
-            .svc
-            .issue_token(&caller, req)
+        self.token(conn, &hdr, audience, scopes, ttl_seconds, Some(bind))
             .await
-            .map_err(|p| self.0.refusal(p))?;
-        Ok((t.token, t.exp as u64))
     }
 
     /// `POST /v1/proof` over the bus: the same members in, the same members out.
