@@ -502,12 +502,22 @@ fn http_signatures_verify_with_http_message_signatures(backend: Backend) {
         )),
         Some(ProblemType::TargetNotAllowed)
     );
+    let root = format!("{AUD}/");
     assert_eq!(
-        refused(tessera::HttpSignatureOptions::new("GET", AUD).component("@status")),
+        refused(tessera::HttpSignatureOptions::new("GET", &root).component("@status")),
         Some(ProblemType::MalformedRequest)
     );
     assert_eq!(
-        refused(tessera::HttpSignatureOptions::new("GET", AUD).header("x-a", "1\r\nx-b: 2")),
+        refused(tessera::HttpSignatureOptions::new("GET", &root).header("x-a", "1\r\nx-b: 2")),
+        Some(ProblemType::MalformedRequest)
+    );
+    // A target not in its normal form is refused: what is checked must be what is signed
+    // (here the policy would see /v1/admin, a signature over the raw text /admin).
+    assert_eq!(
+        refused(
+            tessera::HttpSignatureOptions::new("GET", "https://api.example.com\\v1/admin")
+                .component("@path")
+        ),
         Some(ProblemType::MalformedRequest)
     );
     // The CLI, with the body's digest computed for us.
@@ -622,4 +632,131 @@ fn proofs_cannot_pass_for_one_another() {
             .expect_err("refused");
         assert_eq!(e.problem(), Some(ProblemType::TokenNotAccepted));
     }
+}
+
+/// `proof_key = "session"`: proofs are signed by an in-memory key that the hardware-signed
+/// bound token (and WIT) names; it rotates, never reaches the state dir, and dies with a
+/// revocation.
+fn session_proof_keys(backend: Backend) {
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![(
+                "alpha".into(),
+                format!(
+                    "[selectors]\nuid = 0\n{}",
+                    policy("proof_key = \"session\"\nsession_key_ttl = \"20s\"")
+                ),
+            )],
+            ..Default::default()
+        },
+    );
+    let files_before = state_files(&d);
+    let keys_before = d.all_device_keys();
+    let c = d.client();
+    let rt = rt();
+    let jwks = rt.block_on(c.jwks()).unwrap();
+    let t0 = std::time::Instant::now();
+    let bound = rt
+        .block_on(c.token(&TokenOptions::new(AUD).bind_dpop()))
+        .unwrap()
+        .token;
+    let hw_kid = tessera_e2e::jwt_header(&bound)["kid"].clone();
+    let jkt = tessera_e2e::jwt_claims(&bound)["cnf"]["jkt"].clone();
+    assert_ne!(
+        jkt, hw_kid,
+        "bound to the session key, signed by the device key"
+    );
+    // The token never outlives the key it names.
+    let claims = tessera_e2e::jwt_claims(&bound);
+    assert!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 20);
+    let url = "https://api.example.com/v1/x";
+    let p = rt
+        .block_on(c.dpop_proof(&DpopOptions::new("GET", url).access_token(&bound)))
+        .unwrap();
+    let (ok, out) = python_check(
+        "check_dpop.py",
+        &json!({"token": bound, "proof": p.proof, "jwks": jwks, "method": "GET", "url": url,
+                "audience": AUD}),
+    );
+    assert!(ok, "PyJWT relying party refused a session-key proof: {out}");
+    // The WIT binds the same session key; the WPT it goes with verifies.
+    let wit = rt.block_on(c.wit(None)).unwrap().wit;
+    let wpt = rt
+        .block_on(c.wpt(&tessera::WptOptions::new(url, &wit)))
+        .unwrap();
+    let bundle = rt.block_on(c.spiffe_bundle()).unwrap();
+    let (ok, out) = python_check(
+        "check_wimse.py",
+        &json!({"wit": wit, "wpt": wpt.proof, "bundle": bundle, "aud": url}),
+    );
+    assert!(ok, "{out}");
+    assert!(out["wit"]["exp"].as_i64().unwrap() - out["wit"]["iat"].as_i64().unwrap() <= 20);
+    // Rotation: past half its life the next bound token names a new key; the old token still
+    // gets proofs until its key expires.
+    // (Past half of 20 s; the first key lives until t0 + 20 s.)
+    std::thread::sleep(std::time::Duration::from_secs(11).saturating_sub(t0.elapsed()));
+    let bound2 = rt
+        .block_on(c.token(&TokenOptions::new(AUD).bind_dpop()))
+        .unwrap()
+        .token;
+    let jkt2 = tessera_e2e::jwt_claims(&bound2)["cnf"]["jkt"].clone();
+    assert_ne!(jkt2, jkt, "rotated");
+    rt.block_on(c.dpop_proof(&DpopOptions::new("GET", url).access_token(&bound)))
+        .expect("the previous key still proves for its token");
+    // Nothing of the session keys reached the state dir or the device; the audit has only
+    // thumbprints.
+    assert_eq!(d.all_device_keys(), keys_before, "no device key made");
+    let new_files: Vec<String> = state_files(&d)
+        .into_iter()
+        .filter(|f| !files_before.contains(f))
+        .collect();
+    assert!(
+        new_files.is_empty(),
+        "new files in the state dir: {new_files:?}"
+    );
+    let proofs = events(&d, "proof.issued");
+    assert!(proofs
+        .iter()
+        .all(|r| r["details"]["proof_key"] == "session"));
+    assert!(proofs.iter().any(|r| r["details"]["proof_kid"] == jkt));
+    // Revocation drops them: no further proof, even for an unexpired bound token.
+    std::fs::remove_file(d.agents_dir().join("alpha.toml")).unwrap();
+    d.reload();
+    let e = rt
+        .block_on(c.dpop_proof(&DpopOptions::new("GET", url).access_token(&bound2)))
+        .expect_err("revoked");
+    assert!(
+        matches!(
+            e.problem(),
+            Some(ProblemType::UnknownCaller) | Some(ProblemType::AgentRevoked)
+        ),
+        "{e}"
+    );
+}
+tessera_e2e::both_backends!(session_proof_keys);
+
+/// Every file under the state dir except the audit trail, the registry and the log (which
+/// change with every request).
+fn state_files(d: &Daemon) -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    let mut out = vec![];
+    walk(d.state_dir(), &mut out);
+    out.retain(|f| {
+        !(f.contains("/audit/")
+            || f.contains("registry.db")
+            || f.ends_with("tesserad.log")
+            || f.contains("/check/"))
+    });
+    out.sort();
+    out
 }

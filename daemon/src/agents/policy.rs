@@ -29,6 +29,13 @@ pub struct Policy {
     /// Lifetime of a WIMSE WIT (default and at most 1 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wit_ttl: Option<Dur>,
+    /// Proof key: "hardware" (default, the agent's device key) or "session" (an in-memory
+    /// key bound by hardware-signed tokens and WITs, rotated every `session_key_ttl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_key: Option<String>,
+    /// Life of a session proof key (default 10 min, at most 1 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key_ttl: Option<Dur>,
 }
 
 /// Longest WIT (and the default).
@@ -55,6 +62,16 @@ impl Policy {
         if let Some(w) = self.wit_ttl {
             if w.0 > MAX_WIT_TTL || w.0.as_secs() < 1 || w.0.subsec_nanos() != 0 {
                 return Err("policy wit_ttl must be whole seconds from 1s to 1h".into());
+            }
+        }
+        if let Some(k) = &self.proof_key {
+            if k != "hardware" && k != "session" {
+                return Err("policy proof_key is \"hardware\" or \"session\"".into());
+            }
+        }
+        if let Some(t) = self.session_key_ttl {
+            if t.0 > MAX_WIT_TTL || t.0.as_secs() < 2 || t.0.subsec_nanos() != 0 {
+                return Err("policy session_key_ttl must be whole seconds from 2s to 1h".into());
             }
         }
         if self.audiences.is_empty() {
@@ -199,6 +216,14 @@ pub fn proof_target(target: &str, query_ok: bool) -> Result<url::Url, TargetErro
     }
     if u.query().is_some() && !query_ok {
         return Err(bad("a query is not allowed"));
+    }
+    // Encoded separators and dots survive the path-prefix check but some servers decode them
+    // and route elsewhere (`/public/..%2Fadmin`): refused.
+    let path = u.path().to_ascii_lowercase();
+    if ["%2f", "%5c", "%2e"].iter().any(|e| path.contains(e)) {
+        return Err(bad(
+            "an encoded '/', '\\' or '.' in the path is not allowed",
+        ));
     }
     Ok(u)
 }
@@ -357,6 +382,8 @@ mod tests {
         );
         assert!(!ok("https://other/agent"));
         for bad in [
+            "https://api.example.com/public/..%2Fadmin",
+            "https://api.example.com/a%5cb",
             "http://api.example.com/",
             "https://user@api.example.com/",
             "https://api.example.com/#f",
@@ -368,6 +395,13 @@ mod tests {
             assert!(proof_target(bad, false).is_err(), "{bad}");
         }
         assert!(proof_target("https://api.example.com/?q=1", true).is_ok());
+        // Encoded dot segments are resolved by the parser: what is checked is the result.
+        let u = proof_target("https://api.example.com/public/%2e%2e/admin", false).unwrap();
+        assert_eq!(u.path(), "/admin");
+        assert!(!proof_target_allowed(
+            &["https://api.example.com/public".to_string()],
+            &u
+        ));
     }
 
     #[test]

@@ -42,6 +42,10 @@ fn main() -> ExitCode {
     tesserad::runtime::logging::init();
     // Everything we create (state, keys, audit) is ours alone; the socket is opened up explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // No core dumps or ptrace by other processes of our uid: session proof keys live in memory.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("tesserad: cannot clear the dumpable flag: {e}");
+    }
     if let Some(path) = &args.check_config {
         return match Config::load(path) {
             Ok(_) => {

@@ -16,6 +16,8 @@ pub const LABEL: &str = "tessera";
 const MAX_VALUE: usize = 8 * 1024;
 /// Headers a request may name at most.
 const MAX_HEADERS: usize = 32;
+/// Components a request may ask for at most.
+const MAX_COMPONENTS: usize = 40;
 /// How long a signature is good for (`expires` − `created`).
 pub const LIFETIME: i64 = 300;
 
@@ -82,22 +84,29 @@ pub fn build(
             "target_uri must be visible ASCII (percent-encode the rest)",
         ));
     }
+    if asked.is_some_and(|a| a.len() > MAX_COMPONENTS) {
+        return Err(malformed(format!("at most {MAX_COMPONENTS} components")));
+    }
     let target = policy::proof_target(raw, true).map_err(|e| malformed(e.to_string()))?;
+    // What is checked is what is signed: the target must be written in its normal form
+    // (WHATWG URL serialisation), so `\`, dot segments, default ports or case cannot make the
+    // signed @path or @target-uri differ from the path the policy allowed.
+    if target.as_str() != raw {
+        return Err(malformed(format!(
+            "write target_uri in its normal form: {}",
+            target.as_str()
+        )));
+    }
     if !policy::proof_target_allowed(audiences, &target) {
         return Err(Problem::new(
             Kind::TargetNotAllowed,
             policy::TargetError::NotAllowed(target.to_string()).to_string(),
         ));
     }
-    // Path and query as the caller spelt them: the relying party sees that spelling.
-    let after_scheme = raw.split_once("://").map_or("", |(_, r)| r);
-    let rest = after_scheme
-        .find(['/', '?'])
-        .map_or("", |i| &after_scheme[i..]);
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rest, None),
-    };
+    let (path, query) = (
+        target.path().to_string(),
+        target.query().map(str::to_string),
+    );
     let authority = match (target.host_str(), target.port()) {
         (Some(h), Some(p)) => format!("{}:{p}", h.to_ascii_lowercase()),
         (Some(h), None) => h.to_ascii_lowercase(),
@@ -146,8 +155,8 @@ pub fn build(
             "@method" => method.to_string(),
             "@target-uri" => raw.to_string(),
             "@authority" => authority.clone(),
-            "@path" => if path.is_empty() { "/" } else { path }.to_string(),
-            "@query" => format!("?{}", query.unwrap_or("")),
+            "@path" => if path.is_empty() { "/" } else { path.as_str() }.to_string(),
+            "@query" => format!("?{}", query.as_deref().unwrap_or("")),
             "content-digest" => content_digest
                 .ok_or_else(|| malformed("content-digest is covered only with content_digest"))?
                 .to_string(),
@@ -213,7 +222,7 @@ mod tests {
         let b = build(
             &aud,
             Some("POST"),
-            Some("https://Example.com:443/foo/../bar?param=Value&Pet=dog"),
+            Some("https://example.com/foo/bar?param=Value&Pet=dog"),
             headers.as_object(),
             Some("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"),
             Some(&[
@@ -227,7 +236,7 @@ mod tests {
         let params = signature_params(&b, 1618884473, "n", "k");
         assert_eq!(
             signature_base(&b, &params),
-            "\"@method\": POST\n\"@authority\": example.com\n\"@target-uri\": https://Example.com:443/foo/../bar?param=Value&Pet=dog\n\"@path\": /foo/../bar\n\"@query\": ?param=Value&Pet=dog\n\"content-type\": application/json\n\"content-digest\": sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:\n\"@signature-params\": (\"@method\" \"@authority\" \"@target-uri\" \"@path\" \"@query\" \"content-type\" \"content-digest\");created=1618884473;expires=1618884773;nonce=\"n\";keyid=\"k\";alg=\"ecdsa-p256-sha256\";tag=\"tessera\""
+            "\"@method\": POST\n\"@authority\": example.com\n\"@target-uri\": https://example.com/foo/bar?param=Value&Pet=dog\n\"@path\": /foo/bar\n\"@query\": ?param=Value&Pet=dog\n\"content-type\": application/json\n\"content-digest\": sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:\n\"@signature-params\": (\"@method\" \"@authority\" \"@target-uri\" \"@path\" \"@query\" \"content-type\" \"content-digest\");created=1618884473;expires=1618884773;nonce=\"n\";keyid=\"k\";alg=\"ecdsa-p256-sha256\";tag=\"tessera\""
         );
         for (comps, hdrs) in [
             (vec!["x-missing".to_string()], json!({})),
@@ -248,6 +257,17 @@ mod tests {
                 .is_err(),
                 "{comps:?} {hdrs}"
             );
+        }
+        // Not in normal form: the signed path could differ from the checked one.
+        for raw in [
+            "https://example.com\\public/admin",
+            "https://example.com/a/../b",
+            "https://Example.com/",
+            "https://example.com:443/",
+            "https://example.com",
+        ] {
+            let e = build(&aud, Some("GET"), Some(raw), None, None, None).unwrap_err();
+            assert_eq!(e.kind, Kind::MalformedRequest, "{raw}");
         }
         let out = build(
             &aud,

@@ -15,6 +15,7 @@ pub mod issuer;
 pub mod jwt;
 pub mod problem;
 pub mod proof;
+pub mod session;
 pub mod settings;
 pub mod x509;
 
@@ -64,6 +65,8 @@ pub struct Credentials {
     hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
     /// `ath` of the DPoP-bound tokens issued and not yet expired (for the bare-`ath` rule).
     bound: Mutex<proof::BoundTokens>,
+    /// Session proof keys of agents with `proof_key = "session"` (memory only).
+    sessions: session::SessionKeys,
     /// `<state>/audit`: where the checkpoint file goes.
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.
@@ -228,6 +231,7 @@ impl Credentials {
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
             bound: Mutex::new(proof::BoundTokens::default()),
+            sessions: session::SessionKeys::default(),
             audit_dir: state_dir.join("audit"),
             checkpointed: tokio::sync::Mutex::new(crate::audit::Head {
                 seq: 0,
@@ -271,9 +275,15 @@ impl Credentials {
                     }
                     Err(_) => break,
                 };
+                if let EventKind::Suspended = ev.kind {
+                    if let Some(a) = me.agents.live().iter().find(|a| a.name == ev.name) {
+                        me.drop_session_keys(a.row);
+                    }
+                }
                 if let EventKind::Revoked { .. } = ev.kind {
                     if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
                         me.forget_rate(&a.key_id);
+                        me.drop_session_keys(a.row);
                     }
                     if me.crl_generation() < ev.generation {
                         me.refresh_crl_logged().await;
@@ -637,11 +647,23 @@ impl Credentials {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, req_summary).await),
         };
-        match self
-            .check_policy(&agent, &req)
-            .and_then(|ttl| Ok((ttl, proof::binding(&agent, req.bind.as_deref())?)))
-        {
-            Ok((ttl, jkt)) => {
+        match self.check_policy(&agent, &req).and_then(|ttl| {
+            let key = if proof::binding(&agent, req.bind.as_deref())? {
+                Some(self.proof_key_for_new(&agent)?)
+            } else {
+                None
+            };
+            Ok((ttl, key))
+        }) {
+            Ok((ttl, key)) => {
+                // A bound token never outlives the proof key it names (session keys rotate).
+                let ttl = match key.as_ref().and_then(|k| k.expires()) {
+                    Some(end) => ttl.min(Duration::from_secs(
+                        (end - crate::agents::now_unix()).max(1) as u64,
+                    )),
+                    None => ttl,
+                };
+                let jkt = key.as_ref().map(|k| k.kid().to_string());
                 let host_id = self.settings().ids.host_id();
                 let issued = match self
                     .issuer
@@ -666,9 +688,14 @@ impl Credentials {
                     "exp": issued.exp,
                     "kid": agent.kid,
                 });
-                if let Some(jkt) = &jkt {
+                if let (Some(jkt), Some(k)) = (&jkt, &key) {
                     details["bind"] = json!("dpop");
                     details["cnf_jkt"] = json!(jkt);
+                    details["proof_key"] = json!(if k.expires().is_some() {
+                        "session"
+                    } else {
+                        "hardware"
+                    });
                 }
                 let ev = Event::new("token.issued")
                     .agent(&agent.name, &agent.id)

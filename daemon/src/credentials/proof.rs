@@ -8,6 +8,9 @@
 //! (liveness re-checked under the issuance gate, `proof.issued` durable before the answer).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::Digest as _;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -19,6 +22,7 @@ use crate::agents::{policy, Agent};
 use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::session::{self, SessionKey};
 use crate::credentials::{httpsig, jwt, Credentials};
 use crate::keystore::ecdsa;
 use tessera::attestation::key_from_jwk;
@@ -143,8 +147,8 @@ impl BoundTokens {
     }
 }
 
-/// The `cnf.jkt` a token request's `bind` asks for, or a refusal. `None` = a bearer token.
-pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<Option<String>, Problem> {
+/// Whether a token request's `bind` asks for a DPoP-bound token, or a refusal.
+pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<bool, Problem> {
     match bind {
         None if agent.policy.require_binding => Err(Problem::new(
             Kind::BindingRequired,
@@ -153,13 +157,8 @@ pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<Option<String>, Prob
                 agent.name
             ),
         )),
-        None => Ok(None),
-        Some("dpop") => agent.kid.clone().map(Some).ok_or_else(|| {
-            Problem::new(
-                Kind::Internal,
-                format!("agent {} has no key id on record", agent.name),
-            )
-        }),
+        None => Ok(false),
+        Some("dpop") => Ok(true),
         Some(other) => Err(Problem::new(
             Kind::MalformedRequest,
             format!(
@@ -168,6 +167,45 @@ pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<Option<String>, Prob
             ),
         )),
     }
+}
+
+/// The key a proof is signed with: the agent's device key, or one of its session keys.
+#[derive(Clone)]
+pub enum ProofKey {
+    Hardware { kid: String, jwk: Value },
+    Session(Arc<SessionKey>),
+}
+
+impl ProofKey {
+    pub fn kid(&self) -> &str {
+        match self {
+            ProofKey::Hardware { kid, .. } => kid,
+            ProofKey::Session(k) => &k.kid,
+        }
+    }
+    pub fn jwk(&self) -> &Value {
+        match self {
+            ProofKey::Hardware { jwk, .. } => jwk,
+            ProofKey::Session(k) => &k.jwk,
+        }
+    }
+    /// When what it binds must expire at the latest.
+    pub fn expires(&self) -> Option<i64> {
+        match self {
+            ProofKey::Hardware { .. } => None,
+            ProofKey::Session(k) => Some(k.expires),
+        }
+    }
+    fn label(&self) -> &'static str {
+        match self {
+            ProofKey::Hardware { .. } => "hardware",
+            ProofKey::Session(_) => "session",
+        }
+    }
+}
+
+fn uses_session_key(agent: &Agent) -> bool {
+    agent.policy.proof_key.as_deref() == Some("session")
 }
 
 /// RFC 9110 method token: upper-case letters only here (what DPoP relying parties compare).
@@ -184,6 +222,75 @@ fn valid_nonce(n: &str) -> bool {
 }
 
 impl Credentials {
+    /// The key a new bound token or WIT names: the current session key (made or rotated as
+    /// needed) under `proof_key = "session"`, else the device key.
+    pub(crate) fn proof_key_for_new(&self, agent: &Agent) -> Result<ProofKey, Problem> {
+        if uses_session_key(agent) {
+            let ttl = agent
+                .policy
+                .session_key_ttl
+                .map_or(session::DEFAULT_TTL, |d| d.0.as_secs() as i64)
+                .clamp(1, session::MAX_TTL);
+            let k = self
+                .sessions
+                .current(agent.row, crate::agents::now_unix(), ttl);
+            return Ok(ProofKey::Session(k));
+        }
+        self.hardware_proof_key(agent)
+    }
+
+    fn hardware_proof_key(&self, agent: &Agent) -> Result<ProofKey, Problem> {
+        match (&agent.kid, &agent.jwk) {
+            (Some(kid), Some(jwk)) => Ok(ProofKey::Hardware {
+                kid: kid.clone(),
+                jwk: jwk.clone(),
+            }),
+            _ => Err(Problem::new(
+                Kind::Internal,
+                format!("agent {} has no key on record", agent.name),
+            )),
+        }
+    }
+
+    /// The agent's live proof key with thumbprint `kid`, under its current policy.
+    fn proof_key_by_kid(&self, agent: &Agent, kid: &str) -> Option<ProofKey> {
+        if uses_session_key(agent) {
+            self.sessions
+                .find(agent.row, kid, crate::agents::now_unix())
+                .map(ProofKey::Session)
+        } else {
+            self.hardware_proof_key(agent)
+                .ok()
+                .filter(|k| k.kid() == kid)
+        }
+    }
+
+    /// A compact JWS over `input` (built by the daemon) with `key`.
+    async fn sign_jws(
+        &self,
+        agent: &Agent,
+        key: &ProofKey,
+        input: &str,
+    ) -> Result<String, crate::keystore::KeyStoreError> {
+        let digest = jwt::digest(input);
+        let sig = match key {
+            ProofKey::Hardware { .. } => self.keystore.sign(&agent.key_id, digest).await?,
+            ProofKey::Session(k) => {
+                k.sign(&digest)
+                    .ok_or_else(|| crate::keystore::KeyStoreError::Device {
+                        op: "session key sign",
+                        detail: "ECDSA signing failed".into(),
+                    })?
+            }
+        };
+        Ok(jwt::compact(input, &sig))
+    }
+
+    /// Revocation, suspension: the agent's session keys are gone.
+    pub(crate) fn drop_session_keys(&self, row: i64) {
+        self.sessions.drop_agent(row);
+    }
+
     pub(crate) fn remember_bound(&self, token: &str, exp: i64) {
         self.bound
             .lock()
@@ -202,6 +309,7 @@ impl Credentials {
             "access_token": req.access_token.as_ref().map(|_| "(given)"),
             "ath": req.ath, "nonce": req.nonce, "aud": req.aud,
             "wit": req.wit.as_ref().map(|_| "(given)"), "ttl": req.ttl,
+            "method": req.method, "target_uri": req.target_uri, "components": req.components,
         });
         let agent = match self.match_agent(caller, req.agent.as_deref()) {
             Ok(a) => a,
@@ -266,9 +374,13 @@ impl Credentials {
                     ath: c.ath,
                     nonce: req.nonce.clone(),
                 };
-                let details = json!({"htm": claims.htm, "ath": claims.ath});
+                let details = json!({
+                    "htm": claims.htm, "ath": claims.ath,
+                    "proof_key": c.key.label(), "proof_kid": c.key.kid(),
+                });
+                let input = jwt::dpop_signing_input(c.key.jwk(), &claims);
                 (
-                    self.issuer.dpop(&agent, &claims).await,
+                    self.sign_jws(&agent, &c.key, &input).await,
                     "dpop",
                     c.htu,
                     details,
@@ -284,9 +396,13 @@ impl Credentials {
                     tth: req.tth.clone(),
                     oth: req.oth.clone().map(Value::Object),
                 };
-                let details = json!({"wth": claims.wth, "exp": claims.exp, "ath": claims.ath});
+                let details = json!({
+                    "wth": claims.wth, "exp": claims.exp, "ath": claims.ath,
+                    "proof_key": c.key.label(), "proof_kid": c.key.kid(),
+                });
+                let input = jwt::wpt_signing_input(&claims);
                 (
-                    self.issuer.wpt(&agent, &claims).await,
+                    self.sign_jws(&agent, &c.key, &input).await,
                     "wpt",
                     c.aud,
                     details,
@@ -363,13 +479,16 @@ impl Credentials {
             .wit_ttl
             .map_or(policy::MAX_WIT_TTL, |d| d.0.min(policy::MAX_WIT_TTL));
         let iat = crate::agents::now_unix();
+        let key = self.proof_key_for_new(&agent)?;
+        // A WIT never outlives the key it binds.
+        let exp = (iat + ttl.as_secs() as i64).min(key.expires().unwrap_or(i64::MAX));
         let claims = jwt::WitClaims {
             iss: self.settings().ids.host_id(),
             sub: agent.id.clone(),
             iat,
-            exp: iat + ttl.as_secs() as i64,
+            exp,
             jti: jwt::new_jti(),
-            cnf_jwk: jwt::public_jwk(&agent.jwk.clone().unwrap_or_default()),
+            cnf_jwk: jwt::public_jwk(key.jwk()),
         };
         let wit = match self.issuer.wit(&ca.key_id, &ca_kid, &claims).await {
             Ok(w) => w,
@@ -380,6 +499,7 @@ impl Credentials {
             .caller(caller.record())
             .details(json!({
                 "jti": claims.jti, "iat": iat, "exp": claims.exp, "kid": agent.kid, "ca_kid": ca_kid,
+                "proof_key": key.label(), "proof_kid": key.kid(),
             }));
         self.release(caller, &agent, ev, "WIT").await?;
         self.count_issued(&agent, iat);
@@ -459,19 +579,26 @@ impl Credentials {
                 )));
             }
         }
-        let ath = match (&req.access_token, &req.ath) {
+        let (ath, key) = match (&req.access_token, &req.ath) {
             (Some(_), Some(_)) => {
                 return Err(malformed("give access_token or ath, not both".into()));
             }
-            (Some(token), None) => Some(self.check_own_token(agent, token)?),
-            (None, Some(ath)) => Some(self.check_bare_ath(ath)?),
-            (None, None) => None,
+            (Some(token), None) => {
+                let (ath, key) = self.check_own_token(agent, token)?;
+                (Some(ath), key)
+            }
+            (None, Some(ath)) => (
+                Some(self.check_bare_ath(ath)?),
+                self.proof_key_for_new(agent)?,
+            ),
+            (None, None) => (None, self.proof_key_for_new(agent)?),
         };
         self.check_rate(agent, &self.settings())?;
         Ok(CheckedDpop {
             htm: htm.to_string(),
             htu,
             ath,
+            key,
         })
     }
 
@@ -494,7 +621,7 @@ impl Credentials {
             .wit
             .as_deref()
             .ok_or_else(|| malformed("wit is required (GET /v1/wit)".into()))?;
-        let wth = self.check_wit(agent, wit)?;
+        let (wth, wit_exp, key) = self.check_wit(agent, wit)?;
         let ath = match (&req.access_token, &req.ath) {
             (Some(_), Some(_)) => {
                 return Err(malformed("give access_token or ath, not both".into()))
@@ -536,12 +663,20 @@ impl Credentials {
             }
         };
         self.check_rate(agent, &self.settings())?;
-        Ok(CheckedWpt { aud, wth, ath, ttl })
+        // Never past the WIT it goes with.
+        let left = (wit_exp - crate::agents::now_unix()).max(1) as u64;
+        Ok(CheckedWpt {
+            aud,
+            wth,
+            ath,
+            ttl: ttl.min(left),
+            key,
+        })
     }
 
     /// `wit` must be an unexpired WIT this daemon's host CA signed for this agent, binding
-    /// this agent's proof key. Returns its hash (`wth`).
-    fn check_wit(&self, agent: &Agent, wit: &str) -> Result<String, Problem> {
+    /// this agent's proof key. Returns its hash (`wth`), its `exp` and the key it binds.
+    fn check_wit(&self, agent: &Agent, wit: &str) -> Result<(String, i64, ProofKey), Problem> {
         let refuse = |why: &str| {
             Problem::new(
                 Kind::TokenNotAccepted,
@@ -559,19 +694,25 @@ impl Credentials {
         {
             return Err(refuse("issued to someone else"));
         }
-        if claims["exp"].as_i64().unwrap_or(0) <= crate::agents::now_unix() {
+        let exp = claims["exp"].as_i64().unwrap_or(0);
+        if exp <= crate::agents::now_unix() {
             return Err(refuse("expired"));
         }
-        let jwk = agent.jwk.clone().unwrap_or_default();
         let cnf = &claims["cnf"]["jwk"];
-        if cnf["x"] != jwk["x"] || cnf["y"] != jwk["y"] {
-            return Err(refuse("it binds another key"));
+        let key = match (cnf["x"].as_str(), cnf["y"].as_str()) {
+            (Some(x), Some(y)) => {
+                let thumb = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+                let kid = B64.encode(sha2::Sha256::digest(thumb.as_bytes()));
+                self.proof_key_by_kid(agent, &kid)
+            }
+            _ => None,
         }
-        Ok(jwt::b64_sha256(wit))
+        .ok_or_else(|| refuse("it binds a key that is not this agent's live proof key"))?;
+        Ok((jwt::b64_sha256(wit), exp, key))
     }
 
     /// `access_token` must be a token this agent's key signed, bound to that same key.
-    fn check_own_token(&self, agent: &Agent, token: &str) -> Result<String, Problem> {
+    fn check_own_token(&self, agent: &Agent, token: &str) -> Result<(String, ProofKey), Problem> {
         let refuse = |why: &str| {
             Problem::new(
                 Kind::TokenNotAccepted,
@@ -591,13 +732,14 @@ impl Credentials {
         if header["typ"] != "JWT" || claims["sub"] != json!(agent.id) {
             return Err(refuse("not a token issued to this agent"));
         }
-        if claims["cnf"]["jkt"] != json!(agent.kid) {
-            return Err(refuse("not bound to this agent's proof key (cnf.jkt)"));
-        }
+        let key = claims["cnf"]["jkt"]
+            .as_str()
+            .and_then(|jkt| self.proof_key_by_kid(agent, jkt))
+            .ok_or_else(|| refuse("not bound to a live proof key of this agent (cnf.jkt)"))?;
         if claims["exp"].as_i64().unwrap_or(0) <= crate::agents::now_unix() {
             return Err(refuse("expired"));
         }
-        Ok(jwt::b64_sha256(token))
+        Ok((jwt::b64_sha256(token), key))
     }
 
     /// A bare `ath` is for another issuer's token: refused for tokens this daemon issued
@@ -634,6 +776,7 @@ struct CheckedDpop {
     htm: String,
     htu: url::Url,
     ath: Option<String>,
+    key: ProofKey,
 }
 
 struct CheckedWpt {
@@ -641,6 +784,7 @@ struct CheckedWpt {
     wth: String,
     ath: Option<String>,
     ttl: u64,
+    key: ProofKey,
 }
 
 enum Checked {

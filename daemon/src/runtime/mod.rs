@@ -174,6 +174,14 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// A start that failed after `start`: close the key store on its thread, the audit
+    /// writer and the registry, as a stop would.
+    async fn abort(&self) {
+        self.credentials.close().await;
+        self.audit.close().await;
+        self.agents.close();
+    }
+
     /// Re-read the config (what can change without a restart) and `agents_dir`.
     pub async fn reload(&self) -> Result<ReconcileReport> {
         if let Some(p) = &self.config_path {
@@ -259,66 +267,78 @@ pub async fn start(
     let state_dir = cfg.state_dir.clone();
     let ks = KeyStoreHandle::spawn(move || keystore::open(&backend, &state_dir))
         .context("cannot open the key store")?;
-    let agents = Agents::new(cfg.agents_settings(), registry, ks.clone(), audit.clone())?;
-    let creds = Credentials::new(
-        cfg.credentials_settings(),
-        agents.clone(),
-        ks,
-        audit.clone(),
-        &cfg.state_dir,
-    );
-    audit
-        .record(Event::new("daemon.started").details(json!({
-            "version": env!("CARGO_PKG_VERSION"), "backend": creds.backend_name(), "pid": std::process::id(),
-        })))
-        .await?;
-    let report = agents.repair().await.context("start-up repair failed")?;
-    if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
-        tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
-    }
-    let ca_replaced = creds
-        .init_host_ca()
-        .await
-        .context("cannot set up the host CA")?;
-    // The anchor the trail was checked against must be the host CA's own.
-    if let Some((cp, jws)) = &anchor {
-        match creds.check_stored_checkpoint(jws, ca_replaced).await {
-            Ok(StoredCheckpoint::Verified(_)) => {}
-            Ok(StoredCheckpoint::OldCaKey(kid)) => {
-                tracing::error!(kid, "the last audit checkpoint was signed by a host CA key that is gone; the trail matched it, but its signature cannot be checked");
-                audit
-                    .record(Event::new("audit.checkpoint_unverifiable").details(json!({
-                        "seq": cp.seq, "hash": cp.hash, "kid": kid,
-                        "reason": "the host CA key was missing from the key store and was made anew",
-                    })))
-                    .await?;
-            }
-            Err(e @ CheckpointSignError::Stored(_)) => {
-                if !opts.accept_audit_tamper {
-                    bail!(
-                        "{e}; start with --accept-audit-tamper to carry on (recorded in the trail)"
-                    );
+    // From here the key store runs on its own thread: a failed start closes it there (and
+    // the audit writer), never leaving it to process exit (the SoftHSM teardown race).
+    let rest = async {
+        let agents = Agents::new(cfg.agents_settings(), registry, ks.clone(), audit.clone())?;
+        let creds = Credentials::new(
+            cfg.credentials_settings(),
+            agents.clone(),
+            ks.clone(),
+            audit.clone(),
+            &cfg.state_dir,
+        );
+        audit
+            .record(Event::new("daemon.started").details(json!({
+                "version": env!("CARGO_PKG_VERSION"), "backend": creds.backend_name(), "pid": std::process::id(),
+            })))
+            .await?;
+        let report = agents.repair().await.context("start-up repair failed")?;
+        if !report.rolled_back.is_empty() || !report.keys_destroyed.is_empty() {
+            tracing::warn!(rolled_back = ?report.rolled_back, keys_destroyed = ?report.keys_destroyed, "repaired state left by a crash");
+        }
+        let ca_replaced = creds
+            .init_host_ca()
+            .await
+            .context("cannot set up the host CA")?;
+        // The anchor the trail was checked against must be the host CA's own.
+        if let Some((cp, jws)) = &anchor {
+            match creds.check_stored_checkpoint(jws, ca_replaced).await {
+                Ok(StoredCheckpoint::Verified(_)) => {}
+                Ok(StoredCheckpoint::OldCaKey(kid)) => {
+                    tracing::error!(kid, "the last audit checkpoint was signed by a host CA key that is gone; the trail matched it, but its signature cannot be checked");
+                    audit
+                        .record(Event::new("audit.checkpoint_unverifiable").details(json!({
+                            "seq": cp.seq, "hash": cp.hash, "kid": kid,
+                            "reason": "the host CA key was missing from the key store and was made anew",
+                        })))
+                        .await?;
                 }
-                accept_tamper(&audit, Some(cp), cp.seq, &e.to_string()).await?;
+                Err(e @ CheckpointSignError::Stored(_)) => {
+                    if !opts.accept_audit_tamper {
+                        bail!(
+                            "{e}; start with --accept-audit-tamper to carry on (recorded in the trail)"
+                        );
+                    }
+                    accept_tamper(&audit, Some(cp), cp.seq, &e.to_string()).await?;
+                }
+                Err(e) => return Err(e).context("cannot check the stored audit checkpoint"),
             }
-            Err(e) => return Err(e).context("cannot check the stored audit checkpoint"),
+        }
+        let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
+        tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
+        // Anchor what start-up wrote (and re-anchor after accepted tampering).
+        creds
+            .checkpoint()
+            .await
+            .context("cannot sign the audit checkpoint")?;
+        Ok(Arc::new(Daemon {
+            credentials: creds,
+            agents,
+            audit: audit.clone(),
+            doors: Arc::new(std::sync::RwLock::new(cfg.door_settings())),
+            config: std::sync::RwLock::new(Arc::new(cfg)),
+            config_path: config_path.map(Path::to_path_buf),
+        }))
+    };
+    match rest.await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            ks.shutdown().await;
+            audit.close().await;
+            Err(e)
         }
     }
-    let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
-    tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
-    // Anchor what start-up wrote (and re-anchor after accepted tampering).
-    creds
-        .checkpoint()
-        .await
-        .context("cannot sign the audit checkpoint")?;
-    Ok(Arc::new(Daemon {
-        credentials: creds,
-        agents,
-        audit,
-        doors: Arc::new(std::sync::RwLock::new(cfg.door_settings())),
-        config: std::sync::RwLock::new(Arc::new(cfg)),
-        config_path: config_path.map(Path::to_path_buf),
-    }))
 }
 
 /// How this start may differ from a normal one.
@@ -368,15 +388,33 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
             })
         })
     };
-    let dbus = doors::dbus::start(svc.clone(), d.doors.clone(), reload_hook)
+    let dbus = match doors::dbus::start(svc.clone(), d.doors.clone(), reload_hook)
         .await
-        .context("D-Bus")?;
+        .context("D-Bus")
+    {
+        Ok(x) => x,
+        Err(e) => {
+            d.abort().await;
+            return Err(e);
+        }
+    };
     // Socket activation: systemd owns the socket file; otherwise we bind it ourselves.
-    let (listener, owns_socket) =
-        match systemd::inherited_listener().context("cannot use the socket passed by systemd")? {
-            Some(l) => (l, false),
-            None => (bind_socket(&cfg.socket)?, true),
-        };
+    let listener = systemd::inherited_listener()
+        .context("cannot use the socket passed by systemd")
+        .and_then(|l| match l {
+            Some(l) => Ok((l, false)),
+            None => bind_socket(&cfg.socket).map(|l| (l, true)),
+        });
+    let (listener, owns_socket) = match listener {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(door) = dbus {
+                door.stop().await;
+            }
+            d.abort().await;
+            return Err(e);
+        }
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;

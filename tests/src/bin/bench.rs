@@ -414,6 +414,32 @@ fn main() {
                 );
             }
         }
+        {
+            // The same proofs by a session key (policy proof_key = "session"): one device
+            // signature per bound token, the proofs in software.
+            let ds = Daemon::start_with(
+                mk(),
+                Options {
+                    agents: vec![(
+                        "bench-session".into(),
+                        format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\nproof_key = \"session\"\nsession_key_ttl = \"1h\"\n"),
+                    )],
+                    ..Default::default()
+                },
+            );
+            tokens(&ds, 1, 10);
+            for clients in [1usize, 16] {
+                let s = credentials(&ds, Credential::Dpop, clients, (n / clients).max(1));
+                println!(
+                    "| {name} | DPoP proof (session key), {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
+                    s.n,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.per_sec,
+                    s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+                );
+            }
+        }
         for (what, label, per) in [
             (
                 Credential::Certificate,

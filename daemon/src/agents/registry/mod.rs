@@ -347,6 +347,8 @@ mod tests {
             rate: None,
             require_binding: false,
             wit_ttl: None,
+            proof_key: None,
+            session_key_ttl: None,
         }
     }
 

@@ -153,6 +153,17 @@ fn variant_to_json(v: &Value<'_>) -> Result<Json, String> {
         Value::Str(s) => json!(s.as_str()),
         Value::Value(inner) => variant_to_json(inner)?,
         Value::Array(a) => Json::Array(a.iter().map(variant_to_json).collect::<Result<_, _>>()?),
+        // a{sv} / a{ss}: a JSON object (RFC 9421 headers, WPT oth).
+        Value::Dict(d) => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in d.iter() {
+                let Value::Str(k) = k else {
+                    return Err("dictionary keys must be strings".into());
+                };
+                m.insert(k.to_string(), variant_to_json(v)?);
+            }
+            Json::Object(m)
+        }
         other => {
             return Err(format!(
                 "unsupported D-Bus type {}",
