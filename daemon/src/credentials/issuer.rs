@@ -64,22 +64,6 @@ impl Issuer {
         })
     }
 
-    /// A DPoP proof signed by `agent`'s key (its proof key). Policy must already have been
-    /// checked.
-    pub async fn dpop(
-        &self,
-        agent: &Agent,
-        claims: &jwt::DpopClaims,
-    ) -> Result<String, KeyStoreError> {
-        let jwk = agent.jwk.clone().unwrap_or_default();
-        let input = jwt::dpop_signing_input(&jwk, claims);
-        let sig = self
-            .keystore
-            .sign(&agent.key_id, jwt::digest(&input))
-            .await?;
-        Ok(jwt::compact(&input, &sig))
-    }
-
     /// A WIT for `agent`, signed by the host CA key `ca_key_id` (whose thumbprint is `ca_kid`).
     pub async fn wit(
         &self,
@@ -89,20 +73,6 @@ impl Issuer {
     ) -> Result<String, KeyStoreError> {
         let input = jwt::wit_signing_input(ca_kid, claims);
         let sig = self.keystore.sign(ca_key_id, jwt::digest(&input)).await?;
-        Ok(jwt::compact(&input, &sig))
-    }
-
-    /// A WPT signed by `agent`'s key (its proof key).
-    pub async fn wpt(
-        &self,
-        agent: &Agent,
-        claims: &jwt::WptClaims,
-    ) -> Result<String, KeyStoreError> {
-        let input = jwt::wpt_signing_input(claims);
-        let sig = self
-            .keystore
-            .sign(&agent.key_id, jwt::digest(&input))
-            .await?;
         Ok(jwt::compact(&input, &sig))
     }
 

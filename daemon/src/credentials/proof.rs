@@ -10,8 +10,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sha2::Digest as _;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use p256::ecdsa::signature::Verifier;
@@ -699,15 +697,10 @@ impl Credentials {
             return Err(refuse("expired"));
         }
         let cnf = &claims["cnf"]["jwk"];
-        let key = match (cnf["x"].as_str(), cnf["y"].as_str()) {
-            (Some(x), Some(y)) => {
-                let thumb = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-                let kid = B64.encode(sha2::Sha256::digest(thumb.as_bytes()));
-                self.proof_key_by_kid(agent, &kid)
-            }
-            _ => None,
-        }
-        .ok_or_else(|| refuse("it binds a key that is not this agent's live proof key"))?;
+        let key = key_from_jwk(cnf)
+            .ok()
+            .and_then(|k| self.proof_key_by_kid(agent, &ecdsa::jwk_of(&k).0))
+            .ok_or_else(|| refuse("it binds a key that is not this agent's live proof key"))?;
         Ok((jwt::b64_sha256(wit), exp, key))
     }
 
@@ -745,14 +738,7 @@ impl Credentials {
     /// A bare `ath` is for another issuer's token: refused for tokens this daemon issued
     /// (those are checked through `access_token`).
     fn check_bare_ath(&self, ath: &str) -> Result<String, Problem> {
-        let well_formed =
-            ath.len() == 43 && B64.decode(ath).map(|b| b.len() == 32).unwrap_or(false);
-        if !well_formed {
-            return Err(Problem::new(
-                Kind::MalformedRequest,
-                "ath must be the base64url SHA-256 of an access token (43 characters)",
-            ));
-        }
+        check_hash("ath", ath)?;
         let ours = self
             .bound
             .lock()
