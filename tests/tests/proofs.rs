@@ -656,6 +656,7 @@ fn session_proof_keys(backend: Backend) {
     let c = d.client();
     let rt = rt();
     let jwks = rt.block_on(c.jwks()).unwrap();
+    let secret_pages_before = secret_pages(d.pid());
     let t0 = std::time::Instant::now();
     let bound = rt
         .block_on(c.token(&TokenOptions::new(AUD).bind_dpop()))
@@ -666,6 +667,12 @@ fn session_proof_keys(backend: Backend) {
     assert_ne!(
         jkt, hw_kid,
         "bound to the session key, signed by the device key"
+    );
+    // The key sits in memory that is locked and left out of core dumps (the kernel's own
+    // account of the daemon's mappings).
+    assert!(
+        secret_pages(d.pid()) > secret_pages_before,
+        "no locked MADV_DONTDUMP mapping appeared for the session key"
     );
     // The token never outlives the key it names.
     let claims = tessera_e2e::jwt_claims(&bound);
@@ -735,6 +742,19 @@ fn session_proof_keys(backend: Backend) {
     );
 }
 tessera_e2e::both_backends!(session_proof_keys);
+
+/// Mappings of `pid` that are both locked (`lo`) and excluded from core dumps (`dd`).
+fn secret_pages(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("VmFlags:"))
+        .filter(|f| {
+            let f: Vec<&str> = f.split_whitespace().collect();
+            f.contains(&"lo") && f.contains(&"dd")
+        })
+        .count()
+}
 
 /// Every file under the state dir except the audit trail, the registry and the log (which
 /// change with every request).

@@ -204,6 +204,9 @@ impl Agents {
             self.with_registry(|r| r.set_status(a.row, status))?;
             self.refresh()?
         };
+        if suspended {
+            self.keystore.sessions().drop_agent(a.row);
+        }
         self.audit_admin(
             Event::new(event)
                 .agent(&a.name, &a.id)
@@ -253,6 +256,7 @@ impl Agents {
             .mark_revoked(std::slice::from_ref(&a), reason, by, hold)
             .await?;
         fault::point("revoke-after-record");
+        self.keystore.sessions().drop_agent(a.row);
         let destroyed = self.destroy_key(&a, by).await;
         // The event comes after the key is gone (or its destruction failed and is reported to
         // the admin and retried at start); the agent is revoked either way. Subscribers
@@ -340,6 +344,7 @@ impl Agents {
         let generation = self.mark_revoked(&live, reason, by, true).await?;
         let mut first_err = None;
         for a in &live {
+            self.keystore.sessions().drop_agent(a.row);
             if let Err(e) = self.destroy_key(a, by).await {
                 first_err.get_or_insert(e);
             }

@@ -15,7 +15,6 @@ pub mod issuer;
 pub mod jwt;
 pub mod problem;
 pub mod proof;
-pub mod session;
 pub mod settings;
 pub mod x509;
 
@@ -66,7 +65,6 @@ pub struct Credentials {
     /// `ath` of the DPoP-bound tokens issued and not yet expired (for the bare-`ath` rule).
     bound: Mutex<proof::BoundTokens>,
     /// Session proof keys of agents with `proof_key = "session"` (memory only).
-    sessions: session::SessionKeys,
     /// `<state>/audit`: where the checkpoint file goes.
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.
@@ -231,7 +229,6 @@ impl Credentials {
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
             bound: Mutex::new(proof::BoundTokens::default()),
-            sessions: session::SessionKeys::default(),
             audit_dir: state_dir.join("audit"),
             checkpointed: tokio::sync::Mutex::new(crate::audit::Head {
                 seq: 0,
@@ -275,15 +272,9 @@ impl Credentials {
                     }
                     Err(_) => break,
                 };
-                if let EventKind::Suspended = ev.kind {
-                    if let Some(a) = me.agents.live().iter().find(|a| a.name == ev.name) {
-                        me.drop_session_keys(a.row);
-                    }
-                }
                 if let EventKind::Revoked { .. } = ev.kind {
                     if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
                         me.forget_rate(&a.key_id);
-                        me.drop_session_keys(a.row);
                     }
                     if me.crl_generation() < ev.generation {
                         me.refresh_crl_logged().await;

@@ -20,9 +20,9 @@ use crate::agents::{policy, Agent};
 use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::problem::{Kind, Problem};
-use crate::credentials::session::{self, SessionKey};
 use crate::credentials::{httpsig, jwt, Credentials};
 use crate::keystore::ecdsa;
+use crate::keystore::session::{self, SessionKey};
 use tessera::attestation::key_from_jwk;
 
 /// Longest `nonce` a proof carries.
@@ -229,10 +229,14 @@ impl Credentials {
                 .session_key_ttl
                 .map_or(session::DEFAULT_TTL, |d| d.0.as_secs() as i64)
                 .clamp(1, session::MAX_TTL);
-            let k = self
-                .sessions
-                .current(agent.row, crate::agents::now_unix(), ttl);
-            return Ok(ProofKey::Session(k));
+            return self
+                .keystore
+                .sessions()
+                .current(agent.row, crate::agents::now_unix(), ttl)
+                .map(ProofKey::Session)
+                .ok_or_else(|| {
+                    Problem::new(Kind::BackendUnavailable, "no memory for a session key")
+                });
         }
         self.hardware_proof_key(agent)
     }
@@ -253,7 +257,8 @@ impl Credentials {
     /// The agent's live proof key with thumbprint `kid`, under its current policy.
     fn proof_key_by_kid(&self, agent: &Agent, kid: &str) -> Option<ProofKey> {
         if uses_session_key(agent) {
-            self.sessions
+            self.keystore
+                .sessions()
                 .find(agent.row, kid, crate::agents::now_unix())
                 .map(ProofKey::Session)
         } else {
@@ -282,11 +287,6 @@ impl Credentials {
             }
         };
         Ok(jwt::compact(input, &sig))
-    }
-
-    /// Revocation, suspension: the agent's session keys are gone.
-    pub(crate) fn drop_session_keys(&self, row: i64) {
-        self.sessions.drop_agent(row);
     }
 
     pub(crate) fn remember_bound(&self, token: &str, exp: i64) {

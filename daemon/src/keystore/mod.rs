@@ -11,6 +11,7 @@
 pub mod ecdsa;
 pub mod owner;
 pub mod pkcs11;
+pub mod session;
 pub mod tpm;
 
 use std::path::PathBuf;

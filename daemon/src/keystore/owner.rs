@@ -12,6 +12,7 @@ use std::thread::{self, JoinHandle};
 use p256::ecdsa::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
 
+use super::session::SessionKeys;
 use super::{BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError};
 
 /// Requests waiting for the device at most; beyond that callers get `Busy`.
@@ -38,6 +39,9 @@ pub struct KeyStoreHandle {
     /// Admin lane (unbounded: only admins and the daemon itself put requests here).
     admin: mpsc::UnboundedSender<Request>,
     backend: BackendKind,
+    /// In-memory session proof keys (`proof_key = "session"`), beside the device keys so that
+    /// whoever destroys an agent's device key drops these first.
+    sessions: Arc<SessionKeys>,
     /// The owner thread, taken and joined once by [`KeyStoreHandle::shutdown`].
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -101,6 +105,7 @@ impl KeyStoreHandle {
             tx,
             admin,
             backend,
+            sessions: Arc::default(),
             thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
@@ -110,12 +115,18 @@ impl KeyStoreHandle {
     /// the process exits (SoftHSM's C++ destructors would run on two threads at once), so
     /// the daemon calls this before `main` returns. Idempotent.
     pub async fn shutdown(&self) {
+        // Stop step 6: session keys zeroized before the device closes.
+        self.sessions.clear();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(handle) = handle else { return };
         // On the admin lane: served before queued signatures, which then fail with `Stopped`
         // (the doors have stopped accepting by now, so those callers are gone or leaving).
         let _ = self.admin.send(Request::Stop);
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
+
+    pub fn sessions(&self) -> &SessionKeys {
+        &self.sessions
     }
 
     pub fn backend(&self) -> BackendKind {
