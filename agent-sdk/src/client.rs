@@ -322,6 +322,32 @@ impl Client {
         self.call(Method::POST, "/v1/proof", Some(body)).await
     }
 
+    /// The two headers of one request made with a DPoP-bound `token` (from
+    /// [`TokenOptions::bind_dpop`]): `Authorization: DPoP <token>` and `DPoP: <proof>`, the
+    /// proof made for `method` and `url` (its query and fragment left out, as RFC 9449 says).
+    /// `nonce`: the server's last `DPoP-Nonce`, if it sent one.
+    pub async fn dpop_headers(
+        &self,
+        method: &str,
+        url: &str,
+        token: &str,
+        nonce: Option<&str>,
+    ) -> Result<[(&'static str, String); 2], Error> {
+        let mut htu = url::Url::parse(url)
+            .map_err(|e| Error::Protocol(format!("request URL {url:?}: {e}")))?;
+        htu.set_query(None);
+        htu.set_fragment(None);
+        let mut o = DpopOptions::new(method, htu.as_str()).access_token(token);
+        if let Some(n) = nonce {
+            o = o.nonce(n);
+        }
+        let p = self.dpop_proof(&o).await?;
+        Ok([
+            ("authorization", format!("DPoP {token}")),
+            ("dpop", p.proof),
+        ])
+    }
+
     /// An RFC 9421 signature for one request (see [`HttpSignatureOptions`]).
     pub async fn http_signature(
         &self,

@@ -3,7 +3,9 @@
 //! - [`Client`]: ask the local `tesserad` for credentials over its Unix socket
 //!   (`TESSERA_SOCKET`, default `/run/tessera/agent.sock`). The daemon identifies the caller
 //!   from the kernel; nothing here claims an identity.
-//! - [`verify`]: check an agent token as a relying party, against the daemon's JWKS.
+//! - [`verify`]: relying-party checks: bearer tokens, DPoP-bound tokens with their proofs,
+//!   WIMSE WIT+WPT pairs and RFC 9421 signatures.
+//! - `reqwest` (feature `reqwest`): send a request with a DPoP-bound token and a fresh proof.
 //! - [`attestation`]: check key attestation evidence (the agent key was made inside a TPM).
 //!
 //! ```no_run
@@ -17,6 +19,8 @@
 pub mod attestation;
 mod client;
 mod error;
+#[cfg(feature = "reqwest")]
+pub mod reqwest;
 pub mod verify;
 
 pub use client::{

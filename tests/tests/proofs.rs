@@ -250,6 +250,20 @@ fn cli_makes_a_bound_token_and_a_proof() {
                 "url": "https://api.example.com/a/b", "audience": AUD}),
     );
     assert!(ok, "{out}");
+    // `tessera verify` is a bearer check: a bound token fails it (exit 5) unless the caller
+    // says it checks the proof itself.
+    let o = d.cli_stdin(&["verify", "-", "--audience", AUD], token.as_bytes());
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bound"),
+        "{o:?}"
+    );
+    let o = d.cli_stdin(
+        &["verify", "-", "--audience", AUD, "--bound-ok"],
+        token.as_bytes(),
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accept only with its proof"));
     // WIT and WPT through the CLI.
     let o = d.cli(&["wit"]);
     assert!(o.status.success(), "{o:?}");

@@ -88,6 +88,10 @@ enum Cmd {
         /// JWKS file; default: fetched from the daemon.
         #[arg(long)]
         jwks: Option<PathBuf>,
+        /// Accept a token bound to a key (`cnf`) and show the binding. Without it a bound
+        /// token does not verify: it is good only with its proof (a bearer check must fail).
+        #[arg(long)]
+        bound_ok: bool,
         #[arg(long)]
         issuer: Option<String>,
     },
@@ -506,6 +510,7 @@ async fn run(cli: Cli) -> ExitCode {
             audience,
             jwks,
             issuer,
+            bound_ok,
         } => {
             let set: Value = match jwks {
                 Some(p) => match std::fs::read(&p)
@@ -536,14 +541,23 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match tessera::verify::verify(token.trim(), &set, &opts) {
+            let checked = if bound_ok {
+                tessera::verify::verify_signed(token.trim(), &set, &opts)
+            } else {
+                tessera::verify::verify(token.trim(), &set, &opts)
+            };
+            match checked {
                 Ok(c) if cli.json => {
                     print_json(&json!({"valid": true, "claims": c}));
                     ExitCode::SUCCESS
                 }
                 Ok(c) => {
+                    let bound = match c.cnf.as_ref().and_then(|b| b.jkt.as_deref()) {
+                        Some(jkt) => format!(", bound to key {jkt}: accept only with its proof"),
+                        None => String::new(),
+                    };
                     println!(
-                        "valid: {} for {} (jti {}, expires {})",
+                        "valid: {} for {} (jti {}, expires {}{bound})",
                         c.sub,
                         c.aud,
                         c.jti,

@@ -1,0 +1,236 @@
+//! Relying-party checks of what tessera hands an agent, by libraries' rules, not the daemon's
+//! word:
+//! - [`verify`]: a bearer agent token (ES256/RS256 against a JWKS by `kid`, `typ` `JWT`, `iss`,
+//!   `sub`, `aud`, `exp`, `nbf`, `iat` within a leeway). A token bound to a key (`cnf`) is refused
+//!   here: it is only good with a proof ([`dpop`]).
+//! - [`dpop`]: a DPoP-bound token and its proof (RFC 9449 §4.3, §7.1), with a bounded replay cache.
+//! - [`wimse`]: a WIMSE Workload Identity Token and Workload Proof Token.
+//! - [`httpsig`]: an HTTP Message Signature (RFC 9421) made by tesserad.
+//!
+//! Every check fails closed: an unknown key, an unexpected type, a full replay cache all refuse.
+
+pub mod dpop;
+pub mod httpsig;
+mod replay;
+pub mod wimse;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use replay::ReplayCache;
+
+/// What a bound token says about its key (RFC 7800 / RFC 9449 §6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Confirmation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jkt: Option<String>,
+    #[serde(default, rename = "x5t#S256", skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// Present on sender-constrained tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+impl Claims {
+    pub fn scopes(&self) -> Vec<&str> {
+        self.scope
+            .as_deref()
+            .map(|s| s.split(' ').collect())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub audience: String,
+    pub issuer: Option<String>,
+    /// Allowed clock skew, seconds.
+    pub leeway: u64,
+}
+
+impl Options {
+    pub fn new(audience: impl Into<String>) -> Options {
+        Options {
+            audience: audience.into(),
+            issuer: None,
+            leeway: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token has no kid")]
+    NoKid,
+    #[error("no key {0} in the key set (unknown, or the agent was revoked)")]
+    UnknownKey(String),
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    #[error("token issued in the future (iat {iat}, now {now})")]
+    IssuedInFuture { iat: i64, now: i64 },
+    #[error("the token is bound to a key (cnf); accept it only with its proof (DPoP)")]
+    Bound,
+    #[error("proof rejected: {0}")]
+    Proof(String),
+    /// The relying party asked for a server nonce the proof lacks or does not carry: answer
+    /// 401 `use_dpop_nonce` with a `DPoP-Nonce` header (RFC 9449 §8).
+    #[error("the proof does not carry the server's current nonce")]
+    UseNonce,
+    #[error("proof {0} was seen before (replay)")]
+    Replay(String),
+    /// Fail closed: the replay cache holds as many unexpired proofs as it may.
+    #[error("replay cache full ({0} unexpired proofs); refusing new proofs until some expire")]
+    ReplayCacheFull(usize),
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// base64url(SHA-256(text)): `ath`, `wth`, `tth`, `oth` values.
+pub fn b64_sha256(text: &str) -> String {
+    B64.encode(Sha256::digest(text.as_bytes()))
+}
+
+/// The algorithm a key is used with: ES256 for P-256, RS256 for RSA; nothing else.
+pub(crate) fn algorithm_of(jwk: &Jwk) -> Result<Algorithm, String> {
+    match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(p)
+            if p.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+        {
+            Ok(Algorithm::ES256)
+        }
+        AlgorithmParameters::RSA(_) => Ok(Algorithm::RS256),
+        _ => Err("only P-256 (ES256) and RSA (RS256) keys are accepted".into()),
+    }
+}
+
+/// A public key given inside a token or proof (`jwk`, `cnf.jwk`): a JSON object with no private
+/// members, of a kind [`algorithm_of`] accepts. Returns it and its RFC 7638 thumbprint.
+pub(crate) fn public_jwk(v: &serde_json::Value) -> Result<(Jwk, Algorithm, String), String> {
+    let obj = v.as_object().ok_or("the key is not a JSON object")?;
+    for private in ["d", "p", "q", "dp", "dq", "qi", "oth", "k"] {
+        if obj.contains_key(private) {
+            return Err(format!("the key holds the private member {private:?}"));
+        }
+    }
+    let jwk: Jwk = serde_json::from_value(v.clone()).map_err(|e| format!("key: {e}"))?;
+    let alg = algorithm_of(&jwk)?;
+    let thumb = jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256);
+    Ok((jwk, alg, thumb))
+}
+
+/// The JSON of a compact JWS's protected header, as sent (jsonwebtoken's `Header` drops
+/// members it does not know, and a proof's `jwk` must be checked for private parts).
+pub(crate) fn raw_header(jws: &str) -> Result<serde_json::Value, String> {
+    let h = jws.split('.').next().unwrap_or_default();
+    let bytes = B64.decode(h).map_err(|e| format!("header: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("header: {e}"))
+}
+
+/// Decode a JWS signed by `jwk` with claims as `T`, checking nothing but the signature and the
+/// algorithm (the callers check the claims).
+pub(crate) fn decode_signed<T: serde::de::DeserializeOwned>(
+    jws: &str,
+    jwk: &Jwk,
+    alg: Algorithm,
+) -> Result<T, String> {
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key: {e}"))?;
+    let mut v = Validation::new(alg);
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_aud = false;
+    decode::<T>(jws, &key, &v)
+        .map(|d| d.claims)
+        .map_err(|e| e.to_string())
+}
+
+/// Verify a **bearer** `token` against `jwks` (the JSON of `/v1/jwks`). A token with `cnf` is
+/// refused ([`VerifyError::Bound`]): it is worth nothing without its proof.
+pub fn verify(
+    token: &str,
+    jwks: &serde_json::Value,
+    opts: &Options,
+) -> Result<Claims, VerifyError> {
+    let claims = verify_signed(token, jwks, opts)?;
+    if claims.cnf.is_some() {
+        return Err(VerifyError::Bound);
+    }
+    Ok(claims)
+}
+
+/// Check an agent token's signature and claims without deciding how it may be presented
+/// (bearer or bound): for tools that inspect tokens. Relying parties use [`verify`] or
+/// [`dpop::DpopVerifier`].
+pub fn verify_signed(
+    token: &str,
+    jwks: &serde_json::Value,
+    opts: &Options,
+) -> Result<Claims, VerifyError> {
+    let header = decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    // Only agent tokens: a DPoP proof, checkpoint or WIT signed by a key in the set is not
+    // a token (explicit typing, RFC 8725 §3.11).
+    if header.typ.as_deref() != Some("JWT") {
+        return Err(VerifyError::Rejected(format!(
+            "typ {:?} is not JWT",
+            header.typ.as_deref().unwrap_or("(none)")
+        )));
+    }
+    let kid = header.kid.ok_or(VerifyError::NoKid)?;
+    let set: JwkSet = serde_json::from_value(jwks.clone())
+        .map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
+    let jwk = set
+        .find(&kid)
+        .ok_or_else(|| VerifyError::UnknownKey(kid.clone()))?;
+    // The key decides the algorithm, never the token's header.
+    let alg = algorithm_of(jwk).map_err(VerifyError::Rejected)?;
+    if header.alg != alg {
+        return Err(VerifyError::Rejected(format!(
+            "algorithm {:?} is not the key's {alg:?}",
+            header.alg
+        )));
+    }
+    let key = DecodingKey::from_jwk(jwk)
+        .map_err(|e| VerifyError::Malformed(format!("JWK {kid}: {e}")))?;
+    let mut v = Validation::new(alg);
+    v.set_audience(&[&opts.audience]);
+    if let Some(iss) = &opts.issuer {
+        v.set_issuer(&[iss]);
+    }
+    v.leeway = opts.leeway;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(&["exp", "aud", "sub", "iat", "iss"]);
+    let data =
+        decode::<Claims>(token, &key, &v).map_err(|e| VerifyError::Rejected(e.to_string()))?;
+    let now = now();
+    if data.claims.iat > now + opts.leeway as i64 {
+        return Err(VerifyError::IssuedInFuture {
+            iat: data.claims.iat,
+            now,
+        });
+    }
+    Ok(data.claims)
+}
