@@ -185,20 +185,24 @@ impl HttpSignatureOptions {
             target_uri: target_uri.into(),
             headers: Default::default(),
             content_digest: None,
-            components: vec![],
+            // The whole target by default: the SDK's verifier requires it, and without it a
+            // signature for one path or query would hold for another on the same authority.
+            components: vec!["@target-uri".into()],
             agent: None,
         }
     }
     /// Cover a header field (its name is lower-cased).
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
         let name = name.to_ascii_lowercase();
-        self.components.push(name.clone());
-        self.headers.insert(name, value.into());
-        self
+        self.headers.insert(name.clone(), value.into());
+        self.component(name)
     }
     /// Cover a derived component (`@target-uri`, `@path`, `@query`).
     pub fn component(mut self, c: impl Into<String>) -> Self {
-        self.components.push(c.into());
+        let c = c.into();
+        if !self.components.contains(&c) {
+            self.components.push(c);
+        }
         self
     }
     /// The `Content-Digest` of the body (RFC 9530), `sha-256=:<base64>:`.

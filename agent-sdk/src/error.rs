@@ -28,6 +28,8 @@ pub enum ProblemType {
     TargetNotAllowed,
     /// A proof's `access_token` / `ath` is not a token of this agent bound to its proof key.
     TokenNotAccepted,
+    /// `POST /v1/tls/sign` as a TLS server without policy `tls_server = true`.
+    TlsRoleNotAllowed,
     Internal,
     /// A type this SDK version does not know.
     Other(String),
@@ -38,7 +40,7 @@ pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
 
 impl ProblemType {
     /// Every type the daemon sends; the one list both sides use.
-    pub const KNOWN: [ProblemType; 21] = [
+    pub const KNOWN: [ProblemType; 22] = [
         ProblemType::UnknownCaller,
         ProblemType::AmbiguousCaller,
         ProblemType::CallerGone,
@@ -59,6 +61,7 @@ impl ProblemType {
         ProblemType::BindingRequired,
         ProblemType::TargetNotAllowed,
         ProblemType::TokenNotAccepted,
+        ProblemType::TlsRoleNotAllowed,
         ProblemType::Internal,
     ];
 
@@ -93,6 +96,7 @@ impl ProblemType {
             ProblemType::BindingRequired => "binding-required",
             ProblemType::TargetNotAllowed => "target-not-allowed",
             ProblemType::TokenNotAccepted => "token-not-accepted",
+            ProblemType::TlsRoleNotAllowed => "tls-role-not-allowed",
             ProblemType::Internal => "internal",
             ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
@@ -116,7 +120,8 @@ impl ProblemType {
             | ProblemType::UseSocket
             | ProblemType::BindingRequired
             | ProblemType::TargetNotAllowed
-            | ProblemType::TokenNotAccepted => 403,
+            | ProblemType::TokenNotAccepted
+            | ProblemType::TlsRoleNotAllowed => 403,
             ProblemType::AmbiguousCaller => 409,
             ProblemType::MalformedRequest => 400,
             ProblemType::BodyTooLarge => 413,
@@ -151,6 +156,7 @@ impl ProblemType {
             ProblemType::BindingRequired => "Agent policy requires sender-constrained tokens",
             ProblemType::TargetNotAllowed => "Proof target not allowed by policy",
             ProblemType::TokenNotAccepted => "Token not bound to this agent's proof key",
+            ProblemType::TlsRoleNotAllowed => "Agent policy does not allow this TLS role",
             ProblemType::Internal | ProblemType::Other(_) => "Internal error",
         }
     }

@@ -1,6 +1,9 @@
 //! Send a [`reqwest`] request with a DPoP-bound token: each send gets a fresh proof from
-//! tesserad for its method and URL, and a server that answers with a `DPoP-Nonce` it requires
-//! (RFC 9449 §8/§9) gets one retry carrying that nonce.
+//! tesserad for its method and URL, and a resource server that answers 401 `use_dpop_nonce`
+//! with a `DPoP-Nonce` (RFC 9449 §9) gets one retry carrying that nonce. A redirect the
+//! reqwest client follows carries the proof made for the first URL, which a relying party
+//! elsewhere refuses (`htu`); build the client with `redirect::Policy::none()` to handle
+//! redirects yourself.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tessera::reqwest::SendError> {
@@ -69,18 +72,26 @@ pub async fn send_with_dpop(
     }
 }
 
-/// The nonce a server requires: a 401 (resource server, `WWW-Authenticate: DPoP
-/// error="use_dpop_nonce"`) or 400 (authorization server) with a `DPoP-Nonce` header.
+/// The nonce a resource server requires (RFC 9449 §9): a 401 whose `WWW-Authenticate`
+/// lines include a DPoP `use_dpop_nonce` challenge, with a `DPoP-Nonce` header. (An
+/// authorization server's 400 is left to the caller: its reason is in the body.)
 fn asked_nonce(resp: &reqwest::Response) -> Option<String> {
-    let status = resp.status().as_u16();
-    if status != 401 && status != 400 {
+    if resp.status().as_u16() != 401 {
         return None;
     }
-    if status == 401 {
-        let www = resp.headers().get("www-authenticate")?.to_str().ok()?;
-        if !www.contains("use_dpop_nonce") {
-            return None;
-        }
+    let challenged = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.trim_start()
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case("dpop "))
+                && v.contains("use_dpop_nonce")
+        });
+    if !challenged {
+        return None;
     }
     resp.headers()
         .get("dpop-nonce")?

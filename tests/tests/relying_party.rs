@@ -107,7 +107,7 @@ fn sdk_verifiers_accept_the_daemons_proofs_once(backend: Backend) {
         .split('/')
         .next()
         .unwrap();
-    let w = WimseVerifier::new().trust_domain(td);
+    let w = WimseVerifier::new(td);
     let req = WimseRequest {
         url,
         wit: &wit,
@@ -139,8 +139,7 @@ fn sdk_verifiers_accept_the_daemons_proofs_once(backend: Backend) {
         w.verify(&req2, &jwks),
         Err(VerifyError::UnknownKey(_))
     ));
-    assert!(WimseVerifier::new()
-        .trust_domain("elsewhere.example")
+    assert!(WimseVerifier::new("elsewhere.example")
         .verify(&req2, &bundle)
         .is_err());
     assert!(w
@@ -205,6 +204,11 @@ fn sdk_verifiers_accept_the_daemons_proofs_once(backend: Backend) {
         ..req.clone()
     };
     assert!(h.verify(&changed_body, &jwks).is_err(), "another body");
+    let no_body = SignedRequest {
+        body: None,
+        ..req.clone()
+    };
+    assert!(h.verify(&no_body, &jwks).is_err(), "the body dropped");
     let changed_type = [
         ("Content-Type", "text/plain"),
         headers[1],

@@ -8,7 +8,8 @@
 //!     &DpopRequest::new("GET", "https://api.example.com/v1/x?y=1", &[dpop]).authorization(auth),
 //!     &jwks,
 //! )?;
-//! println!("agent {} (key {})", ok.token.map(|t| t.sub).unwrap_or_default(), ok.jkt);
+//! let agent = ok.token.expect("verify() always checks a token");
+//! println!("agent {} (key {})", agent.sub, ok.jkt);
 //! # Ok(()) }
 //! ```
 
@@ -26,7 +27,8 @@ pub struct DpopRequest<'a> {
     pub method: &'a str,
     /// The request's absolute URI as the relying party serves it (query and fragment ignored).
     pub url: &'a str,
-    /// The `Authorization` header value, `DPoP <token>`; `None` at a token endpoint.
+    /// The `Authorization` header value, `DPoP <token>` (required by
+    /// [`DpopVerifier::verify`]; a token endpoint uses [`DpopVerifier::verify_token_request`]).
     pub authorization: Option<&'a str>,
     /// Every `DPoP` header value the request carried (exactly one is accepted).
     pub dpop: &'a [&'a str],
@@ -59,7 +61,8 @@ impl<'a> DpopRequest<'a> {
 /// What a verified request proves.
 #[derive(Debug, Clone)]
 pub struct DpopVerified {
-    /// The access token's claims (`None` at a token endpoint, where no token is presented).
+    /// The access token's claims (always there from [`DpopVerifier::verify`]; `None` from
+    /// [`DpopVerifier::verify_token_request`]).
     pub token: Option<Claims>,
     /// RFC 7638 thumbprint of the proof key (= the token's `cnf.jkt`).
     pub jkt: String,
@@ -111,17 +114,34 @@ impl DpopVerifier {
         self
     }
 
-    /// Check `req`: the token (if any) against `jwks`, the proof against the token and the
-    /// request, and that the proof was not seen before.
+    /// A resource server's check (RFC 9449 §7.1): the request must carry `Authorization: DPoP
+    /// <token>`; the token is checked against `jwks`, the proof against the token and the
+    /// request, and the proof must not have been seen before.
     pub fn verify(
         &self,
         req: &DpopRequest,
         jwks: &serde_json::Value,
     ) -> Result<DpopVerified, VerifyError> {
-        self.verify_at(req, jwks, now())
+        if req.authorization.is_none() {
+            return Err(VerifyError::Proof(
+                "no Authorization: DPoP <token> header".into(),
+            ));
+        }
+        self.check(req, jwks, now())
     }
 
-    fn verify_at(
+    /// A token endpoint's check (RFC 9449 §5): a proof alone, with no access token and no
+    /// `ath`; the key it proves is the one to bind the new token to (`jkt`).
+    pub fn verify_token_request(&self, req: &DpopRequest) -> Result<DpopVerified, VerifyError> {
+        if req.authorization.is_some() {
+            return Err(VerifyError::Proof(
+                "a token request carries no access token".into(),
+            ));
+        }
+        self.check(req, &serde_json::Value::Null, now())
+    }
+
+    fn check(
         &self,
         req: &DpopRequest,
         jwks: &serde_json::Value,
@@ -458,6 +478,16 @@ mod tests {
                     json!({"jti": "l", "htm": "GET", "htu": URL, "iat": t, "ath": ath}),
                 )],
             ),
+            (
+                "alg mismatch",
+                auth.clone(),
+                "GET".into(),
+                vec![jws(
+                    &agent,
+                    json!({"typ": "dpop+jwt", "alg": "RS256", "jwk": agent.jwk}),
+                    json!({"jti": "l2", "htm": "GET", "htu": URL, "iat": t, "ath": ath}),
+                )],
+            ),
         ];
         for (what, auth, method, proofs) in cases {
             let proofs: Vec<&str> = proofs.iter().map(String::as_str).collect();
@@ -465,7 +495,27 @@ mod tests {
                 &DpopRequest::new(&method, URL, &proofs).authorization(&auth),
                 &jwks,
             );
-            assert!(r.is_err(), "{what}: accepted");
+            // Each refused by the proof check itself (not a token or replay-cache error).
+            match &r {
+                Err(VerifyError::Proof(m)) => {
+                    let want = match what {
+                        "wrong method" => "htm",
+                        "wrong uri" => "htu",
+                        "old" | "future" => "iat",
+                        "no ath" | "wrong ath" => "ath",
+                        "other key" => "cnf.jkt",
+                        "bearer scheme" => "scheme",
+                        "two proofs" => "DPoP headers",
+                        "typ" => "typ",
+                        "private jwk" => "private member",
+                        "alg none" | "alg mismatch" => "alg",
+                        "missing jti" => "jti",
+                        _ => "",
+                    };
+                    assert!(m.contains(want), "{what}: refused for another reason: {m}");
+                }
+                other => panic!("{what}: {other:?}"),
+            }
         }
         // A tampered signature.
         let mut forged = proof(
@@ -495,6 +545,22 @@ mod tests {
         ));
         let p = proof(
             &agent,
+            json!({"jti": "o2", "htm": "GET", "htu": URL, "iat": t, "ath": ath, "nonce": "N0"}),
+        );
+        assert!(
+            matches!(
+                v.verify(
+                    &DpopRequest::new("GET", URL, &[&p])
+                        .authorization(&auth)
+                        .nonce("N1"),
+                    &jwks
+                ),
+                Err(VerifyError::UseNonce)
+            ),
+            "a wrong nonce"
+        );
+        let p = proof(
+            &agent,
             json!({"jti": "o", "htm": "GET", "htu": URL, "iat": t, "ath": ath, "nonce": "N1"}),
         );
         v.verify(
@@ -509,15 +575,47 @@ mod tests {
             super::super::verify(&token, &jwks, &Options::new(AUD)),
             Err(VerifyError::Bound)
         ));
-        // Token endpoint: a proof alone, without ath.
+        // A resource server always needs the token.
         let p = proof(
             &agent,
             json!({"jti": "q", "htm": "POST", "htu": URL, "iat": t}),
         );
-        let ok = v
+        assert!(v
             .verify(&DpopRequest::new("POST", URL, &[&p]), &jwks)
+            .is_err());
+        // Token endpoint: a proof alone, without ath.
+        let ok = v
+            .verify_token_request(&DpopRequest::new("POST", URL, &[&p]))
             .unwrap();
         assert!(ok.token.is_none());
+        assert_eq!(ok.jkt, agent.kid);
+        let p = proof(
+            &agent,
+            json!({"jti": "r", "htm": "POST", "htu": URL, "iat": t, "ath": ath}),
+        );
+        assert!(
+            v.verify_token_request(&DpopRequest::new("POST", URL, &[&p]))
+                .is_err(),
+            "ath without a token"
+        );
+        // The edge of the window: iat exactly max_age ago still passes, one second more not.
+        let req = |p: &str| -> Result<DpopVerified, VerifyError> {
+            v.check(
+                &DpopRequest::new("GET", URL, &[p]).authorization(&auth),
+                &jwks,
+                t,
+            )
+        };
+        req(&proof(
+            &agent,
+            json!({"jti": "s", "htm": "GET", "htu": URL, "iat": t - 60, "ath": ath}),
+        ))
+        .unwrap();
+        assert!(req(&proof(
+            &agent,
+            json!({"jti": "u", "htm": "GET", "htu": URL, "iat": t - 61, "ath": ath})
+        ))
+        .is_err());
     }
 
     #[test]

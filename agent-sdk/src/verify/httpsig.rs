@@ -45,7 +45,7 @@ impl Default for HttpSignatureVerifier {
     fn default() -> Self {
         HttpSignatureVerifier {
             label: "tessera".into(),
-            require: vec!["@method".into(), "@authority".into()],
+            require: vec!["@method".into(), "@authority".into(), "@target-uri".into()],
             leeway: 30,
             max_age: 300,
             replay: ReplayCache::default(),
@@ -62,8 +62,8 @@ impl HttpSignatureVerifier {
         Self::default()
     }
 
-    /// Components the signature must cover besides `@method` and `@authority`
-    /// (e.g. `@target-uri`, `content-type`).
+    /// Components the signature must cover besides `@method`, `@authority` and `@target-uri`
+    /// (e.g. `content-type`).
     pub fn require(mut self, component: impl Into<String>) -> Self {
         let c = component.into();
         if !self.require.contains(&c) {
@@ -139,13 +139,16 @@ impl HttpSignatureVerifier {
         if created > now + self.leeway || created < now - self.max_age {
             return Err(bad(format!("created {created} is not recent")));
         }
-        if expires <= now - self.leeway || expires < created {
+        if expires <= now - self.leeway || expires < created || expires - created > 3600 {
             return Err(bad(format!("expired at {expires}")));
         }
         // The covered components, each a plain string item.
-        let mut covered = Vec::with_capacity(list.items.len());
+        let mut covered: Vec<String> = Vec::with_capacity(list.items.len());
         for item in &list.items {
             match (&item.bare_item, item.params.is_empty()) {
+                (BareItem::String(s), true) if covered.iter().any(|c| c == s.as_str()) => {
+                    return Err(bad(format!("component {} covered twice", s.as_str())))
+                }
                 (BareItem::String(s), true) => covered.push(s.as_str().to_string()),
                 _ => return Err(bad("components are plain strings (no parameters)")),
             }
@@ -155,13 +158,24 @@ impl HttpSignatureVerifier {
                 return Err(bad(format!("the signature does not cover {r}")));
             }
         }
-        if let Some(body) = req.body.filter(|b| !b.is_empty()) {
-            if !covered.iter().any(|c| c == "content-digest") {
-                return Err(bad("a request with a body must cover content-digest"));
+        // A body must be covered by its digest; a covered digest must match the body (an
+        // empty one too: the body cannot be dropped from a signed request).
+        let digest_covered = covered.iter().any(|c| c == "content-digest");
+        match (req.body, digest_covered) {
+            (Some(b), false) if !b.is_empty() => {
+                return Err(bad("a request with a body must cover content-digest"))
             }
-            let d = header(req.headers, "content-digest")
-                .ok_or_else(|| bad("no Content-Digest header"))?;
-            check_digest(&d, body)?;
+            (None, true) => {
+                return Err(bad(
+                    "content-digest is covered: give the body to check it against",
+                ))
+            }
+            (Some(body), true) => {
+                let d = header(req.headers, "content-digest")
+                    .ok_or_else(|| bad("no Content-Digest header"))?;
+                check_digest(&d, body)?;
+            }
+            _ => {}
         }
         // The base (§2.5), then the signature over it.
         let url = url::Url::parse(req.target_uri)
@@ -180,6 +194,7 @@ impl HttpSignatureVerifier {
             .and_then(|k| k.as_array())
             .into_iter()
             .flatten()
+            .filter(|k| super::usable_for_tokens(k))
             .find(|k| k.get("kid").and_then(|v| v.as_str()) == Some(keyid.as_str()))
             .ok_or_else(|| VerifyError::UnknownKey(keyid.clone()))?;
         let vk = crate::attestation::key_from_jwk(key).map_err(|e| bad(e.to_string()))?;
@@ -215,7 +230,8 @@ fn header(headers: &[(&str, &str)], name: &str) -> Option<String> {
 fn component(c: &str, req: &SignedRequest, url: &url::Url) -> Result<String, VerifyError> {
     Ok(match c {
         "@method" => req.method.to_string(),
-        "@target-uri" => req.target_uri.to_string(),
+        // The normal form, as the daemon signs it.
+        "@target-uri" => url.as_str().to_string(),
         "@authority" => match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{}:{p}", h.to_ascii_lowercase()),
             (Some(h), None) => h.to_ascii_lowercase(),

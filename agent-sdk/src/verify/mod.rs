@@ -115,6 +115,15 @@ pub fn b64_sha256(text: &str) -> String {
     B64.encode(Sha256::digest(text.as_bytes()))
 }
 
+/// A key published for agent tokens and signatures: `use` absent, `sig` or `jwt-svid` (a
+/// SPIFFE bundle's `wit-svid` and `x509-svid` keys sign no token).
+pub(crate) fn usable_for_tokens(k: &serde_json::Value) -> bool {
+    matches!(
+        k.get("use").and_then(|u| u.as_str()),
+        None | Some("sig" | "jwt-svid")
+    )
+}
+
 /// The algorithm a key is used with: ES256 for P-256, RS256 for RSA; nothing else.
 pub(crate) fn algorithm_of(jwk: &Jwk) -> Result<Algorithm, String> {
     match &jwk.algorithm {
@@ -200,8 +209,12 @@ pub fn verify_signed(
         )));
     }
     let kid = header.kid.ok_or(VerifyError::NoKid)?;
-    let set: JwkSet = serde_json::from_value(jwks.clone())
-        .map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
+    let mut jwks = jwks.clone();
+    if let Some(keys) = jwks.get_mut("keys").and_then(|k| k.as_array_mut()) {
+        keys.retain(usable_for_tokens);
+    }
+    let set: JwkSet =
+        serde_json::from_value(jwks).map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
     let jwk = set
         .find(&kid)
         .ok_or_else(|| VerifyError::UnknownKey(kid.clone()))?;

@@ -1,6 +1,11 @@
 //! A replay cache with bounded memory: each proof id is kept until the end of the window in
 //! which its proof could still be accepted, and when the cache holds `capacity` unexpired ids it
 //! refuses new proofs (fail closed) rather than forgetting one early.
+//!
+//! Callers read the clock before slow checks, so their `now` values arrive out of order: the
+//! cache forgets an id only `GRACE` seconds after the latest `now` it has seen passed its end,
+//! and refuses a call whose `now` is older than that latest `now` minus `GRACE` (a stalled
+//! check, or the clock stepped back), which could otherwise find a forgotten id.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -12,6 +17,8 @@ use super::VerifyError;
 
 /// Default capacity: about 6 MiB at most.
 pub const DEFAULT_CAPACITY: usize = 65_536;
+/// Seconds of disorder tolerated between callers' clock readings.
+const GRACE: i64 = 5;
 
 pub struct ReplayCache {
     capacity: usize,
@@ -22,6 +29,8 @@ pub struct ReplayCache {
 struct Inner {
     /// SHA-256 of the id → until when it is kept.
     seen: HashMap<[u8; 32], i64>,
+    /// The latest `now` a caller brought.
+    high: i64,
     /// The same entries by expiry, oldest first, to drop them in order.
     by_expiry: BinaryHeap<Reverse<(i64, [u8; 32])>>,
 }
@@ -40,8 +49,15 @@ impl ReplayCache {
         let key: [u8; 32] = Sha256::digest(id.as_bytes()).into();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *g;
+        if now < inner.high.saturating_sub(GRACE) {
+            return Err(VerifyError::Proof(format!(
+                "checked with a clock reading {} s behind the latest; refused (replay cannot be excluded)",
+                inner.high - now
+            )));
+        }
+        inner.high = inner.high.max(now);
         while let Some(Reverse((t, k))) = inner.by_expiry.peek().copied() {
-            if t > now {
+            if t.saturating_add(GRACE) > inner.high {
                 break;
             }
             inner.by_expiry.pop();
@@ -93,20 +109,40 @@ mod tests {
             Err(VerifyError::Replay(_))
         ));
         c.check_and_insert("b", 120, 50).unwrap();
+        // Full: a new id is refused...
         assert!(matches!(
             c.check_and_insert("c", 130, 60),
             Err(VerifyError::ReplayCacheFull(2))
         ));
-        // Still refused while full, even for an id seen before: nothing is forgotten early.
+        // ... and one seen before is still a replay: nothing is forgotten early.
         assert!(matches!(
             c.check_and_insert("a", 100, 99),
             Err(VerifyError::Replay(_))
         ));
-        // Once "a" has expired it leaves room; "a" itself could no longer be accepted by the
-        // caller's window check, so forgetting it is safe.
-        c.check_and_insert("c", 130, 100).unwrap();
+        // "a" is kept GRACE seconds past its end by the latest clock reading.
+        assert!(matches!(
+            c.check_and_insert("c", 130, 103),
+            Err(VerifyError::ReplayCacheFull(2))
+        ));
+        // Once it is gone it leaves room; "a" itself could no longer pass a window check.
+        c.check_and_insert("c", 130, 105).unwrap();
         assert_eq!(c.len(), 2);
-        c.check_and_insert("d", 200, 130).unwrap();
+        c.check_and_insert("d", 200, 135).unwrap();
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_stale_clock_reading_cannot_find_a_forgotten_id() {
+        let c = ReplayCache::new(10);
+        c.check_and_insert("p", 1001, 940).unwrap();
+        // A later caller's clock passes the end of "p" (and the grace), so "p" is forgotten...
+        c.check_and_insert("q", 1100, 1006).unwrap();
+        // ... and a delayed check of "p" that read its clock at 1000 is refused, not accepted.
+        assert!(matches!(
+            c.check_and_insert("p", 1001, 1000),
+            Err(VerifyError::Proof(_))
+        ));
+        // Small disorder within the grace is fine.
+        c.check_and_insert("r", 1100, 1002).unwrap();
     }
 }

@@ -3,7 +3,10 @@
 //! trust domain's WIT key (`"use": "wit-svid"` in the SPIFFE bundle, never an agent token key),
 //! the WPT against the key the WIT binds (`cnf.jwk`), for this request, fresh, once.
 //!
-//! On the wire: `Workload-Identity-Token: <WIT>`, `Workload-Proof-Token: <WPT>`.
+//! On the wire: `Workload-Identity-Token: <WIT>` and the WPT in `Workload-Proof-Token: <WPT>`
+//! (draft-ietf-wimse-wpt-01, the claims tessera makes: `aud`, `exp`, `jti`, `wth`, `ath`, `tth`,
+//! `oth`) or `Authorization: WPT <WPT>` (-02; see [`wpt_from_authorization`]). A WIT is checked
+//! against the trust domain the relying party names, never just any key it was given.
 
 use std::collections::BTreeMap;
 
@@ -18,13 +21,15 @@ use super::{
 /// The claims of a verified WIT.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WitClaims {
-    pub iss: String,
+    #[serde(default)]
+    pub iss: Option<String>,
     /// The workload's SPIFFE ID.
     pub sub: String,
     #[serde(default)]
     pub iat: Option<i64>,
     pub exp: i64,
-    pub jti: String,
+    #[serde(default)]
+    pub jti: Option<String>,
     pub cnf: WitConfirmation,
 }
 
@@ -59,7 +64,8 @@ pub struct WimseRequest<'a> {
     pub access_token: Option<&'a str>,
     /// A transaction token sent with the request (`tth`).
     pub txn_token: Option<&'a str>,
-    /// Other tokens sent with the request, by the names the WPT's `oth` uses.
+    /// Other tokens sent with the request, by the names the WPT's `oth` uses (lower-case
+    /// header names), each once.
     pub other_tokens: Vec<(&'a str, &'a str)>,
 }
 
@@ -72,32 +78,22 @@ pub struct WimseVerified {
 /// Checks WIT+WPT pairs; keep one per relying party (its replay cache stops a WPT being
 /// used twice).
 pub struct WimseVerifier {
-    trust_domain: Option<String>,
+    trust_domain: String,
     leeway: i64,
     max_wpt_life: i64,
     replay: ReplayCache,
 }
 
-impl Default for WimseVerifier {
-    fn default() -> Self {
+impl WimseVerifier {
+    /// Accept workloads of `trust_domain` only (`sub` = `spiffe://<trust_domain>/…`), with WITs
+    /// signed by that trust domain's keys (the bundle given to [`WimseVerifier::verify`]).
+    pub fn new(trust_domain: impl Into<String>) -> Self {
         WimseVerifier {
-            trust_domain: None,
+            trust_domain: trust_domain.into(),
             leeway: 30,
             max_wpt_life: 300,
             replay: ReplayCache::default(),
         }
-    }
-}
-
-impl WimseVerifier {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Accept only workloads of this trust domain (`sub` = `spiffe://<td>/…`).
-    pub fn trust_domain(mut self, td: impl Into<String>) -> Self {
-        self.trust_domain = Some(td.into());
-        self
     }
 
     /// Allowed clock skew (default 30 s).
@@ -112,7 +108,8 @@ impl WimseVerifier {
         self
     }
 
-    /// Check `req` with the WIT keys of `bundle` (the JSON of `/v1/bundle?format=spiffe`).
+    /// Check `req` with the WIT keys of `bundle`, the trust domain's SPIFFE bundle (the JSON of
+    /// `/v1/bundle?format=spiffe`).
     pub fn verify(
         &self,
         req: &WimseRequest,
@@ -124,7 +121,10 @@ impl WimseVerifier {
         // The WPT: typed, signed by the WIT's key with the algorithm the key names.
         let (jwk, alg, _) = public_jwk(&wit.cnf.jwk).map_err(|e| bad(format!("cnf.jwk: {e}")))?;
         let h = raw_header(req.wpt).map_err(bad)?;
-        if h.get("typ").and_then(|v| v.as_str()) != Some("wpt+jwt") {
+        if !matches!(
+            h.get("typ").and_then(|v| v.as_str()),
+            Some("wpt+jwt" | "application/wpt+jwt")
+        ) {
             return Err(bad(format!("typ {} is not wpt+jwt", h["typ"])));
         }
         let alg_name = format!("{alg:?}");
@@ -158,6 +158,16 @@ impl WimseVerifier {
         check_hash("ath", c.ath.as_deref(), req.access_token).map_err(bad)?;
         check_hash("tth", c.tth.as_deref(), req.txn_token).map_err(bad)?;
         let oth = c.oth.clone().unwrap_or_default();
+        let mut names: Vec<&str> = req.other_tokens.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() != req.other_tokens.len()
+            || names
+                .iter()
+                .any(|n| n.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            return Err(bad("other tokens are named once each, in lower case".into()));
+        }
         if oth.len() != req.other_tokens.len() {
             return Err(bad(format!(
                 "oth covers {} tokens, the request carries {}",
@@ -169,7 +179,7 @@ impl WimseVerifier {
             check_hash(
                 &format!("oth.{name}"),
                 oth.get(*name).map(String::as_str),
-                Some(token),
+                Some(token.trim()),
             )
             .map_err(bad)?;
         }
@@ -227,13 +237,20 @@ impl WimseVerifier {
         let Some(id) = c.sub.strip_prefix("spiffe://") else {
             return Err(bad(format!("sub {:?} is not a SPIFFE ID", c.sub)));
         };
-        if let Some(td) = &self.trust_domain {
-            if id.split('/').next() != Some(td.as_str()) {
-                return Err(bad(format!("sub {:?} is not in trust domain {td}", c.sub)));
-            }
+        if id.split('/').next() != Some(self.trust_domain.as_str()) {
+            return Err(bad(format!(
+                "sub {:?} is not in trust domain {}",
+                c.sub, self.trust_domain
+            )));
         }
         Ok(c)
     }
+}
+
+/// The WPT of an `Authorization: WPT <jwt>` header value (draft-ietf-wimse-wpt-02).
+pub fn wpt_from_authorization(value: &str) -> Option<&str> {
+    let (scheme, jwt) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("WPT").then(|| jwt.trim())
 }
 
 /// A hash claim and the token it covers: both or neither, and equal.

@@ -26,6 +26,9 @@ pub struct Policy {
     /// Only sender-constrained tokens (`bind`): a bearer token request is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_binding: bool,
+    /// Keyless TLS: may the agent's key sign as a TLS server (`/v1/tls/sign` role `server`)?
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_server: bool,
     /// Lifetime of a WIMSE WIT (default and at most 1 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wit_ttl: Option<Dur>,

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod problem;
 pub mod proof;
 pub mod settings;
+pub mod tls;
 pub mod x509;
 
 use std::collections::HashMap;
@@ -64,7 +65,6 @@ pub struct Credentials {
     hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
     /// `ath` of the DPoP-bound tokens issued and not yet expired (for the bare-`ath` rule).
     bound: Mutex<proof::BoundTokens>,
-    /// Session proof keys of agents with `proof_key = "session"` (memory only).
     /// `<state>/audit`: where the checkpoint file goes.
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.

@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::caller::Peer;
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::proof::ProofRequest;
+use crate::credentials::tls::TlsSignRequest;
 use crate::credentials::{Credentials, TokenRequest};
 use crate::doors::limits::PerUid;
 use crate::doors::problem::problem_response;
@@ -144,6 +145,18 @@ async fn route(
             let proof = svc.issue_proof(&caller, body).await?;
             Ok(json_response(StatusCode::OK, &proof))
         }
+        (Method::POST, "/v1/tls/sign") => {
+            let max = crate::doors::with(&settings, |s| s.max_body_bytes);
+            let caller = svc.identify(peer).await?;
+            let body: TlsSignRequest = match read_json(req, max).await {
+                Ok(b) => b,
+                Err(p) => return Err(svc.deny(&caller, None, p, json!(null)).await),
+            };
+            Ok(json_response(
+                StatusCode::OK,
+                &svc.sign_tls(&caller, body).await?,
+            ))
+        }
         (Method::GET, "/v1/certificate") => {
             let caller = svc.identify(peer).await?;
             let chain = svc
@@ -190,7 +203,7 @@ async fn route(
         (
             _,
             "/v1/health" | "/v1/jwks" | "/v1/whoami" | "/v1/token" | "/v1/proof" | "/v1/wit"
-            | "/v1/certificate" | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
+            | "/v1/tls/sign" | "/v1/certificate" | "/v1/bundle" | "/v1/crl" | "/v1/attestation",
         ) => Err(Problem::new(
             Kind::MethodNotAllowed,
             format!("{} is not allowed on {path}", req.method()),

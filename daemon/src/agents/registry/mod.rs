@@ -346,6 +346,7 @@ mod tests {
             max_cert_ttl: None,
             rate: None,
             require_binding: false,
+            tls_server: false,
             wit_ttl: None,
             proof_key: None,
             session_key_ttl: None,

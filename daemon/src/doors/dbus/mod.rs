@@ -114,6 +114,7 @@ impl From<Problem> for TesseraError {
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
             Kind::MalformedRequest | Kind::BodyTooLarge => TesseraError::InvalidArgs(msg),
             Kind::NotFound
+            | Kind::TlsRoleNotAllowed
             | Kind::MethodNotAllowed
             | Kind::RequestTimeout
             | Kind::Internal
