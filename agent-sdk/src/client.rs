@@ -255,6 +255,22 @@ impl CertificateOptions {
         self.agent = Some(name.into());
         self
     }
+
+    /// `GET` path of this certificate request.
+    pub(crate) fn path(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(t) = &self.ttl {
+            q.push(format!("ttl={}", query_value(t)));
+        }
+        if let Some(a) = &self.agent {
+            q.push(format!("agent={}", query_value(a)));
+        }
+        if q.is_empty() {
+            "/v1/certificate".to_string()
+        } else {
+            format!("/v1/certificate?{}", q.join("&"))
+        }
+    }
 }
 
 impl TokenOptions {
@@ -392,19 +408,7 @@ impl Client {
     /// A short-lived X.509 certificate for this agent's hardware key: PEM, the agent
     /// certificate first, then the host CA.
     pub async fn certificate(&self, opts: &CertificateOptions) -> Result<String, Error> {
-        let mut q = Vec::new();
-        if let Some(t) = &opts.ttl {
-            q.push(format!("ttl={}", query_value(t)));
-        }
-        if let Some(a) = &opts.agent {
-            q.push(format!("agent={}", query_value(a)));
-        }
-        let path = if q.is_empty() {
-            "/v1/certificate".to_string()
-        } else {
-            format!("/v1/certificate?{}", q.join("&"))
-        };
-        self.text(&path).await
+        self.text(&opts.path()).await
     }
 
     /// The host CA a relying party trusts (PEM).

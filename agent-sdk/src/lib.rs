@@ -21,6 +21,8 @@ mod client;
 mod error;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
+#[cfg(feature = "rustls")]
+pub mod tls;
 pub mod verify;
 
 pub use client::{

@@ -1,0 +1,456 @@
+//! Keyless mutual TLS: agents present certificates for their hardware keys in TLS 1.3, the
+//! CertificateVerify signed by the daemon (`POST /v1/tls/sign`), which signs nothing else.
+//! Checked against `openssl s_server` (not our code) and between two agents with the SDK's
+//! rustls configs; a revoked agent's next handshake fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+use tessera::tls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+use tessera::tls::{client_config, peer_spiffe_id, server_config, TlsOptions};
+use tessera::Method;
+use tessera_e2e::daemon::Options;
+use tessera_e2e::{agentcall, exe_dir, helper_copy, rt, Backend, Daemon};
+
+fn agents(other: &Path) -> Vec<(String, String)> {
+    let policy = "[policy]\naudiences = [\"https://api.example.com\"]\nrate = 100000\n";
+    vec![
+        ("alpha".into(), format!("[selectors]\nuid = 0\n{policy}")),
+        (
+            "beta".into(),
+            format!("[selectors]\nuid = 0\n{policy}tls_server = true\n"),
+        ),
+        (
+            "gamma".into(),
+            format!(
+                "[selectors]\nuid = 65534\nexe = \"{}\"\n{policy}",
+                other.display()
+            ),
+        ),
+    ]
+}
+
+fn content(role: &str, hash_len: usize) -> Vec<u8> {
+    let mut c = vec![0x20u8; 64];
+    c.extend_from_slice(format!("TLS 1.3, {role} CertificateVerify").as_bytes());
+    c.push(0);
+    c.extend(std::iter::repeat_n(0xabu8, hash_len));
+    c
+}
+
+fn sign(d: &Daemon, body: &Value) -> (u16, Value) {
+    let (status, _, bytes) = rt()
+        .block_on(d.client().request(
+            Method::POST,
+            "/v1/tls/sign",
+            Some(body.to_string().into_bytes()),
+        ))
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn tls_signed(d: &Daemon) -> Vec<Value> {
+    d.audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "tls.signed")
+        .collect()
+}
+
+/// The daemon signs a TLS 1.3 CertificateVerify content for the caller's agent and nothing
+/// else; the signature verifies over exactly that content with the agent's key.
+fn signs_only_tls13_certificate_verify(backend: Backend) {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "t");
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: agents(&other),
+            ..Default::default()
+        },
+    );
+    let good = content("client", 32);
+    let (status, out) = sign(
+        &d,
+        &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client", "agent": "alpha",
+                "content": STANDARD.encode(&good)}),
+    );
+    assert_eq!(status, 200, "{out}");
+    // Verified with the agent key from the JWKS by p256 over SHA-256 of the content.
+    let sig = STANDARD.decode(out["signature"].as_str().unwrap()).unwrap();
+    let sig = p256::ecdsa::Signature::from_der(&sig).unwrap();
+    let jwks = rt().block_on(d.client().jwks()).unwrap();
+    let verifies = jwks["keys"].as_array().unwrap().iter().any(|k| {
+        use p256::ecdsa::signature::Verifier;
+        tessera::attestation::key_from_jwk(k)
+            .map(|vk| vk.verify(&good, &sig).is_ok())
+            .unwrap_or(false)
+    });
+    assert!(
+        verifies,
+        "the signature is over the content, by an agent key"
+    );
+    // 48-byte transcript hashes (SHA-384 suites) too.
+    let (status, _) = sign(
+        &d,
+        &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client", "agent": "alpha",
+                "content": STANDARD.encode(content("client", 48))}),
+    );
+    assert_eq!(status, 200);
+
+    // Not a TLS 1.3 CertificateVerify content: a JWT signing input, a certificate's DER,
+    // TLS 1.2 ServerKeyExchange-style data, the other role's context, a wrong length.
+    let jwt_input = format!(
+        "{}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT"}"#),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"x"}"#)
+    );
+    let pem = rt()
+        .block_on(
+            d.client()
+                .certificate(&tessera::CertificateOptions::default().agent("alpha")),
+        )
+        .unwrap();
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let mut tls12 = vec![0u8; 64];
+    tls12.extend_from_slice(&[3, 0, 23, 65]);
+    tls12.extend(std::iter::repeat_n(4u8, 65));
+    let mut not_spaces = content("client", 32);
+    not_spaces[0] = b'x';
+    for (what, role, bytes) in [
+        ("JWT signing input", "client", jwt_input.into_bytes()),
+        ("certificate DER", "client", der),
+        ("TLS 1.2 signed params", "client", tls12),
+        ("server context as client", "client", content("server", 32)),
+        ("short hash", "client", content("client", 31)),
+        ("long hash", "client", content("client", 64)),
+        ("not 64 spaces", "client", not_spaces),
+    ] {
+        let (status, out) = sign(
+            &d,
+            &json!({"scheme": "ecdsa_secp256r1_sha256", "role": role, "agent": "alpha",
+                    "content": STANDARD.encode(&bytes)}),
+        );
+        assert_eq!(status, 400, "{what}: {out}");
+        assert_eq!(
+            out["type"], "urn:tessera:problem:malformed-request",
+            "{what}"
+        );
+    }
+    // Another scheme, TLS 1.2-only schemes included.
+    for scheme in [
+        "rsa_pss_rsae_sha256",
+        "ecdsa_sha1",
+        "ecdsa_secp384r1_sha384",
+    ] {
+        let (status, _) = sign(
+            &d,
+            &json!({"scheme": scheme, "role": "client", "agent": "alpha",
+                    "content": STANDARD.encode(content("client", 32))}),
+        );
+        assert_eq!(status, 400, "{scheme}");
+    }
+    // The server role needs policy tls_server.
+    let (status, out) = sign(
+        &d,
+        &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "server", "agent": "alpha",
+                "content": STANDARD.encode(content("server", 32))}),
+    );
+    assert_eq!(status, 403, "{out}");
+    assert_eq!(out["type"], "urn:tessera:problem:tls-role-not-allowed");
+    let (status, _) = sign(
+        &d,
+        &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "server", "agent": "beta",
+                "content": STANDARD.encode(content("server", 32))}),
+    );
+    assert_eq!(status, 200);
+    // The caller is the one signing: gamma's process cannot have alpha sign.
+    let body = json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client", "agent": "alpha",
+                      "content": STANDARD.encode(content("client", 32))})
+    .to_string();
+    let r = agentcall(&other, 65534, &d.socket, &["post", "/v1/tls/sign", &body]);
+    assert_eq!(r["status"], 403, "{r}");
+    // Audited: exactly the three signatures handed out.
+    let signed = tls_signed(&d);
+    assert_eq!(signed.len(), 3, "{signed:?}");
+    assert_eq!(signed[2]["details"]["role"], "server");
+    assert!(signed.iter().all(|r| r["caller"]["uid"] == 0));
+}
+tessera_e2e::both_backends!(signs_only_tls13_certificate_verify);
+
+/// `openssl s_server` requiring a client certificate from the host CA accepts the agent (the
+/// page it serves names the client certificate, whose URI SAN is the agent's SPIFFE ID); an
+/// `openssl s_client` with a key and certificate of its own is refused.
+fn openssl_server_accepts_the_agent(backend: Backend) {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "o");
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: agents(&other),
+            ..Default::default()
+        },
+    );
+    let scratch = d.scratch_dir();
+    let bundle = scratch.join("bundle.pem");
+    std::fs::write(&bundle, rt().block_on(d.client().bundle()).unwrap()).unwrap();
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(&scratch)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {o:?}");
+    };
+    for name in ["srv", "self"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-days",
+            "1",
+        ]);
+    }
+    let (server, port) = s_server(&scratch, &bundle);
+    let _kill = KillOnDrop(server);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(scratch.join("srv.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rt()
+        .block_on(client_config(
+            &d.client(),
+            &TlsOptions {
+                agent: Some("alpha".into()),
+                roots: Some(roots),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let page = https_get(Arc::new(config), port, "localhost").expect("handshake and page");
+    assert!(page.contains("Client certificate"), "{page}");
+    let pem_start = page.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let cert = CertificateDer::from_pem_slice(&page.as_bytes()[pem_start..]).unwrap();
+    let id = peer_spiffe_id(&[cert]).unwrap();
+    assert!(id.ends_with("/agent/alpha"), "{id}");
+    assert!(page.contains("TLSv1.3"), "{page}");
+    assert_eq!(tls_signed(&d).len(), 1);
+
+    // A client with its own key and certificate (not from the host CA) is refused.
+    let mut c = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_3",
+            "-ign_eof",
+        ])
+        .args([
+            "-cert", "self.pem", "-key", "self.key", "-CAfile", "srv.pem",
+        ])
+        .current_dir(&scratch)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let o = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !text.contains("Client certificate") && !text.contains("HTTP/1.0 200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alert") || text.contains("error"),
+        "no refusal in: {text}"
+    );
+}
+tessera_e2e::both_backends!(openssl_server_accepts_the_agent);
+
+/// Two agents on one host: beta serves TLS with its hardware-backed certificate and requires
+/// a client certificate (host CA + CRL); alpha connects knowing beta by SPIFFE ID. After alpha
+/// is revoked its next handshake fails.
+fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "m");
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: agents(&other),
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let rt = rt();
+    let beta_cfg = rt
+        .block_on(server_config(
+            &c,
+            &TlsOptions {
+                agent: Some("beta".into()),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let beta_pem = rt
+        .block_on(c.certificate(&tessera::CertificateOptions::default().agent("beta")))
+        .unwrap();
+    let beta_id =
+        peer_spiffe_id(&[CertificateDer::from_pem_slice(beta_pem.as_bytes()).unwrap()]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let beta_cfg = Arc::new(beta_cfg);
+    let server = std::thread::spawn(move || {
+        let mut seen = vec![];
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(beta_cfg.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut line = String::new();
+            let r = BufReader::new(&mut tls).read_line(&mut line);
+            let peer = tls
+                .conn
+                .peer_certificates()
+                .and_then(peer_spiffe_id)
+                .unwrap_or_default();
+            if r.is_ok() && !peer.is_empty() {
+                let _ = tls.write_all(format!("hello {peer}\n").as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+            seen.push(format!("{r:?} {peer}"));
+        }
+        seen
+    });
+    let alpha_cfg = Arc::new(
+        rt.block_on(client_config(
+            &c,
+            &TlsOptions {
+                agent: Some("alpha".into()),
+                server_spiffe_id: Some(beta_id.clone()),
+                ..Default::default()
+            },
+        ))
+        .unwrap(),
+    );
+    let answer = talk(alpha_cfg.clone(), port).expect("alpha talks to beta");
+    assert!(answer.starts_with("hello spiffe://"), "{answer}");
+    assert!(answer.trim().ends_with("/agent/alpha"), "{answer}");
+    let roles: Vec<Value> = tls_signed(&d)
+        .iter()
+        .map(|r| json!([r["agent"]["name"], r["details"]["role"]]))
+        .collect();
+    assert!(roles.contains(&json!(["alpha", "client"])), "{roles:?}");
+    assert!(roles.contains(&json!(["beta", "server"])), "{roles:?}");
+
+    // Revoke alpha: its next handshake fails (the daemon no longer signs for it).
+    std::fs::remove_file(d.agents_dir().join("alpha.toml")).unwrap();
+    d.reload();
+    assert!(
+        talk(alpha_cfg, port).is_err(),
+        "a revoked agent completed a handshake"
+    );
+    let seen = server.join().unwrap();
+    assert!(seen[1].contains("Err"), "{seen:?}");
+}
+tessera_e2e::both_backends!(two_agents_speak_mtls_and_revocation_ends_it);
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `openssl s_server` on a free loopback port, requiring a client certificate from `ca`.
+fn s_server(dir: &Path, ca: &Path) -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .args(["-cert", "srv.pem", "-key", "srv.key", "-tls1_3", "-www"])
+        .args(["-Verify", "1", "-verify_return_error", "-CAfile"])
+        .arg(ca)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    for l in lines.by_ref() {
+        if l.unwrap().contains("ACCEPT") {
+            break;
+        }
+    }
+    // Keep draining so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+fn https_get(config: Arc<rustls::ClientConfig>, port: u16, name: &str) -> Result<String, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(config, name.to_string().try_into().unwrap())
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let r = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    match r {
+        Ok(_) => Ok(text),
+        // openssl may close without close_notify after the page.
+        Err(_) if text.contains("HTTP/1.0 200") => Ok(text),
+        Err(e) => Err(format!("{e}: {text}")),
+    }
+}
+
+fn talk(config: Arc<rustls::ClientConfig>, port: u16) -> Result<String, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(config, "beta.agent".try_into().unwrap())
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"hi\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if out.is_empty() {
+        return Err("no answer".into());
+    }
+    Ok(out)
+}
