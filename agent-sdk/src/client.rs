@@ -53,9 +53,12 @@ pub struct TokenOptions {
     pub ttl: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
-    /// `"dpop"`: a token bound to the agent's proof key (`cnf.jkt`, `token_type` `DPoP`).
+    /// `"dpop"`: a token bound to the agent's proof key (`cnf.jkt`, `token_type` `DPoP`);
+    /// `"mtls"`: bound to the certificate named by `x5t_s256` (RFC 8705).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<String>,
+    #[serde(rename = "x5t#S256", skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
 }
 
 /// A DPoP proof (RFC 9449) for one HTTP request, made and signed by the daemon with the
@@ -281,11 +284,19 @@ impl TokenOptions {
             ttl: None,
             agent: None,
             bind: None,
+            x5t_s256: None,
         }
     }
     /// Ask for a DPoP-bound token (RFC 9449): use it with [`Client::dpop_proof`].
     pub fn bind_dpop(mut self) -> Self {
         self.bind = Some("dpop".into());
+        self
+    }
+    /// A token usable only over mTLS with the certificate whose DER SHA-256 is `x5t_s256`
+    /// (see [`crate::verify::x5t_s256`]): a certificate the daemon issued to this agent.
+    pub fn bind_mtls(mut self, x5t_s256: impl Into<String>) -> Self {
+        self.bind = Some("mtls".into());
+        self.x5t_s256 = Some(x5t_s256.into());
         self
     }
     pub fn scope(mut self, s: impl Into<String>) -> Self {

@@ -76,11 +76,21 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// A client config presenting the agent's certificate.
 pub async fn client_config(agent: &Client, opts: &TlsOptions) -> Result<ClientConfig, TlsError> {
+    Ok(client_config_and_resolver(agent, opts).await?.0)
+}
+
+/// [`client_config`] and the resolver it presents certificates from (for
+/// [`AgentCertResolver::x5t_s256`], to ask for certificate-bound tokens).
+pub async fn client_config_and_resolver(
+    agent: &Client,
+    opts: &TlsOptions,
+) -> Result<(ClientConfig, Arc<AgentCertResolver>), TlsError> {
     let roots = match &opts.roots {
         Some(r) => r.clone(),
         None => roots_from_pem(&agent.bundle().await?)?,
     };
     let resolver = AgentCertResolver::fetch(agent, opts).await?;
+    let presented = resolver.clone();
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut config = match &opts.server_spiffe_id {
@@ -98,7 +108,7 @@ pub async fn client_config(agent: &Client, opts: &TlsOptions) -> Result<ClientCo
     // No resumption: a resumed session skips CertificateVerify, so a revoked agent could go on
     // connecting on an old ticket. Every handshake is signed by the daemon, or fails.
     config.resumption = rustls::client::Resumption::disabled();
-    Ok(config)
+    Ok((config, presented))
 }
 
 /// An agent as TLS server: the chain must lead to `roots` (serverAuth), and the certificate's
@@ -406,6 +416,15 @@ impl AgentCertResolver {
             renew_at: nb + life / 2,
             not_after: na,
         })
+    }
+
+    /// `x5t#S256` of the certificate presented now (renewal changes it: a token bound to the
+    /// old one stops working with the new one, so ask again after a renewal).
+    pub fn x5t_s256(&self) -> Option<String> {
+        let key = self.current()?;
+        key.cert
+            .first()
+            .map(|c| crate::verify::x5t_s256(c.as_ref()))
     }
 
     fn current(&self) -> Option<Arc<CertifiedKey>> {

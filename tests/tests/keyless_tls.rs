@@ -13,7 +13,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
 use tessera::tls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
-use tessera::tls::{client_config, peer_spiffe_id, server_config, TlsOptions};
+use tessera::tls::{
+    client_config, client_config_and_resolver, peer_spiffe_id, server_config, TlsOptions,
+};
 use tessera::Method;
 use tessera_e2e::daemon::Options;
 use tessera_e2e::{agentcall, exe_dir, helper_copy, rt, Backend, Daemon};
@@ -299,8 +301,9 @@ fn openssl_server_accepts_the_agent(backend: Backend) {
 tessera_e2e::both_backends!(openssl_server_accepts_the_agent);
 
 /// Two agents on one host: beta serves TLS with its hardware-backed certificate and requires
-/// a client certificate (host CA + CRL); alpha connects knowing beta by SPIFFE ID. After alpha
-/// is revoked its next handshake fails.
+/// a client certificate (host CA + CRL); alpha connects knowing beta by SPIFFE ID and sends a
+/// token bound to the certificate it presents (RFC 8705), which beta checks against the
+/// connection's certificate. After alpha is revoked its next handshake fails.
 fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
     let dir = exe_dir();
     let other = helper_copy(dir.path(), "other-agent", "m");
@@ -330,9 +333,10 @@ fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let beta_cfg = Arc::new(beta_cfg);
+    let jwks = rt.block_on(c.jwks()).unwrap();
     let server = std::thread::spawn(move || {
         let mut seen = vec![];
-        for _ in 0..2 {
+        for _ in 0..3 {
             let (tcp, _) = listener.accept().unwrap();
             let conn = rustls::ServerConnection::new(beta_cfg.clone()).unwrap();
             let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -344,7 +348,16 @@ fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
                 .and_then(peer_spiffe_id)
                 .unwrap_or_default();
             if r.is_ok() && !peer.is_empty() {
-                let _ = tls.write_all(format!("hello {peer}\n").as_bytes());
+                // The token must be bound to the certificate this connection was made with.
+                let cert = tls.conn.peer_certificates().unwrap()[0].to_vec();
+                let check = tessera::verify::verify_mtls(
+                    line.trim(),
+                    &jwks,
+                    &tessera::verify::Options::new("https://api.example.com"),
+                    &cert,
+                )
+                .map(|c| c.sub);
+                let _ = tls.write_all(format!("hello {peer} {check:?}\n").as_bytes());
                 tls.conn.send_close_notify();
                 let _ = tls.flush();
             }
@@ -352,20 +365,89 @@ fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
         }
         seen
     });
-    let alpha_cfg = Arc::new(
-        rt.block_on(client_config(
+    let (alpha_cfg, presented) = rt
+        .block_on(client_config_and_resolver(
             &c,
             &TlsOptions {
                 agent: Some("alpha".into()),
                 server_spiffe_id: Some(beta_id.clone()),
+                cert_ttl: Some(std::time::Duration::from_secs(120)),
                 ..Default::default()
             },
         ))
-        .unwrap(),
+        .unwrap();
+    let alpha_cfg = Arc::new(alpha_cfg);
+    let x5t = presented.x5t_s256().unwrap();
+    let bound = rt
+        .block_on(
+            c.token(
+                &tessera::TokenOptions::new("https://api.example.com")
+                    .agent("alpha")
+                    .ttl(std::time::Duration::from_secs(600))
+                    .bind_mtls(&x5t),
+            ),
+        )
+        .unwrap();
+    let claims = tessera_e2e::jwt_claims(&bound.token);
+    assert_eq!(claims["cnf"]["x5t#S256"], x5t.as_str());
+    assert!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 120,
+        "the token outlives its certificate: {claims}"
     );
-    let answer = talk(alpha_cfg.clone(), port).expect("alpha talks to beta");
+    assert!(matches!(
+        tessera::verify::verify(
+            &bound.token,
+            &jwks_of(&d),
+            &tessera::verify::Options::new("https://api.example.com")
+        ),
+        Err(tessera::verify::VerifyError::Bound)
+    ));
+    let answer = talk(alpha_cfg.clone(), port, &bound.token).expect("alpha talks to beta");
     assert!(answer.starts_with("hello spiffe://"), "{answer}");
-    assert!(answer.trim().ends_with("/agent/alpha"), "{answer}");
+    assert!(answer.contains("/agent/alpha Ok("), "{answer}");
+    // A token bound to another certificate (a second one of alpha's) is refused by beta.
+    let other_pem = rt
+        .block_on(c.certificate(&tessera::CertificateOptions::default().agent("alpha")))
+        .unwrap();
+    let other_x5t = tessera::verify::x5t_s256(
+        CertificateDer::from_pem_slice(other_pem.as_bytes())
+            .unwrap()
+            .as_ref(),
+    );
+    let other_bound = rt
+        .block_on(
+            c.token(
+                &tessera::TokenOptions::new("https://api.example.com")
+                    .agent("alpha")
+                    .bind_mtls(&other_x5t),
+            ),
+        )
+        .unwrap();
+    let answer = talk(alpha_cfg.clone(), port, &other_bound.token).unwrap();
+    assert!(answer.contains("Err(Rejected"), "{answer}");
+    // The daemon binds only certificates it issued to this agent.
+    let beta_x5t = tessera::verify::x5t_s256(
+        CertificateDer::from_pem_slice(beta_pem.as_bytes())
+            .unwrap()
+            .as_ref(),
+    );
+    for (opts, want) in [
+        (
+            tessera::TokenOptions::new("https://api.example.com")
+                .agent("alpha")
+                .bind_mtls(&beta_x5t),
+            tessera::ProblemType::TokenNotAccepted,
+        ),
+        (
+            tessera::TokenOptions::new("https://api.example.com")
+                .agent("alpha")
+                .bind_mtls("not-a-thumbprint"),
+            tessera::ProblemType::MalformedRequest,
+        ),
+    ] {
+        let e = rt.block_on(c.token(&opts)).expect_err("refused");
+        assert_eq!(e.problem(), Some(want), "{e}");
+    }
     let roles: Vec<Value> = tls_signed(&d)
         .iter()
         .map(|r| json!([r["agent"]["name"], r["details"]["role"]]))
@@ -377,11 +459,11 @@ fn two_agents_speak_mtls_and_revocation_ends_it(backend: Backend) {
     std::fs::remove_file(d.agents_dir().join("alpha.toml")).unwrap();
     d.reload();
     assert!(
-        talk(alpha_cfg, port).is_err(),
+        talk(alpha_cfg, port, &bound.token).is_err(),
         "a revoked agent completed a handshake"
     );
     let seen = server.join().unwrap();
-    assert!(seen[1].contains("Err"), "{seen:?}");
+    assert!(seen[2].contains("Err"), "{seen:?}");
 }
 tessera_e2e::both_backends!(two_agents_speak_mtls_and_revocation_ends_it);
 
@@ -441,12 +523,17 @@ fn https_get(config: Arc<rustls::ClientConfig>, port: u16, name: &str) -> Result
     }
 }
 
-fn talk(config: Arc<rustls::ClientConfig>, port: u16) -> Result<String, String> {
+fn jwks_of(d: &Daemon) -> Value {
+    rt().block_on(d.client().jwks()).unwrap()
+}
+
+fn talk(config: Arc<rustls::ClientConfig>, port: u16, token: &str) -> Result<String, String> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     let conn = rustls::ClientConnection::new(config, "beta.agent".try_into().unwrap())
         .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(b"hi\n").map_err(|e| e.to_string())?;
+    tls.write_all(format!("{token}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
     tls.read_to_string(&mut out).map_err(|e| e.to_string())?;
     if out.is_empty() {

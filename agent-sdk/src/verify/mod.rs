@@ -191,6 +191,33 @@ pub fn verify(
     Ok(claims)
 }
 
+/// base64url SHA-256 of a DER certificate: its `x5t#S256` (RFC 8705 §3.1).
+pub fn x5t_s256(der: &[u8]) -> String {
+    B64.encode(Sha256::digest(der))
+}
+
+/// Verify a certificate-bound token (RFC 8705 §3) presented on a mutual-TLS connection whose
+/// client certificate is `client_cert_der`: the token as [`verify_signed`] checks it, and its
+/// `cnf["x5t#S256"]` must be that certificate's hash.
+pub fn verify_mtls(
+    token: &str,
+    jwks: &serde_json::Value,
+    opts: &Options,
+    client_cert_der: &[u8],
+) -> Result<Claims, VerifyError> {
+    let claims = verify_signed(token, jwks, opts)?;
+    let bound = claims.cnf.as_ref().and_then(|c| c.x5t_s256.as_deref());
+    match bound {
+        Some(t) if t == x5t_s256(client_cert_der) => Ok(claims),
+        Some(_) => Err(VerifyError::Rejected(
+            "the token is bound to another certificate than the connection's".into(),
+        )),
+        None => Err(VerifyError::Rejected(
+            "the token is not bound to a certificate (no cnf x5t#S256)".into(),
+        )),
+    }
+}
+
 /// Check an agent token's signature and claims without deciding how it may be presented
 /// (bearer or bound): for tools that inspect tokens. Relying parties use [`verify`] or
 /// [`dpop::DpopVerifier`].

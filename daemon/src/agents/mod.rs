@@ -244,8 +244,17 @@ impl Agents {
         agent: &Agent,
         serial_hex: &str,
         not_after: i64,
+        x5t_s256: &str,
     ) -> Result<(), RegistryError> {
-        self.with_registry(|r| r.record_certificate(agent, serial_hex, not_after))
+        self.with_registry(|r| r.record_certificate(agent, serial_hex, not_after, x5t_s256))
+    }
+
+    /// `(agent row, notAfter)` of the certificate issued with DER SHA-256 `x5t_s256`.
+    pub fn certificate_by_thumbprint(
+        &self,
+        x5t_s256: &str,
+    ) -> Result<Option<(i64, i64)>, RegistryError> {
+        self.with_registry(|r| r.certificate_by_thumbprint(x5t_s256))
     }
 
     /// (serial, revoked_at) of every unexpired certificate of a revoked agent, and the next

@@ -11,8 +11,8 @@ use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::hostca::HostCaError;
 use crate::credentials::problem::{Kind, Problem};
-use crate::credentials::x509;
 use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
+use crate::credentials::{jwt, x509};
 use crate::duration::{format_duration, parse_duration};
 use tessera::attestation::key_from_jwk;
 
@@ -128,8 +128,14 @@ impl Credentials {
             .certificate(&ca.key_id, tbs)
             .await
             .map_err(|e| hostca_problem(e.into()))?;
+        let der = x509_cert::der::Encode::to_der(&cert)
+            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        let x5t = jwt::b64_sha256_bytes(&der);
         // Recorded only while the agent is live, so a racing revocation's CRL includes it.
-        match self.agents.record_certificate(&agent, &serial, not_after) {
+        match self
+            .agents
+            .record_certificate(&agent, &serial, not_after, &x5t)
+        {
             Ok(()) => {}
             Err(RegistryError::NotLive(name)) => {
                 return Err(Problem::new(
@@ -144,6 +150,7 @@ impl Credentials {
             .caller(caller.record())
             .details(json!({
                 "serial": serial,
+                "x5t#S256": x5t,
                 "not_before": now,
                 "not_after": not_after,
                 "kid": agent.kid,

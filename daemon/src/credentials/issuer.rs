@@ -46,10 +46,10 @@ impl Issuer {
         audience: &str,
         scopes: &[String],
         ttl_secs: u64,
-        cnf_jkt: Option<String>,
+        cnf: Option<serde_json::Value>,
     ) -> Result<IssuedToken, KeyStoreError> {
         let mut claims = Claims::new(issuer, agent, audience, scopes, ttl_secs);
-        claims.cnf_jkt = cnf_jkt;
+        claims.cnf = cnf;
         let signing_input = jwt::signing_input(agent.kid.as_deref().unwrap_or_default(), &claims);
         let sig = self
             .keystore

@@ -20,8 +20,9 @@ pub struct Claims {
     pub jti: String,
     /// Space separated; absent when no scope was asked for.
     pub scope: Option<String>,
-    /// `cnf.jkt` of a DPoP-bound token (RFC 9449 §6): the proof key's RFC 7638 thumbprint.
-    pub cnf_jkt: Option<String>,
+    /// `cnf` of a bound token: `{"jkt": …}` (DPoP, RFC 9449 §6) or `{"x5t#S256": …}` (a
+    /// certificate, RFC 8705 §3.1).
+    pub cnf: Option<Value>,
 }
 
 impl Claims {
@@ -36,7 +37,7 @@ impl Claims {
             exp: iat + ttl_secs as i64,
             jti: new_jti(),
             scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
-            cnf_jkt: None,
+            cnf: None,
         }
     }
 }
@@ -55,8 +56,8 @@ pub fn signing_input(kid: &str, c: &Claims) -> String {
     if let Some(scope) = &c.scope {
         claims["scope"] = json!(scope);
     }
-    if let Some(jkt) = &c.cnf_jkt {
-        claims["cnf"] = json!({ "jkt": jkt });
+    if let Some(cnf) = &c.cnf {
+        claims["cnf"] = cnf.clone();
     }
     encode(&header, &claims)
 }
@@ -76,7 +77,12 @@ pub fn new_jti() -> String {
 
 /// `base64url(SHA-256(s))`: DPoP's `ath` of an access token.
 pub fn b64_sha256(s: &str) -> String {
-    B64.encode(Sha256::digest(s.as_bytes()))
+    b64_sha256_bytes(s.as_bytes())
+}
+
+/// base64url(SHA-256(bytes)): `x5t#S256` of a DER certificate.
+pub fn b64_sha256_bytes(b: &[u8]) -> String {
+    B64.encode(Sha256::digest(b))
 }
 
 /// The claims of one DPoP proof (RFC 9449 §4.2).

@@ -125,9 +125,14 @@ pub struct TokenRequest {
     /// Which agent, when the caller matches several.
     #[serde(default)]
     pub agent: Option<String>,
-    /// `"dpop"`: a sender-constrained token (`cnf.jkt` of the agent's proof key).
+    /// `"dpop"`: a sender-constrained token (`cnf.jkt` of the agent's proof key); `"mtls"`:
+    /// bound to the certificate named by `x5t#S256` (RFC 8705).
     #[serde(default)]
     pub bind: Option<String>,
+    /// With `"bind": "mtls"`: base64url SHA-256 of an unexpired certificate the daemon issued
+    /// to this agent.
+    #[serde(default, rename = "x5t#S256")]
+    pub x5t_s256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -639,22 +644,41 @@ impl Credentials {
             Err(p) => return Err(self.deny(caller, None, p, req_summary).await),
         };
         match self.check_policy(&agent, &req).and_then(|ttl| {
-            let key = if proof::binding(&agent, req.bind.as_deref())? {
-                Some(self.proof_key_for_new(&agent)?)
-            } else {
-                None
+            let bind = proof::binding(&agent, req.bind.as_deref())?;
+            if bind != proof::Bind::Mtls && req.x5t_s256.is_some() {
+                return Err(Problem::new(
+                    Kind::MalformedRequest,
+                    "x5t#S256 goes with \"bind\": \"mtls\"",
+                ));
+            }
+            let key = match bind {
+                proof::Bind::Dpop => Some(self.proof_key_for_new(&agent)?),
+                _ => None,
             };
-            Ok((ttl, key))
+            let cert = match bind {
+                proof::Bind::Mtls => Some(self.bound_certificate(&agent, req.x5t_s256.as_deref())?),
+                _ => None,
+            };
+            Ok((ttl, key, cert))
         }) {
-            Ok((ttl, key)) => {
-                // A bound token never outlives the proof key it names (session keys rotate).
-                let ttl = match key.as_ref().and_then(|k| k.expires()) {
-                    Some(end) => ttl.min(Duration::from_secs(
-                        (end - crate::agents::now_unix()).max(1) as u64,
-                    )),
+            Ok((ttl, key, cert)) => {
+                // A bound token never outlives the proof key (session keys rotate) or the
+                // certificate it names.
+                let now = crate::agents::now_unix();
+                let end = key
+                    .as_ref()
+                    .and_then(|k| k.expires())
+                    .or(cert.as_ref().map(|(_, not_after)| *not_after));
+                let ttl = match end {
+                    Some(end) => ttl.min(Duration::from_secs((end - now).max(1) as u64)),
                     None => ttl,
                 };
                 let jkt = key.as_ref().map(|k| k.kid().to_string());
+                let cnf = match (&jkt, &cert) {
+                    (Some(jkt), _) => Some(json!({ "jkt": jkt })),
+                    (None, Some((x5t, _))) => Some(json!({ "x5t#S256": x5t })),
+                    (None, None) => None,
+                };
                 let host_id = self.settings().ids.host_id();
                 let issued = match self
                     .issuer
@@ -664,7 +688,7 @@ impl Credentials {
                         &req.audience,
                         &req.scopes,
                         ttl.as_secs(),
-                        jkt.clone(),
+                        cnf,
                     )
                     .await
                 {
@@ -688,6 +712,10 @@ impl Credentials {
                         "hardware"
                     });
                 }
+                if let Some((x5t, _)) = &cert {
+                    details["bind"] = json!("mtls");
+                    details["cnf_x5t#S256"] = json!(x5t);
+                }
                 let ev = Event::new("token.issued")
                     .agent(&agent.name, &agent.id)
                     .caller(caller.record())
@@ -705,6 +733,39 @@ impl Credentials {
                 })
             }
             Err(p) => Err(self.deny(caller, Some(&agent), p, req_summary).await),
+        }
+    }
+
+    /// `bind: "mtls"`: the certificate named must be one this daemon issued to `agent` and
+    /// not expired (a revoked agent gets no token at all). Returns its thumbprint and notAfter.
+    fn bound_certificate(
+        &self,
+        agent: &Agent,
+        x5t: Option<&str>,
+    ) -> Result<(String, i64), Problem> {
+        let x5t = x5t
+            .filter(|t| t.len() == 43 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+            .ok_or_else(|| {
+                Problem::new(
+                    Kind::MalformedRequest,
+                    "\"bind\": \"mtls\" needs \"x5t#S256\": the base64url SHA-256 of the certificate",
+                )
+            })?;
+        let found = self
+            .agents
+            .certificate_by_thumbprint(x5t)
+            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        match found {
+            Some((row, not_after)) if row == agent.row && not_after > crate::agents::now_unix() => {
+                Ok((x5t.to_string(), not_after))
+            }
+            _ => Err(Problem::new(
+                Kind::TokenNotAccepted,
+                format!(
+                    "x5t#S256 names no unexpired certificate issued to agent {}",
+                    agent.name
+                ),
+            )),
         }
     }
 

@@ -145,22 +145,33 @@ impl BoundTokens {
     }
 }
 
-/// Whether a token request's `bind` asks for a DPoP-bound token, or a refusal.
-pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<bool, Problem> {
+/// What a token request's `bind` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    None,
+    /// `cnf.jkt` of the agent's proof key (RFC 9449).
+    Dpop,
+    /// `cnf["x5t#S256"]` of a certificate the daemon issued to the agent (RFC 8705).
+    Mtls,
+}
+
+/// The binding a token request's `bind` asks for, or a refusal.
+pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<Bind, Problem> {
     match bind {
         None if agent.policy.require_binding => Err(Problem::new(
             Kind::BindingRequired,
             format!(
-                "agent {} may only get sender-constrained tokens: ask with \"bind\": \"dpop\"",
+                "agent {} may only get sender-constrained tokens: ask with \"bind\": \"dpop\" or \"mtls\"",
                 agent.name
             ),
         )),
-        None => Ok(false),
-        Some("dpop") => Ok(true),
+        None => Ok(Bind::None),
+        Some("dpop") => Ok(Bind::Dpop),
+        Some("mtls") => Ok(Bind::Mtls),
         Some(other) => Err(Problem::new(
             Kind::MalformedRequest,
             format!(
-                "bind {:?} is not supported (\"dpop\" is)",
+                "bind {:?} is not supported (\"dpop\" and \"mtls\" are)",
                 crate::audit::client_text(other)
             ),
         )),

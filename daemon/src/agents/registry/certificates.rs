@@ -14,6 +14,7 @@ impl Registry {
         agent: &Agent,
         serial_hex: &str,
         not_after: i64,
+        x5t_s256: &str,
     ) -> Result<(), RegistryError> {
         let tx = self.conn.transaction()?;
         let live: Option<String> = tx
@@ -30,8 +31,27 @@ impl Registry {
             "INSERT INTO certificates (serial, agent_row, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
             params![serial_hex, agent.row, not_after, now_unix()],
         )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO certificate_thumbprints (x5t_s256, serial, agent_row, not_after) VALUES (?1, ?2, ?3, ?4)",
+            params![x5t_s256, serial_hex, agent.row, not_after],
+        )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The agent row and `notAfter` of the certificate whose DER SHA-256 is `x5t_s256`.
+    pub fn certificate_by_thumbprint(
+        &self,
+        x5t_s256: &str,
+    ) -> Result<Option<(i64, i64)>, RegistryError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT agent_row, not_after FROM certificate_thumbprints WHERE x5t_s256=?1",
+                [x5t_s256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     /// (serial, revoked_at) of every unexpired certificate whose agent is revoked.
@@ -53,6 +73,10 @@ impl Registry {
 
     /// Forget certificates that expired: they need no CRL entry any more.
     pub fn prune_certificates(&mut self, now: i64) -> Result<usize, RegistryError> {
+        self.conn.execute(
+            "DELETE FROM certificate_thumbprints WHERE not_after <= ?1",
+            [now],
+        )?;
         Ok(self
             .conn
             .execute("DELETE FROM certificates WHERE not_after <= ?1", [now])?)

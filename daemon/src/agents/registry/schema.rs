@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS certificates (
 );
 CREATE INDEX IF NOT EXISTS certificates_agent ON certificates(agent_row);
 CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates(not_after);
+CREATE TABLE IF NOT EXISTS certificate_thumbprints (
+  x5t_s256 TEXT PRIMARY KEY,
+  serial TEXT NOT NULL,
+  agent_row INTEGER NOT NULL REFERENCES agents(row),
+  not_after INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
   key TEXT PRIMARY KEY,
   value TEXT NOT NULL

@@ -75,6 +75,17 @@ pub fn read_input(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
+/// The DER of the first certificate of a PEM file (or `-`).
+pub fn first_cert_der(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = String::from_utf8(read_input(path)?)
+        .map_err(|_| "the certificate file is not PEM text".to_string())?;
+    let certs = tesserad::credentials::x509::certs_from_pem(&pem).map_err(|e| e.to_string())?;
+    let first = certs
+        .first()
+        .ok_or_else(|| format!("no certificate in {}", path.display()))?;
+    x509_cert::der::Encode::to_der(first).map_err(|e| e.to_string())
+}
+
 pub struct VerifyArgs {
     pub file: PathBuf,
     pub nonce: String,

@@ -61,9 +61,13 @@ enum Cmd {
         #[arg(long)]
         agent: Option<String>,
         /// "dpop": a token bound to the agent's proof key (RFC 9449); send it with
-        /// `tessera proof dpop` proofs.
-        #[arg(long, value_parser = ["dpop"])]
+        /// `tessera proof dpop` proofs. "mtls": bound to the certificate in --cert (RFC 8705);
+        /// send it over mutual TLS with that certificate.
+        #[arg(long, value_parser = ["dpop", "mtls"])]
         bind: Option<String>,
+        /// With --bind mtls: the agent certificate (PEM, from `tessera cert`), first in the file.
+        #[arg(long, value_name = "PEM")]
+        cert: Option<PathBuf>,
     },
     /// A WIMSE Workload Identity Token for this agent (signed by the host CA, binding the
     /// agent's proof key); prints it (the whole answer with --json).
@@ -363,12 +367,31 @@ async fn run(cli: Cli) -> ExitCode {
             ttl,
             agent,
             bind,
+            cert,
         } => {
             let mut opts = TokenOptions::new(audience);
             opts.scopes = scopes;
             opts.ttl = ttl;
             opts.agent = agent;
             opts.bind = bind;
+            match (opts.bind.as_deref(), cert) {
+                (Some("mtls"), Some(path)) => match certs::first_cert_der(&path) {
+                    Ok(der) => opts.x5t_s256 = Some(tessera::verify::x5t_s256(&der)),
+                    Err(e) => {
+                        eprintln!("tessera: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (Some("mtls"), None) => {
+                    eprintln!("tessera: --bind mtls needs --cert PEM (the certificate the token is bound to)");
+                    return ExitCode::from(2);
+                }
+                (_, Some(_)) => {
+                    eprintln!("tessera: --cert goes with --bind mtls");
+                    return ExitCode::from(2);
+                }
+                _ => {}
+            }
             match client.token(&opts).await {
                 Ok(t) if cli.json => {
                     print_json(&t);

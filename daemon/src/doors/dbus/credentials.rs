@@ -33,6 +33,7 @@ impl Credentials {
             ttl: (ttl_seconds > 0).then(|| format!("{ttl_seconds}s")),
             agent: None,
             bind,
+            x5t_s256: None,
         };
         let t = self
             .0
