@@ -34,6 +34,9 @@ pub struct WhoAmI {
     pub policy: Value,
     #[serde(default)]
     pub key_id: Option<String>,
+    /// The kinds of selector that identify the agent (`uid`, `exe`, `unit`, …).
+    #[serde(default)]
+    pub selectors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -340,6 +343,17 @@ impl Client {
 
     pub async fn whoami(&self) -> Result<WhoAmI, Error> {
         self.call(Method::GET, "/v1/whoami", None).await
+    }
+
+    /// [`Client::whoami`] as agent `agent` when the process matches several.
+    pub async fn whoami_agent(&self, agent: Option<&str>) -> Result<WhoAmI, Error> {
+        match agent {
+            Some(a) => {
+                let path = format!("/v1/whoami?agent={}", query_value(a));
+                self.call(Method::GET, &path, None).await
+            }
+            None => self.whoami().await,
+        }
     }
 
     pub async fn token(&self, opts: &TokenOptions) -> Result<TokenResponse, Error> {

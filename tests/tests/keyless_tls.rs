@@ -541,3 +541,111 @@ fn talk(config: Arc<rustls::ClientConfig>, port: u16, token: &str) -> Result<Str
     }
     Ok(out)
 }
+
+/// `tessera tls-proxy`: curl speaks plain HTTP to a Unix socket, the proxy carries it over
+/// mutual TLS as the agent to an `openssl s_server` that requires the agent's certificate. The
+/// socket is 0600 in a 0700 directory; an agent pinned to an executable is refused, and so is
+/// TCP without --insecure-any-local-user.
+fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "p");
+    let mut list = agents(&other);
+    // Pinned to the CLI's own executable: the proxy process would match, and must refuse.
+    list.push((
+        "pinned".into(),
+        format!(
+            "[selectors]\nuid = 0\nexe = \"{}\"\n[policy]\naudiences = [\"https://api.example.com\"]\n",
+            tessera_e2e::bin("tessera").display()
+        ),
+    ));
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: list,
+            ..Default::default()
+        },
+    );
+    let scratch = d.scratch_dir();
+    let bundle = scratch.join("bundle.pem");
+    std::fs::write(&bundle, rt().block_on(d.client().bundle()).unwrap()).unwrap();
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.pem",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-days",
+            "1",
+        ])
+        .current_dir(&scratch)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let (server, port) = s_server(&scratch, &bundle);
+    let _server = KillOnDrop(server);
+    let sock = scratch.join("proxy").join("alpha.sock");
+    let upstream = format!("localhost:{port}");
+    let proxy_cmd = |extra: &[&str]| {
+        let mut c = Command::new(tessera_e2e::bin("tessera"));
+        c.arg("--socket")
+            .arg(&d.socket)
+            .args(["tls-proxy", "--upstream", &upstream, "--upstream-ca"])
+            .arg(scratch.join("srv.pem"))
+            .args(extra);
+        c
+    };
+    let proxy = proxy_cmd(&["--agent", "alpha", "--listen", sock.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _proxy = KillOnDrop(proxy);
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed().as_secs() < 20, "the proxy did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sock), 0o600);
+    assert_eq!(mode(sock.parent().unwrap()), 0o700);
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://localhost/")
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{o:?}");
+    assert!(page.contains("Client certificate"), "{page}");
+    let pem_start = page.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let cert = CertificateDer::from_pem_slice(&page.as_bytes()[pem_start..]).unwrap();
+    assert!(peer_spiffe_id(&[cert]).unwrap().ends_with("/agent/alpha"));
+    assert!(tls_signed(&d).iter().any(|r| r["agent"]["name"] == "alpha"));
+
+    // Refusals at start.
+    let o = proxy_cmd(&["--agent", "pinned", "--listen"])
+        .arg(scratch.join("p2").join("s.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pinned to its executable"));
+    let o = proxy_cmd(&["--agent", "alpha", "--listen-tcp", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--insecure-any-local-user"));
+}
+tessera_e2e::both_backends!(tls_proxy_carries_curl_over_mtls);

@@ -151,6 +151,8 @@ pub struct WhoAmI {
     pub status: Status,
     pub policy: Value,
     pub key_id: Option<String>,
+    /// Which kinds of selector the agent has (`uid`, `exe`, `unit`, …), not their values.
+    pub selectors: Vec<&'static str>,
 }
 
 /// A Unix time as RFC 3339 (UTC).
@@ -482,7 +484,20 @@ impl Credentials {
 
     pub fn whoami(&self, caller: &Caller, wanted: Option<&str>) -> Result<WhoAmI, Problem> {
         let a = self.match_agent(caller, wanted)?;
+        let s = &a.selectors;
+        let selectors = [
+            ("uid", s.uid.is_some()),
+            ("gid", s.gid.is_some()),
+            ("exe", s.exe.is_some()),
+            ("exe_sha256", s.exe_sha256.is_some()),
+            ("unit", s.unit.is_some()),
+            ("cgroup", s.cgroup.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, on)| on.then_some(k))
+        .collect();
         Ok(WhoAmI {
+            selectors,
             policy: self.effective_policy(&a),
             name: a.name,
             id: a.id,

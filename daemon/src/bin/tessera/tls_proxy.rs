@@ -1,0 +1,257 @@
+//! `tessera tls-proxy`: a TLS-originating byte tunnel for programs that cannot sign
+//! externally (curl, Python's ssl). A client speaks plain bytes (HTTP) to the proxy; the proxy
+//! speaks TLS 1.3 to one upstream as the agent, with the agent's certificate, the
+//! CertificateVerify signed by tesserad. The key never leaves the device.
+//!
+//! Trust boundary: whoever can connect to the listening socket acts as the agent towards the
+//! upstream. So the default is a Unix socket (mode 0600, in a 0700 directory the proxy makes)
+//! that accepts only a peer with the proxy's own uid and systemd unit. `--listen-tcp` lets any
+//! local user in and needs `--insecure-any-local-user`. The daemon identifies the proxy like any
+//! caller, so agents pinned to an executable cannot use it (the proxy is not their program).
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tessera::tls::rustls::pki_types::ServerName;
+use tessera::tls::rustls::RootCertStore;
+use tessera::tls::{client_config, TlsOptions};
+use tessera::Client;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+/// Where distributions keep the system's trust anchors.
+const SYSTEM_ROOTS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+pub struct ProxyArgs {
+    pub listen: Option<PathBuf>,
+    pub listen_tcp: Option<String>,
+    pub insecure_any_local_user: bool,
+    pub upstream: String,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_spiffe_id: Option<String>,
+    pub agent: Option<String>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tessera tls-proxy: {msg}");
+    ExitCode::from(2)
+}
+
+pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
+    let (host, port) = match a.upstream.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+            (h.trim_matches(['[', ']']).to_string(), p.to_string())
+        }
+        _ => return fail("--upstream is HOST:PORT"),
+    };
+    let Ok(server_name) = ServerName::try_from(host.clone()) else {
+        return fail(format!(
+            "--upstream host {host:?} is not a DNS name or IP address"
+        ));
+    };
+    if a.listen_tcp.is_some() && !a.insecure_any_local_user {
+        return fail(
+            "--listen-tcp lets every local user act as the agent: add --insecure-any-local-user",
+        );
+    }
+    // Who the daemon sees: this process. Agents pinned to their executable are refused (the
+    // proxy would need to pass for their program); `unit` agents may not be reached over TCP.
+    let me = match client.whoami_agent(a.agent.as_deref()).await {
+        Ok(w) => w,
+        Err(e) => {
+            return fail(format!(
+                "the daemon does not know this process as an agent: {e}"
+            ))
+        }
+    };
+    if me.selectors.iter().any(|s| s == "exe" || s == "exe_sha256") {
+        return fail(format!(
+            "agent {} is pinned to its executable (exe/exe_sha256): the proxy cannot act for it",
+            me.name
+        ));
+    }
+    if a.listen_tcp.is_some() && me.selectors.iter().any(|s| s == "unit" || s == "cgroup") {
+        return fail(format!(
+            "agent {} is pinned to a systemd unit: a TCP listener would let any process act for it",
+            me.name
+        ));
+    }
+    let roots = match load_roots(a.upstream_ca.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let opts = TlsOptions {
+        agent: Some(me.name.clone()),
+        roots: Some(roots),
+        server_spiffe_id: a.upstream_spiffe_id.clone(),
+        ..Default::default()
+    };
+    let connector = match client_config(client, &opts).await {
+        Ok(c) => tokio_rustls::TlsConnector::from(Arc::new(c)),
+        Err(e) => return fail(e),
+    };
+    let upstream = format!("{host}:{port}");
+    let forward = Arc::new(Forward {
+        connector,
+        server_name: server_name.to_owned(),
+        upstream,
+    });
+    match (&a.listen, &a.listen_tcp) {
+        (_, Some(addr)) => match TcpListener::bind(addr).await {
+            Ok(l) => {
+                eprintln!(
+                    "tessera tls-proxy: {addr} -> {} as {}",
+                    forward.upstream, me.id
+                );
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let f = forward.clone();
+                    tokio::spawn(async move { f.carry(s).await });
+                }
+            }
+            Err(e) => fail(format!("cannot listen on {addr}: {e}")),
+        },
+        (Some(path), None) => match unix_listener(path) {
+            Ok(l) => {
+                eprintln!(
+                    "tessera tls-proxy: {} -> {} as {}",
+                    path.display(),
+                    forward.upstream,
+                    me.id
+                );
+                let own_unit = own_unit();
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    if let Err(why) = same_owner(&s, own_unit.as_deref()) {
+                        eprintln!("tessera tls-proxy: refused a client: {why}");
+                        continue;
+                    }
+                    let f = forward.clone();
+                    tokio::spawn(async move { f.carry(s).await });
+                }
+            }
+            Err(e) => fail(e),
+        },
+        (None, None) => fail("give --listen PATH (a Unix socket) or --listen-tcp ADDR"),
+    }
+}
+
+struct Forward {
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+    upstream: String,
+}
+
+impl Forward {
+    async fn carry<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(&self, mut client: S) {
+        let tcp = match TcpStream::connect(&self.upstream).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tessera tls-proxy: cannot reach {}: {e}", self.upstream);
+                return;
+            }
+        };
+        let mut tls = match self.connector.connect(self.server_name.clone(), tcp).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tessera tls-proxy: TLS to {}: {e}", self.upstream);
+                return;
+            }
+        };
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut tls).await;
+    }
+}
+
+fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
+    use tessera::tls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let files: Vec<PathBuf> = match ca {
+        Some(p) => vec![p.to_path_buf()],
+        None => SYSTEM_ROOTS
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .take(1)
+            .collect(),
+    };
+    let mut roots = RootCertStore::empty();
+    for f in &files {
+        for c in CertificateDer::pem_file_iter(f).map_err(|e| format!("{}: {e}", f.display()))? {
+            let c = c.map_err(|e| format!("{}: {e}", f.display()))?;
+            // The system bundle holds some certificates webpki cannot use; skip those.
+            if roots.add(c).is_err() && ca.is_some() {
+                return Err(format!("{}: not a usable trust anchor", f.display()));
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trust anchors: give --upstream-ca PEM".into());
+    }
+    Ok(roots)
+}
+
+/// Bind `path` in a directory only this user can enter (made 0700 if missing; an existing one
+/// must be ours and 0700), the socket itself 0600.
+fn unix_listener(path: &Path) -> Result<UnixListener, String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or("--listen needs a directory part")?;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} must be a directory of this user with mode 0700 (whoever can reach the socket acts as the agent)",
+            dir.display()
+        ));
+    }
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(l)
+}
+
+fn cgroup_unit(pid: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    tesserad::caller::unit_of_cgroup(path.trim())
+}
+
+fn own_unit() -> Option<String> {
+    cgroup_unit("self")
+}
+
+/// The peer must run as this uid and in this systemd unit (when the proxy runs in one).
+fn same_owner(s: &tokio::net::UnixStream, own_unit: Option<&str>) -> Result<(), String> {
+    let cred = s.peer_cred().map_err(|e| e.to_string())?;
+    let me = nix::unistd::getuid().as_raw();
+    if cred.uid() != me {
+        return Err(format!("uid {} is not {me}", cred.uid()));
+    }
+    let pid = cred.pid().ok_or("the kernel gave no peer pid")?;
+    let theirs = cgroup_unit(&pid.to_string());
+    if theirs.as_deref() != own_unit {
+        return Err(format!(
+            "unit {} is not {}",
+            theirs.as_deref().unwrap_or("(none)"),
+            own_unit.unwrap_or("(none)")
+        ));
+    }
+    Ok(())
+}
