@@ -649,3 +649,60 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--insecure-any-local-user"));
 }
 tessera_e2e::both_backends!(tls_proxy_carries_curl_over_mtls);
+
+/// The SDK's example (`agent-sdk/examples/mtls.rs`) as a user runs it: beta serves, alpha
+/// calls knowing beta by SPIFFE ID, and beta names alpha from its certificate.
+#[test]
+fn the_mtls_example_runs_between_two_agents() {
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "e");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: agents(&other),
+            ..Default::default()
+        },
+    );
+    let example = tessera_e2e::bin("examples/mtls");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(&example)
+        .args(["serve", "beta", &addr])
+        .env("TESSERA_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("serving mTLS"));
+    let _server = KillOnDrop(server);
+    let beta_pem = rt()
+        .block_on(
+            d.client()
+                .certificate(&tessera::CertificateOptions::default().agent("beta")),
+        )
+        .unwrap();
+    let beta_id =
+        peer_spiffe_id(&[CertificateDer::from_pem_slice(beta_pem.as_bytes()).unwrap()]).unwrap();
+    let o = Command::new(&example)
+        .args(["call", "alpha", &addr, &beta_id])
+        .env("TESSERA_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("hello spiffe://") && out.trim().ends_with("/agent/alpha"),
+        "{out}"
+    );
+    // The wrong server identity is refused by the caller.
+    let o = Command::new(&example)
+        .args(["call", "alpha", &addr, "spiffe://test.example/elsewhere"])
+        .env("TESSERA_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{o:?}");
+}
