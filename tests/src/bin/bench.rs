@@ -319,11 +319,231 @@ fn kill_switch(backend: Backend, agents: usize) -> (Duration, Duration, Duration
     })
 }
 
+/// Full TLS 1.3 handshakes with client authentication against an in-process rustls server
+/// (software key), `clients` threads each doing `per_client` handshakes; the server answers
+/// one byte after each handshake, so a handshake counts only once the server accepted it.
+fn handshakes(
+    server: Arc<tessera::tls::rustls::ServerConfig>,
+    client: Arc<tessera::tls::rustls::ClientConfig>,
+    clients: usize,
+    per_client: usize,
+) -> Stats {
+    use std::io::{Read, Write};
+    use tessera::tls::rustls;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let total = clients * per_client;
+    let srv = std::thread::spawn(move || {
+        let mut workers = vec![];
+        for tcp in listener.incoming().take(total) {
+            let server = server.clone();
+            workers.push(std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(server).unwrap();
+                let tcp = tcp.unwrap();
+                // Small handshake flights: no Nagle/delayed-ACK stalls in the figures.
+                tcp.set_nodelay(true).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut b = [0u8; 1];
+                if tls.read_exact(&mut b).is_ok() {
+                    let _ = tls.write_all(b"k");
+                    let _ = tls.flush();
+                }
+            }));
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+    });
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let mut lat = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t = Instant::now();
+                    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    let conn = rustls::ClientConnection::new(
+                        client.clone(),
+                        "localhost".try_into().unwrap(),
+                    )
+                    .unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    tls.write_all(b"h").unwrap();
+                    let mut b = [0u8; 1];
+                    tls.read_exact(&mut b)
+                        .expect("the server accepted the handshake");
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for t in threads {
+        all.extend(t.join().unwrap());
+    }
+    let s = stats(all, t0.elapsed());
+    srv.join().unwrap();
+    s
+}
+
+/// `BENCH_TLS=N`: keyless mutual TLS handshakes (the agent's CertificateVerify signed by the
+/// daemon in the device) beside the same handshakes with a software client key in-process.
+fn tls_rows(n: usize) {
+    use tessera::tls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+    let dir = shared_tempdir();
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {o:?}");
+    };
+    for (name, eku) in [("srv", "serverAuth"), ("cli", "clientAuth")] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            &format!("extendedKeyUsage={eku}"),
+            "-days",
+            "1",
+        ]);
+    }
+    let pem = |f: &str| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(dir.path().join(f))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+    };
+    let key =
+        |f: &str| rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join(f)).unwrap();
+    let provider = tessera::tls::provider();
+    println!(
+        "| backend | measurement | n | p50 ms | p99 ms | per second | daemon p50 / raw sign p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for name in ["tpm", "pkcs11"] {
+        let backend = if name == "tpm" {
+            Backend::tpm()
+        } else {
+            Backend::pkcs11()
+        };
+        let raw = raw_sign(&backend, n);
+        println!(
+            "| {name} | raw key-store sign | {} | {} | {} | {:.0} | 1.0 |",
+            raw.n,
+            ms(raw.p50),
+            ms(raw.p99),
+            raw.per_sec
+        );
+        let d = Daemon::start_with(
+            backend,
+            Options {
+                agents: vec![(
+                    "bench".into(),
+                    format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n"),
+                )],
+                ..Default::default()
+            },
+        );
+        let rt = tessera_e2e::rt();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in
+            CertificateDer::pem_slice_iter(rt.block_on(d.client().bundle()).unwrap().as_bytes())
+        {
+            roots.add(c.unwrap()).unwrap();
+        }
+        for c in pem("cli.pem") {
+            roots.add(c).unwrap();
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(pem("srv.pem"), key("srv.key"))
+            .unwrap();
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        let server = Arc::new(server);
+        let mut srv_roots = rustls::RootCertStore::empty();
+        for c in pem("srv.pem") {
+            srv_roots.add(c).unwrap();
+        }
+        let hardware = Arc::new(
+            rt.block_on(tessera::tls::client_config(
+                &d.client(),
+                &tessera::tls::TlsOptions {
+                    roots: Some(srv_roots.clone()),
+                    ..Default::default()
+                },
+            ))
+            .unwrap(),
+        );
+        let mut software = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(srv_roots)
+            .with_client_auth_cert(pem("cli.pem"), key("cli.key"))
+            .unwrap();
+        software.resumption = rustls::client::Resumption::disabled();
+        let software = Arc::new(software);
+        handshakes(server.clone(), hardware.clone(), 2, 10); // warm up
+        for clients in [1usize, 16] {
+            for (label, cfg) in [
+                (
+                    "TLS 1.3 mTLS handshake, key in device (daemon signs)",
+                    &hardware,
+                ),
+                ("TLS 1.3 mTLS handshake, software key in-process", &software),
+            ] {
+                let s = handshakes(server.clone(), cfg.clone(), clients, (n / clients).max(1));
+                println!(
+                    "| {name} | {label}, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
+                    s.n,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.per_sec,
+                    s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
+    if let Ok(k) = std::env::var("BENCH_TLS") {
+        // BENCH_TLS=N: only the keyless-TLS handshake rows, N handshakes per measurement.
+        tls_rows(k.parse().unwrap_or(1000));
+        return;
+    }
     if let Ok(k) = std::env::var("BENCH_KILL_SWITCH") {
         // BENCH_KILL_SWITCH=N: only the kill switch with N agents, on swtpm and SoftHSM.
         let agents: usize = k.parse().unwrap_or(1000);
