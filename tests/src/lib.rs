@@ -40,6 +40,46 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A software P-256 leaf certificate made by `openssl` in `dir`: `<name>.key` and `<name>.pem`,
+/// self-signed, CN and DNS SAN `localhost`, not a CA, with `extendedKeyUsage` `eku` if given.
+pub fn openssl_leaf(dir: &Path, name: &str, eku: Option<&str>) {
+    let mut args: Vec<String> = [
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-days",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-keyout".into(),
+        format!("{name}.key"),
+        "-out".into(),
+        format!("{name}.pem"),
+    ]);
+    if let Some(e) = eku {
+        args.extend(["-addext".into(), format!("extendedKeyUsage={e}")]);
+    }
+    let o = std::process::Command::new("openssl")
+        .args(&args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(o.status.success(), "openssl {args:?}: {o:?}");
+}
+
 /// A temp dir that other users can traverse (for tests that run clients as another uid).
 pub fn shared_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;

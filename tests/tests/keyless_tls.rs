@@ -208,36 +208,8 @@ fn openssl_server_accepts_the_agent(backend: Backend) {
     let scratch = d.scratch_dir();
     let bundle = scratch.join("bundle.pem");
     std::fs::write(&bundle, rt().block_on(d.client().bundle()).unwrap()).unwrap();
-    let openssl = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(&scratch)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "openssl {args:?}: {o:?}");
-    };
     for name in ["srv", "self"] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-days",
-            "1",
-        ]);
+        tessera_e2e::openssl_leaf(&scratch, name, None);
     }
     let (server, port) = s_server(&scratch, &bundle);
     let _kill = KillOnDrop(server);
@@ -568,32 +540,7 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     let scratch = d.scratch_dir();
     let bundle = scratch.join("bundle.pem");
     std::fs::write(&bundle, rt().block_on(d.client().bundle()).unwrap()).unwrap();
-    let o = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.pem",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-days",
-            "1",
-        ])
-        .current_dir(&scratch)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
+    tessera_e2e::openssl_leaf(&scratch, "srv", None);
     let (server, port) = s_server(&scratch, &bundle);
     let _server = KillOnDrop(server);
     let sock = scratch.join("proxy").join("alpha.sock");

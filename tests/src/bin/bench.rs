@@ -394,38 +394,8 @@ fn handshakes(
 fn tls_rows(n: usize) {
     use tessera::tls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
     let dir = shared_tempdir();
-    let openssl = |args: &[&str]| {
-        let o = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "openssl {args:?}: {o:?}");
-    };
     for (name, eku) in [("srv", "serverAuth"), ("cli", "clientAuth")] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            &format!("extendedKeyUsage={eku}"),
-            "-days",
-            "1",
-        ]);
+        tessera_e2e::openssl_leaf(dir.path(), name, Some(eku));
     }
     let pem = |f: &str| -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_file_iter(dir.path().join(f))

@@ -85,28 +85,7 @@ enum Cmd {
     /// agent (certificate from the daemon, every handshake signed by it). Whoever can connect
     /// to the listener acts as the agent: by default a Unix socket (0600, in a 0700 directory)
     /// open only to this uid and systemd unit.
-    TlsProxy {
-        /// Unix socket to listen on (its directory is made 0700).
-        #[arg(long, value_name = "PATH")]
-        listen: Option<PathBuf>,
-        /// Listen on TCP instead (any local user can then connect): needs
-        /// --insecure-any-local-user.
-        #[arg(long, value_name = "ADDR")]
-        listen_tcp: Option<String>,
-        #[arg(long)]
-        insecure_any_local_user: bool,
-        /// HOST:PORT of the TLS server; SNI and name checks use HOST.
-        #[arg(long)]
-        upstream: String,
-        /// Trust anchors for the upstream (PEM); default: the system's.
-        #[arg(long, value_name = "PEM")]
-        upstream_ca: Option<PathBuf>,
-        /// The upstream is an agent: check its certificate's SPIFFE ID instead of HOST.
-        #[arg(long, value_name = "ID")]
-        upstream_spiffe_id: Option<String>,
-        #[arg(long)]
-        agent: Option<String>,
-    },
+    TlsProxy(tls_proxy::ProxyArgs),
     /// Verify an agent token (relying party); exit 5 when it does not verify. The token is
     /// read from FILE, or from standard input with `-` (a token on the command line is
     /// visible to every local user in /proc/*/cmdline).
@@ -555,29 +534,7 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => client_error(&e),
             }
         }
-        Cmd::TlsProxy {
-            listen,
-            listen_tcp,
-            insecure_any_local_user,
-            upstream,
-            upstream_ca,
-            upstream_spiffe_id,
-            agent,
-        } => {
-            tls_proxy::run(
-                &client,
-                tls_proxy::ProxyArgs {
-                    listen,
-                    listen_tcp,
-                    insecure_any_local_user,
-                    upstream,
-                    upstream_ca,
-                    upstream_spiffe_id,
-                    agent,
-                },
-            )
-            .await
-        }
+        Cmd::TlsProxy(args) => tls_proxy::run(&client, args).await,
         Cmd::Verify {
             token,
             audience,

@@ -26,13 +26,27 @@ const SYSTEM_ROOTS: &[&str] = &[
     "/etc/pki/tls/certs/ca-bundle.crt",
 ];
 
+#[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
+    /// Unix socket to listen on (its directory is made 0700).
+    #[arg(long, value_name = "PATH")]
     pub listen: Option<PathBuf>,
+    /// Listen on TCP instead (any local user can then connect): needs
+    /// --insecure-any-local-user.
+    #[arg(long, value_name = "ADDR")]
     pub listen_tcp: Option<String>,
+    #[arg(long)]
     pub insecure_any_local_user: bool,
+    /// HOST:PORT of the TLS server; SNI and name checks use HOST.
+    #[arg(long)]
     pub upstream: String,
+    /// Trust anchors for the upstream (PEM); default: the system's.
+    #[arg(long, value_name = "PEM")]
     pub upstream_ca: Option<PathBuf>,
+    /// The upstream is an agent: check its certificate's SPIFFE ID instead of HOST.
+    #[arg(long, value_name = "ID")]
     pub upstream_spiffe_id: Option<String>,
+    #[arg(long)]
     pub agent: Option<String>,
 }
 
