@@ -373,7 +373,12 @@ struct Current {
     key: Arc<CertifiedKey>,
     renew_at: SystemTime,
     not_after: SystemTime,
+    /// A renewal is under way on some thread: the others present the current certificate.
+    renewing: bool,
 }
+
+/// How long after a failed renewal or CRL fetch the next attempt waits.
+const RETRY: Duration = Duration::from_secs(30);
 
 impl AgentCertResolver {
     /// Fetch the agent's certificate now.
@@ -415,6 +420,7 @@ impl AgentCertResolver {
             key,
             renew_at: nb + life / 2,
             not_after: na,
+            renewing: false,
         })
     }
 
@@ -428,9 +434,18 @@ impl AgentCertResolver {
     }
 
     fn current(&self) -> Option<Arc<CertifiedKey>> {
-        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = || self.current.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
-        if now >= cur.renew_at {
+        let renew = {
+            let mut cur = lock();
+            let due = now >= cur.renew_at && !cur.renewing;
+            if due {
+                // One thread renews; the lock is not held across the call.
+                cur.renewing = true;
+            }
+            due
+        };
+        if renew {
             let path = self.request.path();
             let renewed = blocking(|| call(&self.socket, "GET", &path, None))
                 .map_err(TlsError::from)
@@ -441,16 +456,19 @@ impl AgentCertResolver {
                         &String::from_utf8_lossy(&pem),
                     )
                 });
+            let mut cur = lock();
             match renewed {
                 Ok(c) => *cur = c,
-                // Keep the old one while it is valid; try again at the next handshake.
-                Err(e) if now < cur.not_after => {
-                    tracing_free_log(&format!("certificate renewal failed: {e}"))
+                Err(e) => {
+                    // Keep the current one while it is valid; try again after a pause.
+                    cur.renewing = false;
+                    cur.renew_at = now + RETRY;
+                    tracing_free_log(&format!("certificate renewal failed: {e}"));
                 }
-                Err(_) => return None,
             }
         }
-        (now < cur.not_after).then(|| cur.key.clone())
+        let cur = lock();
+        (SystemTime::now() < cur.not_after).then(|| cur.key.clone())
     }
 }
 
@@ -488,16 +506,28 @@ impl ResolvesServerCert for AgentCertResolver {
 struct CrlRefreshingVerifier {
     socket: PathBuf,
     roots: Arc<RootCertStore>,
-    inner: Mutex<(Arc<dyn ClientCertVerifier>, Instant)>,
+    inner: Mutex<CrlState>,
+}
+
+#[derive(Debug)]
+struct CrlState {
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// When the CRL is next fetched.
+    next: Instant,
+    refreshing: bool,
 }
 
 impl CrlRefreshingVerifier {
     fn new(agent: &Client, roots: Arc<RootCertStore>, crl_pem: String) -> Result<Self, TlsError> {
-        let inner = Self::build(&roots, &crl_pem)?;
+        let verifier = Self::build(&roots, &crl_pem)?;
         Ok(CrlRefreshingVerifier {
             socket: agent.socket().to_path_buf(),
             roots,
-            inner: Mutex::new((inner, Instant::now())),
+            inner: Mutex::new(CrlState {
+                verifier,
+                next: Instant::now() + CRL_REFRESH,
+                refreshing: false,
+            }),
         })
     }
 
@@ -509,24 +539,54 @@ impl CrlRefreshingVerifier {
             CertificateRevocationListDer::pem_slice_iter(crl_pem.as_bytes())
                 .collect::<Result<_, _>>()
                 .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        if crls.is_empty() {
+            return Err(TlsError::Certificate("the daemon sent no CRL".into()));
+        }
+        // The host CA's CRL covers agent certificates; a fleet CA above it publishes its own
+        // (not ours to fetch), so only the client's own certificate is checked, and an
+        // out-of-date CRL is refused rather than trusted.
         Ok(
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
                 .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .enforce_revocation_expiration()
                 .build()?,
         )
     }
 
     fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.1.elapsed() >= CRL_REFRESH {
-            // Fail closed: without a current CRL no client is accepted.
-            let (_, pem) = blocking(|| call(&self.socket, "GET", "/v1/crl", None))
-                .map_err(|e| rustls::Error::General(format!("cannot refresh the CRL: {e}")))?;
-            let v = Self::build(&self.roots, &String::from_utf8_lossy(&pem))
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-            *g = (v, Instant::now());
+        let lock = || self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let refresh = {
+            let mut g = lock();
+            let due = Instant::now() >= g.next && !g.refreshing;
+            if due {
+                g.refreshing = true;
+            }
+            due
+        };
+        if refresh {
+            // One thread fetches, without the lock; the others use the CRL they have (an
+            // expired one is refused by the verifier itself: fail closed).
+            let fetched = blocking(|| call(&self.socket, "GET", "/v1/crl", None))
+                .map_err(|e| e.to_string())
+                .and_then(|(_, pem)| {
+                    Self::build(&self.roots, &String::from_utf8_lossy(&pem))
+                        .map_err(|e| e.to_string())
+                });
+            let mut g = lock();
+            g.refreshing = false;
+            match fetched {
+                Ok(v) => {
+                    g.verifier = v;
+                    g.next = Instant::now() + CRL_REFRESH;
+                }
+                Err(e) => {
+                    g.next = Instant::now() + RETRY.min(CRL_REFRESH);
+                    tracing_free_log(&format!("cannot refresh the CRL: {e}"));
+                }
+            }
         }
-        Ok(g.0.clone())
+        Ok(lock().verifier.clone())
     }
 }
 

@@ -72,10 +72,16 @@ fn tls_signed(d: &Daemon) -> Vec<Value> {
 fn signs_only_tls13_certificate_verify(backend: Backend) {
     let dir = exe_dir();
     let other = helper_copy(dir.path(), "other-agent", "t");
+    let mut list = agents(&other);
+    list.push((
+        "slow".into(),
+        "[selectors]\nuid = 0\n[policy]\naudiences = [\"https://api.example.com\"]\nrate = 2\n"
+            .into(),
+    ));
     let d = Daemon::start_with(
         backend,
         Options {
-            agents: agents(&other),
+            agents: list,
             ..Default::default()
         },
     );
@@ -90,16 +96,24 @@ fn signs_only_tls13_certificate_verify(backend: Backend) {
     let sig = STANDARD.decode(out["signature"].as_str().unwrap()).unwrap();
     let sig = p256::ecdsa::Signature::from_der(&sig).unwrap();
     let jwks = rt().block_on(d.client().jwks()).unwrap();
-    let verifies = jwks["keys"].as_array().unwrap().iter().any(|k| {
+    let alpha_kid = rt()
+        .block_on(d.client().whoami_agent(Some("alpha")))
+        .unwrap()
+        .key_id
+        .unwrap();
+    let alpha_key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == alpha_kid.as_str())
+        .unwrap();
+    {
         use p256::ecdsa::signature::Verifier;
-        tessera::attestation::key_from_jwk(k)
-            .map(|vk| vk.verify(&good, &sig).is_ok())
-            .unwrap_or(false)
-    });
-    assert!(
-        verifies,
-        "the signature is over the content, by an agent key"
-    );
+        tessera::attestation::key_from_jwk(alpha_key)
+            .unwrap()
+            .verify(&good, &sig)
+            .expect("the signature is over the content, by alpha's key");
+    }
     // 48-byte transcript hashes (SHA-384 suites) too.
     let (status, _) = sign(
         &d,
@@ -184,9 +198,38 @@ fn signs_only_tls13_certificate_verify(backend: Backend) {
     .to_string();
     let r = agentcall(&other, 65534, &d.socket, &["post", "/v1/tls/sign", &body]);
     assert_eq!(r["status"], 403, "{r}");
-    // Audited: exactly the three signatures handed out.
+    // The certificate named must be one of this agent's: its own passes, beta's does not.
+    let x5t = |pem: &str| {
+        tessera::verify::x5t_s256(
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref(),
+        )
+    };
+    let beta_pem = rt()
+        .block_on(
+            d.client()
+                .certificate(&tessera::CertificateOptions::default().agent("beta")),
+        )
+        .unwrap();
+    for (cert, want) in [(x5t(&pem), 200), (x5t(&beta_pem), 403)] {
+        let (status, out) = sign(
+            &d,
+            &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client", "agent": "alpha",
+                    "content": STANDARD.encode(content("client", 32)), "x5t#S256": cert}),
+        );
+        assert_eq!(status, want, "{out}");
+    }
+    // Signatures count against the agent's rate like any credential.
+    let slow = json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client", "agent": "slow",
+                      "content": STANDARD.encode(content("client", 32))});
+    assert_eq!(sign(&d, &slow).0, 200);
+    assert_eq!(sign(&d, &slow).0, 200);
+    let (status, out) = sign(&d, &slow);
+    assert_eq!(status, 429, "{out}");
+    // Audited: exactly the signatures handed out (alpha 2 + beta 1 + alpha by x5t + slow 2).
     let signed = tls_signed(&d);
-    assert_eq!(signed.len(), 3, "{signed:?}");
+    assert_eq!(signed.len(), 6, "{signed:?}");
     assert_eq!(signed[2]["details"]["role"], "server");
     assert!(signed.iter().all(|r| r["caller"]["uid"] == 0));
 }
@@ -594,6 +637,30 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--insecure-any-local-user"));
+    // Local users at most, never the network.
+    let o = proxy_cmd(&[
+        "--agent",
+        "alpha",
+        "--listen-tcp",
+        "0.0.0.0:0",
+        "--insecure-any-local-user",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("loopback"),
+        "{o:?}"
+    );
+    // A file that is not a socket at the path is left alone.
+    let taken = scratch.join("proxy").join("taken");
+    std::fs::write(&taken, "mine").unwrap();
+    let o = proxy_cmd(&["--agent", "alpha", "--listen"])
+        .arg(&taken)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), "mine");
 }
 tessera_e2e::both_backends!(tls_proxy_carries_curl_over_mtls);
 

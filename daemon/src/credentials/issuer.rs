@@ -84,6 +84,19 @@ impl Issuer {
         Ok(base64::engine::general_purpose::STANDARD.encode(crate::keystore::ecdsa::to_jose(&sig)))
     }
 
+    /// A TLS 1.3 CertificateVerify signature (DER ECDSA) by the agent's key over `content`,
+    /// which the caller has checked with [`crate::credentials::tls::check_content`].
+    pub async fn tls_certificate_verify(
+        &self,
+        agent: &Agent,
+        content: &[u8],
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        use sha2::Digest as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(content).into();
+        let sig = self.keystore.sign(&agent.key_id, digest).await?;
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+
     /// ECDSA signature by `key_id` over SHA-256 of the DER of a structure built here.
     async fn sign_der<T: Encode>(&self, key_id: &str, tbs: &T) -> Result<Signature, IssueError> {
         let (_, digest) = x509::to_be_signed(tbs)?;

@@ -684,8 +684,10 @@ impl Credentials {
                     .as_ref()
                     .and_then(|k| k.expires())
                     .or(cert.as_ref().map(|(_, not_after)| *not_after));
+                // `exp` is counted from a clock read again when the token is made: leave a
+                // second for it to tick.
                 let ttl = match end {
-                    Some(end) => ttl.min(Duration::from_secs((end - now).max(1) as u64)),
+                    Some(end) => ttl.min(Duration::from_secs((end - now - 1).max(1) as u64)),
                     None => ttl,
                 };
                 let jkt = key.as_ref().map(|k| k.kid().to_string());
@@ -753,7 +755,7 @@ impl Credentials {
 
     /// `bind: "mtls"`: the certificate named must be one this daemon issued to `agent` and
     /// not expired (a revoked agent gets no token at all). Returns its thumbprint and notAfter.
-    fn bound_certificate(
+    pub(crate) fn bound_certificate(
         &self,
         agent: &Agent,
         x5t: Option<&str>,

@@ -32,6 +32,10 @@ pub struct TlsSignRequest {
     pub content: String,
     #[serde(default)]
     pub agent: Option<String>,
+    /// The certificate presented (base64url SHA-256 of its DER): it must be an unexpired one
+    /// the daemon issued to this agent; its key (the identity key) signs.
+    #[serde(default, rename = "x5t#S256")]
+    pub x5t_s256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +108,9 @@ impl Credentials {
                     ),
                 ));
             }
+            if let Some(x5t) = req.x5t_s256.as_deref() {
+                self.bound_certificate(&agent, Some(x5t))?;
+            }
             self.may_issue(&agent)?;
             Ok((content, hash_len))
         })();
@@ -112,7 +119,7 @@ impl Credentials {
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
         let digest: [u8; 32] = Sha256::digest(&content).into();
-        let sig = match self.keystore.sign(&agent.key_id, digest).await {
+        let sig = match self.issuer.tls_certificate_verify(&agent, &content).await {
             Ok(s) => s,
             Err(e) => return Err(self.signing_problem(&agent, e)),
         };
@@ -124,11 +131,12 @@ impl Credentials {
                 "role": req.role, "scheme": SCHEME, "kid": agent.kid,
                 "transcript_hash_len": hash_len,
                 "content_sha256": hex::encode(digest),
+                "x5t#S256": req.x5t_s256,
             }));
         self.release(caller, &agent, ev, "TLS signature").await?;
         self.count_issued(&agent, at);
         Ok(TlsSignResponse {
-            signature: STANDARD.encode(sig.to_der().as_bytes()),
+            signature: STANDARD.encode(sig),
         })
     }
 }

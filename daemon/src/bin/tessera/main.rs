@@ -308,7 +308,11 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // The proxy's TLS signer blocks on the daemon once per handshake: it needs worker threads
+    // (block_in_place) so one handshake never stalls the other tunnels.
+    let rt = match matches!(cli.cmd, Cmd::TlsProxy(_))
+        .then(tokio::runtime::Builder::new_multi_thread)
+        .unwrap_or_else(tokio::runtime::Builder::new_current_thread)
         .enable_all()
         .build()
     {

@@ -67,10 +67,22 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
             "--upstream host {host:?} is not a DNS name or IP address"
         ));
     };
-    if a.listen_tcp.is_some() && !a.insecure_any_local_user {
-        return fail(
-            "--listen-tcp lets every local user act as the agent: add --insecure-any-local-user",
-        );
+    if a.listen.is_some() && a.listen_tcp.is_some() {
+        return fail("give --listen or --listen-tcp, not both");
+    }
+    if let Some(addr) = &a.listen_tcp {
+        if !a.insecure_any_local_user {
+            return fail(
+                "--listen-tcp lets every local user act as the agent: add --insecure-any-local-user",
+            );
+        }
+        // Local users, never the network.
+        match addr.parse::<std::net::SocketAddr>() {
+            Ok(s) if s.ip().is_loopback() => {}
+            _ => {
+                return fail("--listen-tcp takes a loopback address (127.0.0.1:PORT or [::1]:PORT)")
+            }
+        }
     }
     // Who the daemon sees: this process. Agents pinned to their executable are refused (the
     // proxy would need to pass for their program); `unit` agents may not be reached over TCP.
@@ -94,7 +106,15 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
             me.name
         ));
     }
-    let roots = match load_roots(a.upstream_ca.as_deref()) {
+    // An agent upstream is vouched for by the host CA, never by any public CA.
+    let roots = match (&a.upstream_ca, &a.upstream_spiffe_id) {
+        (None, Some(_)) => match client.bundle().await {
+            Ok(pem) => roots_from_pem_text(&pem, "the daemon's bundle"),
+            Err(e) => return fail(e),
+        },
+        _ => load_roots(a.upstream_ca.as_deref()),
+    };
+    let roots = match roots {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
@@ -122,8 +142,14 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
                     forward.upstream, me.id
                 );
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
-                        continue;
+                    let s = match l.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // Out of descriptors and the like: pause rather than spin.
+                            eprintln!("tessera tls-proxy: accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            continue;
+                        }
                     };
                     let f = forward.clone();
                     tokio::spawn(async move { f.carry(s).await });
@@ -141,8 +167,14 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
                 );
                 let own_unit = own_unit();
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
-                        continue;
+                    let s = match l.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // Out of descriptors and the like: pause rather than spin.
+                            eprintln!("tessera tls-proxy: accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            continue;
+                        }
                     };
                     if let Err(why) = same_owner(&s, own_unit.as_deref()) {
                         eprintln!("tessera tls-proxy: refused a client: {why}");
@@ -182,6 +214,19 @@ impl Forward {
         };
         let _ = tokio::io::copy_bidirectional(&mut client, &mut tls).await;
     }
+}
+
+fn roots_from_pem_text(pem: &str, what: &str) -> Result<RootCertStore, String> {
+    use tessera::tls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let c = c.map_err(|e| format!("{what}: {e}"))?;
+        roots.add(c).map_err(|e| format!("{what}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{what} holds no certificate"));
+    }
+    Ok(roots)
 }
 
 fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
@@ -231,7 +276,12 @@ fn unix_listener(path: &Path) -> Result<UnixListener, String> {
             dir.display()
         ));
     }
-    if path.exists() {
+    // A socket left by an earlier run is replaced; anything else at the path is not ours.
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
         std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let l = UnixListener::bind(path)
@@ -251,15 +301,25 @@ fn own_unit() -> Option<String> {
     cgroup_unit("self")
 }
 
-/// The peer must run as this uid and in this systemd unit (when the proxy runs in one).
+/// The peer must run as this uid and gid and in this systemd unit (when the proxy runs in
+/// one). The peer is held by a pidfd taken with its credentials and must still be alive after
+/// its cgroup was read, so a reused pid cannot lend its unit.
 fn same_owner(s: &tokio::net::UnixStream, own_unit: Option<&str>) -> Result<(), String> {
-    let cred = s.peer_cred().map_err(|e| e.to_string())?;
-    let me = nix::unistd::getuid().as_raw();
-    if cred.uid() != me {
-        return Err(format!("uid {} is not {me}", cred.uid()));
+    let peer = tesserad::caller::Peer::from_socket(s).map_err(|e| e.to_string())?;
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    if peer.uid != uid || peer.gid != gid {
+        return Err(format!(
+            "uid/gid {}/{} is not {uid}/{gid}",
+            peer.uid, peer.gid
+        ));
     }
-    let pid = cred.pid().ok_or("the kernel gave no peer pid")?;
-    let theirs = cgroup_unit(&pid.to_string());
+    let theirs = cgroup_unit(&peer.pid.to_string());
+    if !peer.alive() {
+        return Err("the peer exited while it was checked".into());
+    }
     if theirs.as_deref() != own_unit {
         return Err(format!(
             "unit {} is not {}",
