@@ -565,12 +565,15 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     let dir = exe_dir();
     let other = helper_copy(dir.path(), "other-agent", "p");
     let mut list = agents(&other);
-    // Pinned to the CLI's own executable: the proxy process would match, and must refuse.
+    // Pinned to a copy of the CLI (outside /tmp, where exe selectors are refused): the proxy
+    // run from that copy matches the agent, and must refuse to act for it.
+    let pinned_cli = dir.path().join("tessera-pinned");
+    std::fs::copy(tessera_e2e::bin("tessera"), &pinned_cli).unwrap();
     list.push((
         "pinned".into(),
         format!(
             "[selectors]\nuid = 0\nexe = \"{}\"\n[policy]\naudiences = [\"https://api.example.com\"]\n",
-            tessera_e2e::bin("tessera").display()
+            pinned_cli.display()
         ),
     ));
     let d = Daemon::start_with(
@@ -588,8 +591,8 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     let _server = KillOnDrop(server);
     let sock = scratch.join("proxy").join("alpha.sock");
     let upstream = format!("localhost:{port}");
-    let proxy_cmd = |extra: &[&str]| {
-        let mut c = Command::new(tessera_e2e::bin("tessera"));
+    let proxy_from = |cli: &Path, extra: &[&str]| {
+        let mut c = Command::new(cli);
         c.arg("--socket")
             .arg(&d.socket)
             .args(["tls-proxy", "--upstream", &upstream, "--upstream-ca"])
@@ -597,6 +600,8 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
             .args(extra);
         c
     };
+    let cli = tessera_e2e::bin("tessera");
+    let proxy_cmd = |extra: &[&str]| proxy_from(&cli, extra);
     let proxy = proxy_cmd(&["--agent", "alpha", "--listen", sock.to_str().unwrap()])
         .stderr(Stdio::piped())
         .spawn()
@@ -626,12 +631,15 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     assert!(tls_signed(&d).iter().any(|r| r["agent"]["name"] == "alpha"));
 
     // Refusals at start.
-    let o = proxy_cmd(&["--agent", "pinned", "--listen"])
+    let o = proxy_from(&pinned_cli, &["--agent", "pinned", "--listen"])
         .arg(scratch.join("p2").join("s.sock"))
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("pinned to its executable"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pinned to its executable"),
+        "{o:?}"
+    );
     let o = proxy_cmd(&["--agent", "alpha", "--listen-tcp", "127.0.0.1:0"])
         .output()
         .unwrap();

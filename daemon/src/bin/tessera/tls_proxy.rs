@@ -142,14 +142,8 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
                     forward.upstream, me.id
                 );
                 loop {
-                    let s = match l.accept().await {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            // Out of descriptors and the like: pause rather than spin.
-                            eprintln!("tessera tls-proxy: accept: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                            continue;
-                        }
+                    let Some(s) = accepted(l.accept().await).await else {
+                        continue;
                     };
                     let f = forward.clone();
                     tokio::spawn(async move { f.carry(s).await });
@@ -167,14 +161,8 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
                 );
                 let own_unit = own_unit();
                 loop {
-                    let s = match l.accept().await {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            // Out of descriptors and the like: pause rather than spin.
-                            eprintln!("tessera tls-proxy: accept: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                            continue;
-                        }
+                    let Some(s) = accepted(l.accept().await).await else {
+                        continue;
                     };
                     if let Err(why) = same_owner(&s, own_unit.as_deref()) {
                         eprintln!("tessera tls-proxy: refused a client: {why}");
@@ -187,6 +175,19 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
             Err(e) => fail(e),
         },
         (None, None) => fail("give --listen PATH (a Unix socket) or --listen-tcp ADDR"),
+    }
+}
+
+/// The stream of an accepted connection; on an error (out of descriptors and the like) a
+/// pause rather than a spin.
+async fn accepted<S, A>(r: std::io::Result<(S, A)>) -> Option<S> {
+    match r {
+        Ok((s, _)) => Some(s),
+        Err(e) => {
+            eprintln!("tessera tls-proxy: accept: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            None
+        }
     }
 }
 
