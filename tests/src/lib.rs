@@ -113,13 +113,25 @@ macro_rules! both_backends {
 /// Run an agentcall helper as `uid` (gid = uid) and parse what it printed.
 pub fn agentcall(exe: &Path, uid: u32, socket: &Path, what: &[&str]) -> serde_json::Value {
     use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new(exe)
-        .arg(socket)
-        .args(what)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("run agentcall");
+    // A helper copy written a moment ago can be briefly held open for writing by a child that
+    // another test thread forked at that instant (it holds the fd until its exec): ETXTBSY,
+    // gone once that child has exec'd.
+    let mut tries = 0;
+    let out = loop {
+        let r = std::process::Command::new(exe)
+            .arg(socket)
+            .args(what)
+            .uid(uid)
+            .gid(uid)
+            .output();
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.expect("run agentcall"),
+        }
+    };
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("agentcall output: {:?}", out))
 }
 
