@@ -501,7 +501,7 @@ fn effective_ids(status: &str) -> (Option<u32>, Option<u32>) {
 }
 
 /// The unified (v2) hierarchy line `0::/path`.
-fn parse_cgroup_v2(text: &str) -> Option<String> {
+pub fn parse_cgroup_v2(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| p.trim().to_string())

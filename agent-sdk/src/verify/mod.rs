@@ -16,7 +16,7 @@ pub mod wimse;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -236,15 +236,20 @@ pub fn verify_signed(
         )));
     }
     let kid = header.kid.ok_or(VerifyError::NoKid)?;
-    let mut jwks = jwks.clone();
-    if let Some(keys) = jwks.get_mut("keys").and_then(|k| k.as_array_mut()) {
-        keys.retain(usable_for_tokens);
-    }
-    let set: JwkSet =
-        serde_json::from_value(jwks).map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
-    let jwk = set
-        .find(&kid)
+    // The key by kid, among those published for tokens; only that key is parsed (no copy of
+    // the whole set per token).
+    let raw = jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .into_iter()
+        .flatten()
+        .find(|k| {
+            k.get("kid").and_then(|v| v.as_str()) == Some(kid.as_str()) && usable_for_tokens(k)
+        })
         .ok_or_else(|| VerifyError::UnknownKey(kid.clone()))?;
+    let jwk: Jwk = serde_json::from_value(raw.clone())
+        .map_err(|e| VerifyError::Malformed(format!("JWK {kid}: {e}")))?;
+    let jwk = &jwk;
     // The key decides the algorithm, never the token's header.
     let alg = algorithm_of(jwk).map_err(VerifyError::Rejected)?;
     if header.alg != alg {

@@ -11,8 +11,8 @@ use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::hostca::HostCaError;
 use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::x509;
 use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
-use crate::credentials::{jwt, x509};
 use crate::duration::{format_duration, parse_duration};
 use tessera::attestation::key_from_jwk;
 
@@ -130,7 +130,7 @@ impl Credentials {
             .map_err(|e| hostca_problem(e.into()))?;
         let der = x509_cert::der::Encode::to_der(&cert)
             .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        let x5t = jwt::b64_sha256_bytes(&der);
+        let x5t = tessera::verify::x5t_s256(&der);
         // Recorded only while the agent is live, so a racing revocation's CRL includes it.
         match self
             .agents

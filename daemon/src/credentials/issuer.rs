@@ -84,15 +84,14 @@ impl Issuer {
         Ok(base64::engine::general_purpose::STANDARD.encode(crate::keystore::ecdsa::to_jose(&sig)))
     }
 
-    /// A TLS 1.3 CertificateVerify signature (DER ECDSA) by the agent's key over `content`,
-    /// which the caller has checked with [`crate::credentials::tls::check_content`].
+    /// A TLS 1.3 CertificateVerify signature (DER ECDSA) by the agent's key; `digest` is the
+    /// SHA-256 of a content the caller has checked with
+    /// [`crate::credentials::tls::check_content`].
     pub async fn tls_certificate_verify(
         &self,
         agent: &Agent,
-        content: &[u8],
+        digest: [u8; 32],
     ) -> Result<Vec<u8>, KeyStoreError> {
-        use sha2::Digest as _;
-        let digest: [u8; 32] = sha2::Sha256::digest(content).into();
         let sig = self.keystore.sign(&agent.key_id, digest).await?;
         Ok(sig.to_der().as_bytes().to_vec())
     }

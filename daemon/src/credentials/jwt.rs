@@ -77,12 +77,7 @@ pub fn new_jti() -> String {
 
 /// `base64url(SHA-256(s))`: DPoP's `ath` of an access token.
 pub fn b64_sha256(s: &str) -> String {
-    b64_sha256_bytes(s.as_bytes())
-}
-
-/// base64url(SHA-256(bytes)): `x5t#S256` of a DER certificate.
-pub fn b64_sha256_bytes(b: &[u8]) -> String {
-    B64.encode(Sha256::digest(b))
+    B64.encode(Sha256::digest(s.as_bytes()))
 }
 
 /// The claims of one DPoP proof (RFC 9449 §4.2).

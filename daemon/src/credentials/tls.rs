@@ -119,7 +119,7 @@ impl Credentials {
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
         let digest: [u8; 32] = Sha256::digest(&content).into();
-        let sig = match self.issuer.tls_certificate_verify(&agent, &content).await {
+        let sig = match self.issuer.tls_certificate_verify(&agent, digest).await {
             Ok(s) => s,
             Err(e) => return Err(self.signing_problem(&agent, e)),
         };

@@ -294,8 +294,7 @@ fn unix_listener(path: &Path) -> Result<UnixListener, String> {
 
 fn cgroup_unit(pid: &str) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    tesserad::caller::unit_of_cgroup(path.trim())
+    tesserad::caller::unit_of_cgroup(&tesserad::caller::parse_cgroup_v2(&text)?)
 }
 
 fn own_unit() -> Option<String> {
