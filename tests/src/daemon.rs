@@ -103,7 +103,18 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin("tesserad"))
+        // TESSERA_DAEMON_WRAPPER (e.g. "valgrind --tool=callgrind"): profile the daemon.
+        let wrapper = std::env::var("TESSERA_DAEMON_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(words).arg(bin("tesserad"));
+                c
+            }
+            None => Command::new(bin("tesserad")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(&self.args)

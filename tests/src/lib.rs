@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod daemon;
 pub mod devices;
+pub mod floors;
 pub mod http;
 
 pub use daemon::Daemon;

@@ -264,3 +264,172 @@ fn bad_setup_gives_typed_errors() {
     std::fs::write(&cfg, text).unwrap();
     assert_eq!(open_error(&backend, &cfg)["error"], "device-unavailable");
 }
+
+/// The TPM holds few objects (swtpm: three, one of them the primary): fifty keys signed in
+/// random order, twice over, all through an LRU of two loaded keys, each signature checked.
+#[test]
+fn tpm_fifty_keys_sign_correctly_through_two_loaded_slots() {
+    let backend = Backend::tpm();
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("kind = \"tpm\"\n", "kind = \"tpm\"\nmax_loaded_keys = 2\n"),
+    )
+    .unwrap();
+    let ids: Vec<String> = (0..50).map(|i| format!("agent-lru{i:02}")).collect();
+    let mut ops: Vec<String> = ids.iter().map(|i| format!("create:{i}")).collect();
+    let mut order: Vec<usize> = (0..50).chain(0..50).collect();
+    order.shuffle(&mut rand::thread_rng());
+    let digests: Vec<[u8; 32]> = order
+        .iter()
+        .enumerate()
+        .map(|(n, i)| Sha256::digest(format!("msg {n} {i}")).into())
+        .collect();
+    ops.extend(
+        order
+            .iter()
+            .zip(&digests)
+            .map(|(i, d)| format!("sign:{}:{}", ids[*i], hex::encode(d))),
+    );
+    // One process: creations and signatures share one LRU.
+    let out = probe(&backend, &cfg, &ops);
+    assert_eq!(out.len(), ops.len(), "{:?}", out.last());
+    let keys: Vec<VerifyingKey> = out[..50].iter().map(vk).collect();
+    for ((i, d), s) in order.iter().zip(&digests).zip(&out[50..]) {
+        check_sig(&keys[*i], d, s);
+    }
+}
+
+/// Handles cached per key (PKCS#11) or loaded (TPM) are forgotten on destroy: a key made
+/// again under the same id signs with the new key, never the old handle's.
+fn destroyed_then_recreated_key_signs_with_the_new_key(backend: Backend) {
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let d: [u8; 32] = Sha256::digest(b"again").into();
+    let sign = format!("sign:agent-again:{}", hex::encode(d));
+    let out = probe(
+        &backend,
+        &cfg,
+        &[
+            "create:agent-again".into(),
+            sign.clone(),
+            "destroy:agent-again".into(),
+            sign.clone(),
+            "create:agent-again".into(),
+            sign.clone(),
+        ],
+    );
+    assert_eq!(out.len(), 6, "{out:?}");
+    check_sig(&vk(&out[0]), &d, &out[1]);
+    assert_eq!(out[3]["error"], "key-not-found", "{out:?}");
+    let new = vk(&out[4]);
+    assert_ne!(new, vk(&out[0]));
+    check_sig(&new, &d, &out[5]);
+}
+
+tessera_e2e::both_backends!(destroyed_then_recreated_key_signs_with_the_new_key);
+
+/// Another application (pkcs11-tool) deletes a key the store has a cached handle for: the
+/// next signature is refused as key-not-found, never made with the stale handle.
+#[test]
+fn pkcs11_key_destroyed_behind_the_stores_back_is_reported() {
+    use std::io::{BufRead, BufReader, Write};
+    let backend = Backend::pkcs11();
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let d: [u8; 32] = Sha256::digest(b"stale").into();
+    let sign = format!("sign:agent-stale:{}", hex::encode(d));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ksprobe"))
+        .arg(&cfg)
+        .args([
+            "create:agent-stale",
+            "create:agent-other",
+            &sign,
+            "on:1",
+            &sign,
+            "on:0",
+            "pause",
+            &sign,
+            "on:1",
+            &sign,
+            "list",
+        ])
+        .envs(backend.envs())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ksprobe");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value {
+        serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("JSON")
+    };
+    let key = vk(&next());
+    next();
+    check_sig(&key, &d, &next());
+    next();
+    // The second session signs with the handle the first one cached.
+    check_sig(&key, &d, &next());
+    next();
+    let Backend::Pkcs11(hsm) = &backend else {
+        unreachable!()
+    };
+    let out = hsm.pkcs11_tool(&[
+        "--delete-object",
+        "--type",
+        "privkey",
+        "--label",
+        "tessera:agent-stale",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(next()["op"], "pause");
+    let after = next();
+    assert_eq!(after["error"], "key-not-found", "{after}");
+    next();
+    let after = next();
+    assert_eq!(after["error"], "key-not-found", "{after}");
+    // The public half is still there (only the private key was deleted), the other key too.
+    let listed = next();
+    assert_eq!(
+        listed["ids"],
+        serde_json::json!(["agent-other", "agent-stale"])
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+/// Sessions of one store share the handle cache: a key destroyed through one session is
+/// gone for every other.
+#[test]
+fn pkcs11_sessions_share_one_handle_cache() {
+    let backend = Backend::pkcs11();
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let d: [u8; 32] = Sha256::digest(b"shared").into();
+    let sign = format!("sign:agent-shared:{}", hex::encode(d));
+    let out = probe(
+        &backend,
+        &cfg,
+        &[
+            "create:agent-shared".into(),
+            "on:2".into(),
+            sign.clone(),
+            "on:0".into(),
+            "destroy:agent-shared".into(),
+            "on:2".into(),
+            sign.clone(),
+            "on:1".into(),
+            sign.clone(),
+        ],
+    );
+    assert_eq!(out.len(), 9, "{out:?}");
+    check_sig(&vk(&out[0]), &d, &out[2]);
+    assert!(out[4].get("error").is_none(), "{out:?}");
+    assert_eq!(out[6]["error"], "key-not-found", "{out:?}");
+    assert_eq!(out[8]["error"], "key-not-found", "{out:?}");
+}

@@ -12,6 +12,7 @@
 //! - `lifecycle`: enrol / update / suspend / revoke / repair; `agents_dir`: declarative files
 
 pub mod agents_dir;
+pub mod index;
 pub mod lifecycle;
 pub mod policy;
 pub mod record;
@@ -27,6 +28,7 @@ use tokio::sync::broadcast;
 use crate::audit::Audit;
 use crate::keystore::owner::KeyStoreHandle;
 pub use agents_dir::ReconcileReport;
+use index::AgentSet;
 pub use lifecycle::{AdminError, RepairReport, AGENT_KEY_PREFIX};
 pub use policy::Policy;
 pub use record::{now_unix, validate_name, Agent, KeyState, Source, Status};
@@ -93,10 +95,10 @@ pub struct Agents {
     /// `None` once [`Agents::close`] has closed it at shutdown.
     registry: Mutex<Option<Registry>>,
     /// Live agents, re-read from the registry after every change (the hot path reads this).
-    live: RwLock<Arc<Vec<Agent>>>,
+    live: RwLock<Arc<AgentSet>>,
     /// Revoked agents, newest first, re-read with `live`: a refused caller is told whether it
     /// was revoked without a registry query on every refusal.
-    revoked: RwLock<Arc<Vec<Agent>>>,
+    revoked: RwLock<Arc<AgentSet>>,
     /// Bumped every time `live`/`revoked` are re-read after a change.
     generation: AtomicU64,
     pub(crate) keystore: KeyStoreHandle,
@@ -124,8 +126,8 @@ impl Agents {
         Ok(Arc::new(Agents {
             settings: RwLock::new(Arc::new(settings)),
             registry: Mutex::new(Some(registry)),
-            live: RwLock::new(Arc::new(live)),
-            revoked: RwLock::new(Arc::new(revoked)),
+            live: RwLock::new(Arc::new(AgentSet::new(live))),
+            revoked: RwLock::new(Arc::new(AgentSet::new(revoked))),
             generation: AtomicU64::new(1),
             keystore,
             audit,
@@ -171,6 +173,7 @@ impl Agents {
     /// Re-read live agents after a change and bump the generation.
     fn refresh(&self) -> Result<u64, RegistryError> {
         let (live, revoked) = self.with_registry(|r| Ok((r.live()?, r.revoked()?)))?;
+        let (live, revoked) = (AgentSet::new(live), AgentSet::new(revoked));
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
         Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
@@ -179,13 +182,14 @@ impl Agents {
     /// Drop `rows` from the in-memory live set (when re-reading the registry failed after a
     /// revocation committed) and bump the generation.
     fn forget_live(&self, rows: &[i64]) {
+        let rows: std::collections::HashSet<i64> = rows.iter().copied().collect();
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         let kept: Vec<Agent> = live
             .iter()
             .filter(|a| !rows.contains(&a.row))
             .cloned()
             .collect();
-        *live = Arc::new(kept);
+        *live = Arc::new(AgentSet::new(kept));
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -208,7 +212,7 @@ impl Agents {
         self.events.subscribe()
     }
 
-    pub fn live(&self) -> Arc<Vec<Agent>> {
+    pub fn live(&self) -> Arc<AgentSet> {
         self.live
             .read()
             .map(|l| l.clone())
@@ -216,7 +220,7 @@ impl Agents {
     }
 
     /// Revoked agents, newest first.
-    pub fn revoked(&self) -> Arc<Vec<Agent>> {
+    pub fn revoked(&self) -> Arc<AgentSet> {
         self.revoked
             .read()
             .map(|r| r.clone())
@@ -233,8 +237,8 @@ impl Agents {
     /// suspended since it was matched). Call under [`Agents::issuance`].
     pub fn may_release(&self, agent: &Agent) -> bool {
         self.live()
-            .iter()
-            .any(|a| a.row == agent.row && a.status == Status::Active)
+            .by_row(agent.row)
+            .is_some_and(|a| a.status == Status::Active)
     }
 
     /// Record an issued agent certificate, only while its agent is still live (so a racing

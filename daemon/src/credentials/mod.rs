@@ -332,7 +332,7 @@ impl Credentials {
         // else pins it by hash, and only within bounds (size, filesystem, deadline, per uid).
         let needs_hash =
             caller.exe_sha256.is_none()
-                && self.agents.live().iter().any(|a| {
+                && self.agents.live().candidates(&caller, None).any(|a| {
                     a.selectors.exe_sha256.is_some() && a.selectors.matches_cheap(&caller)
                 });
         if !needs_hash {
@@ -421,9 +421,8 @@ impl Credentials {
     pub fn match_agent(&self, caller: &Caller, wanted: Option<&str>) -> Result<Agent, Problem> {
         let live = self.agents.live();
         let matching: Vec<&Agent> = live
-            .iter()
+            .candidates(caller, wanted)
             .filter(|a| a.selectors.matches(caller))
-            .filter(|a| wanted.is_none_or(|w| a.name == w))
             .collect();
         match matching.as_slice() {
             [one] => Ok((*one).clone()),
@@ -452,8 +451,8 @@ impl Credentials {
                 // Tell a revoked agent that it is revoked, not that it is unknown.
                 let revoked = self.agents.revoked();
                 let hit = revoked
-                    .iter()
-                    .find(|a| a.selectors.matches(caller) && wanted.is_none_or(|w| a.name == w));
+                    .candidates(caller, wanted)
+                    .find(|a| a.selectors.matches(caller));
                 match hit {
                     // The admin's reason is for admins (audit, D-Bus signal), not for callers.
                     Some(a) => Err(Problem::new(
@@ -561,8 +560,8 @@ impl Credentials {
             let suspended = self
                 .agents
                 .live()
-                .iter()
-                .any(|a| a.row == agent.row && a.status == Status::Suspended);
+                .by_row(agent.row)
+                .is_some_and(|a| a.status == Status::Suspended);
             let kind = if suspended {
                 Kind::AgentSuspended
             } else {
@@ -873,8 +872,7 @@ impl Credentials {
         }
         self.agents
             .live()
-            .iter()
-            .find(|a| a.row == row)
+            .by_row(row)
             .map(|a| (a.issued_count, a.last_issued_at.unwrap_or(0) as u64))
             .unwrap_or((0, 0))
     }

@@ -35,8 +35,29 @@ pub enum BackendConfig {
         #[serde(default = "default_token_label")]
         token_label: String,
         pin_file: PathBuf,
+        /// Sessions signing in parallel (default: one per CPU).
+        #[serde(default)]
+        sessions: Option<usize>,
     },
 }
+
+impl BackendConfig {
+    /// How many device sessions sign at once: the configured PKCS#11 pool (default one per
+    /// CPU, at most [`MAX_SESSIONS`]); always 1 for a TPM, which runs one command at a time.
+    pub fn signing_sessions(&self) -> usize {
+        match self {
+            BackendConfig::Tpm { .. } => 1,
+            BackendConfig::Pkcs11 { sessions, .. } => sessions
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                })
+                .clamp(1, MAX_SESSIONS),
+        }
+    }
+}
+
+/// Upper bound on the PKCS#11 session pool (each session is a thread).
+pub const MAX_SESSIONS: usize = 64;
 
 fn default_tcti() -> String {
     "device:/dev/tpmrm0".into()
@@ -175,6 +196,11 @@ pub trait KeyStore {
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError>;
     /// Evidence that key `id` was made inside the device, bound to `nonce`.
     fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError>;
+    /// Another handle on the same device that can sign in parallel with this one (a PKCS#11
+    /// session of its own), or `None` where the device takes one command at a time (TPM).
+    fn worker(&mut self) -> Result<Option<Box<dyn KeyStore + Send>>, KeyStoreError> {
+        Ok(None)
+    }
 }
 
 /// Key ids become file names and labels: keep them to a safe alphabet.
@@ -215,6 +241,7 @@ pub fn open(
             module,
             token_label,
             pin_file,
+            ..
         } => {
             let pin = read_pin(pin_file)?;
             Ok(Box::new(pkcs11::Pkcs11KeyStore::open(

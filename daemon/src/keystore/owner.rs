@@ -5,12 +5,16 @@
 //! queueing without bound. Admin operations (create, destroy, list, public key, stop) have
 //! their own lane, served first and never refused as busy: a flood of token requests cannot
 //! make a revocation fail.
+//!
+//! A device that can sign in parallel (a PKCS#11 token, [`KeyStore::worker`]) gets more
+//! owner threads, each with a session of its own, all taking from the one signing lane;
+//! the admin lane stays with the first thread. A TPM keeps exactly one.
 
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use p256::ecdsa::{Signature, VerifyingKey};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::session::SessionKeys;
 use super::{BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError};
@@ -49,28 +53,49 @@ pub struct KeyStoreHandle {
 impl KeyStoreHandle {
     /// Start the owner thread; `open` runs on it (so a non-Send context never moves) and its
     /// error is returned here, so a bad setup fails at start with the device's own reason.
-    pub fn spawn<F>(open: F) -> Result<Self, KeyStoreError>
+    /// Up to `signers - 1` more threads sign in parallel where the device allows it.
+    pub fn spawn<F>(open: F, signers: usize) -> Result<Self, KeyStoreError>
     where
         F: FnOnce() -> Result<Box<dyn KeyStore>, KeyStoreError> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
         let (admin, mut admin_rx) = mpsc::unbounded_channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name("keystore".into())
             .spawn(move || {
                 let mut store = match open() {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(s.backend()));
-                        s
-                    }
+                    Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                // The signing lane is shared: whichever owner is free takes the next request.
+                let lane = Arc::new(tokio::sync::Mutex::new(rx));
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let mut workers = Vec::new();
+                for n in 1..signers.max(1) {
+                    let worker = match store.worker() {
+                        Ok(Some(w)) => w,
+                        Ok(None) => break,
+                        Err(e) => {
+                            // Fewer sessions than asked is a slower daemon, not a broken one.
+                            tracing::warn!(error = %e, sessions = n, "key store: cannot open another signing session");
+                            break;
+                        }
+                    };
+                    match spawn_signer(n, worker, lane.clone(), stop_rx.clone()) {
+                        Ok(h) => workers.push(h),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "key store: cannot start a signing thread");
+                            break;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(store.backend()));
                 // A runtime of this thread alone, to wait on both lanes; the device calls block
-                // it, which is the point: one device operation at a time.
+                // it, which is the point: one device operation at a time per session.
                 let lanes = match tokio::runtime::Builder::new_current_thread().build() {
                     Ok(rt) => rt,
                     Err(_) => return,
@@ -80,7 +105,7 @@ impl KeyStoreHandle {
                         let req = tokio::select! {
                             biased;
                             Some(r) = admin_rx.recv() => r,
-                            Some(r) = rx.recv() => r,
+                            Some(r) = next(&lane) => r,
                             else => break,
                         };
                         if let Request::Stop = req {
@@ -89,11 +114,18 @@ impl KeyStoreHandle {
                         serve(store.as_mut(), req);
                     }
                 });
+                // Every other session closes before this one, whose store finalises the module.
+                let _ = stop_tx.send(true);
+                for w in workers {
+                    let _ = w.join();
+                }
                 // The device is closed here, on its own thread, before `shutdown` returns:
-                // TPM objects flushed, PKCS#11 session closed, C_Finalize, module unloaded.
+                // TPM objects flushed, PKCS#11 sessions closed, C_Finalize, module unloaded.
                 drop(store);
                 // Whatever was still queued behind Stop is answered `Stopped` when dropped.
-                rx.close();
+                if let Ok(mut rx) = lane.try_lock() {
+                    rx.close();
+                }
                 admin_rx.close();
             })
             .map_err(|e| KeyStoreError::Device {
@@ -179,6 +211,43 @@ impl KeyStoreHandle {
         let (id, nonce) = (id.to_string(), nonce.to_vec());
         self.call(|r| Request::Attest(id, nonce, r)).await
     }
+}
+
+type Lane = Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>;
+
+/// The next signing request, for whichever owner asks first (both awaits are cancel-safe).
+async fn next(lane: &Lane) -> Option<Request> {
+    lane.lock().await.recv().await
+}
+
+/// One more owner of the signing lane, with its own device session, until `stop` turns true.
+fn spawn_signer(
+    n: usize,
+    mut store: Box<dyn KeyStore + Send>,
+    lane: Lane,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("keystore-{n}"))
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                return;
+            };
+            rt.block_on(async {
+                loop {
+                    let req = tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => break,
+                        r = next(&lane) => match r {
+                            Some(r) => r,
+                            None => break,
+                        },
+                    };
+                    serve(store.as_mut(), req);
+                }
+            });
+            drop(store);
+        })
 }
 
 fn serve(store: &mut dyn KeyStore, req: Request) {

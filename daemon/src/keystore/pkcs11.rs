@@ -4,8 +4,16 @@
 //! initialised). Agent keys are token objects with CKA_PRIVATE, CKA_SENSITIVE,
 //! CKA_EXTRACTABLE=false, sign only; both halves carry `CKA_ID = <id>` and
 //! `CKA_LABEL = "tessera:<id>"` so they are told apart from anything else on the token.
+//!
+//! Signing is O(1) in the number of keys: private-key handles are cached per key id (a
+//! `C_FindObjects` is linear in the objects on the token), dropped on destroy, and re-found
+//! once when the token says a handle is no longer valid. Several sessions sign in parallel
+//! ([`KeyStore::worker`]), all sharing the one cache: object handles belong to the
+//! application, not to a session.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -29,7 +37,10 @@ pub const LABEL_PREFIX: &str = "tessera:";
 pub struct Pkcs11KeyStore {
     // Field order matters: the session must close before the library is finalised.
     session: Session,
-    _ctx: Pkcs11,
+    ctx: Pkcs11,
+    slot: Slot,
+    /// Private-key handle per key id, shared by every session of this store.
+    handles: Arc<Mutex<HashMap<String, ObjectHandle>>>,
 }
 
 fn ck_err(op: &'static str, e: CkError) -> KeyStoreError {
@@ -138,7 +149,31 @@ impl Pkcs11KeyStore {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => return Err(ck_err("C_Login", e)),
         }
-        Ok(Pkcs11KeyStore { session, _ctx: ctx })
+        Ok(Pkcs11KeyStore {
+            session,
+            ctx,
+            slot,
+            handles: Arc::default(),
+        })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, ObjectHandle>> {
+        // The map holds plain handles: a panic elsewhere cannot leave it half-updated.
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The private key's handle: from the cache, else found on the token (and cached).
+    fn cached_private_handle(&self, id: &str) -> Result<ObjectHandle, KeyStoreError> {
+        if let Some(h) = self.cache().get(id) {
+            return Ok(*h);
+        }
+        let h = self.private_handle(id)?;
+        self.cache().insert(id.to_string(), h);
+        Ok(h)
+    }
+
+    fn sign_with(&self, h: ObjectHandle, digest: &[u8; 32]) -> Result<Vec<u8>, CkError> {
+        self.session.sign(&Mechanism::Ecdsa, h, digest)
     }
 
     fn find(&self, id: &str, class: ObjectClass) -> Result<Vec<ObjectHandle>, KeyStoreError> {
@@ -248,11 +283,18 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
         validate_key_id(id)?;
-        let h = self.private_handle(id)?;
-        let raw = self
-            .session
-            .sign(&Mechanism::Ecdsa, h, digest)
-            .map_err(|e| ck_err("C_Sign", e))?;
+        let h = self.cached_private_handle(id)?;
+        let raw = match self.sign_with(h, digest) {
+            Ok(raw) => raw,
+            // The object went away behind our back (another application destroyed it): never
+            // sign with a stale handle; look the key up once more, and report it gone if it is.
+            Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
+                self.cache().remove(id);
+                let h = self.cached_private_handle(id)?;
+                self.sign_with(h, digest).map_err(|e| ck_err("C_Sign", e))?
+            }
+            Err(e) => return Err(ck_err("C_Sign", e)),
+        };
         if raw.len() != 64 {
             return Err(KeyStoreError::Device {
                 op: "C_Sign",
@@ -266,6 +308,8 @@ impl KeyStore for Pkcs11KeyStore {
         validate_key_id(id)?;
         let mut handles = self.find(id, ObjectClass::PRIVATE_KEY)?;
         handles.extend(self.find(id, ObjectClass::PUBLIC_KEY)?);
+        // Forgotten before the objects go: no session may pick up a handle being destroyed.
+        self.cache().remove(id);
         if handles.is_empty() {
             return Err(KeyStoreError::KeyNotFound(id.to_string()));
         }
@@ -313,9 +357,25 @@ impl KeyStore for Pkcs11KeyStore {
         Ok(ids)
     }
 
+    /// One more session on the same token, sharing this store's handle cache (the user is
+    /// logged in for the whole application, so the new session can sign at once).
+    fn worker(&mut self) -> Result<Option<Box<dyn KeyStore + Send>>, KeyStoreError> {
+        let session = self
+            .ctx
+            .open_rw_session(self.slot)
+            .map_err(|e| ck_err("C_OpenSession", e))?;
+        Ok(Some(Box::new(Pkcs11KeyStore {
+            session,
+            ctx: self.ctx.clone(),
+            slot: self.slot,
+            handles: self.handles.clone(),
+        })))
+    }
+
     /// The token's own account of the private key: what it says, not hardware evidence.
     fn attest(&mut self, id: &str, _nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
         validate_key_id(id)?;
+        // Looked up afresh: evidence names the object the token holds now.
         let h = self.private_handle(id)?;
         let wanted = [
             AttributeType::Token,

@@ -229,6 +229,17 @@ impl Config {
                 format_duration(self.tokens.max_ttl.0)
             )));
         }
+        if let BackendConfig::Pkcs11 {
+            sessions: Some(n), ..
+        } = self.backend
+        {
+            if !(1..=crate::keystore::MAX_SESSIONS).contains(&n) {
+                return Err(invalid(format!(
+                    "backend.sessions must be 1 to {} (it is {n})",
+                    crate::keystore::MAX_SESSIONS
+                )));
+            }
+        }
         if self.audit.checkpoint_every == 0
             || self.audit.checkpoint_interval.0 < Duration::from_secs(1)
         {

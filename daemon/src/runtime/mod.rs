@@ -265,7 +265,8 @@ pub async fn start(
     }
     let backend = cfg.backend.clone();
     let state_dir = cfg.state_dir.clone();
-    let ks = KeyStoreHandle::spawn(move || keystore::open(&backend, &state_dir))
+    let signers = cfg.backend.signing_sessions();
+    let ks = KeyStoreHandle::spawn(move || keystore::open(&backend, &state_dir), signers)
         .context("cannot open the key store")?;
     // From here the key store runs on its own thread: a failed start closes it there (and
     // the audit writer), never leaving it to process exit (the SoftHSM teardown race).

@@ -9,7 +9,7 @@ use sha2::Digest;
 use tessera::{CertificateOptions, DpopOptions, HttpSignatureOptions, TokenOptions};
 use tessera_e2e::daemon::Options;
 use tessera_e2e::devices::write_config;
-use tessera_e2e::{shared_tempdir, Backend, Daemon};
+use tessera_e2e::{floors, shared_tempdir, Backend, Daemon};
 use tesserad::audit::{Audit, Event};
 use tesserad::keystore;
 use tesserad::runtime::config::Config;
@@ -319,6 +319,268 @@ fn kill_switch(backend: Backend, agents: usize) -> (Duration, Duration, Duration
     })
 }
 
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_socket(d: &mut Daemon, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+        assert!(t0.elapsed() < within, "daemon not up:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t0.elapsed()
+}
+
+/// Tokens for a random agent of `names` (named in each request), `clients` at once.
+fn named_tokens(d: &Daemon, names: &Arc<Vec<String>>, clients: usize, per_client: usize) -> Stats {
+    timed_workers(clients, per_client, |_| {
+        let c = Arc::new(d.client());
+        let names = names.clone();
+        Box::new(move || {
+            let c = c.clone();
+            let mut o = TokenOptions::new(AUD);
+            o.agent = Some(names[rand::random::<usize>() % names.len()].clone());
+            async move {
+                c.token(&o).await.expect("token");
+            }
+        })
+    })
+}
+
+async fn dbus_call(
+    conn: &zbus::Connection,
+    method: &str,
+    body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+) {
+    conn.call_method(
+        Some("org.tessera.Tessera1"),
+        "/org/tessera/Tessera1",
+        Some("org.tessera.Tessera1.Manager"),
+        method,
+        body,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method}: {e}"));
+}
+
+/// `BENCH_AGENTS=N`: N agents declared in `agents_dir` on each backend: enrolment (key
+/// generation included), start with N agents, RSS, tokens for random agents beside one agent,
+/// `Revoke` and `RevokeAll` to the first and last refusal.
+fn many_agents(agents: usize, n: usize) {
+    println!("| backend | agents | measurement | value |");
+    println!("|---|---|---|---|");
+    for name in ["tpm", "pkcs11"] {
+        let backend = if name == "tpm" {
+            Backend::tpm()
+        } else {
+            Backend::pkcs11()
+        };
+        let pkcs11_share = matches!(backend, Backend::Pkcs11(_));
+        let bus = tessera_e2e::bus::TestBus::start(tessera_e2e::bus::BusPolicy::Shipped);
+        let names: Vec<String> = (0..agents).map(|i| format!("k{i:05}")).collect();
+        let policy =
+            format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n");
+        let mut d = Daemon::prepare(
+            backend,
+            Options {
+                bus: bus.address.clone(),
+                agents: names.iter().map(|a| (a.clone(), policy.clone())).collect(),
+                ..Default::default()
+            },
+        );
+        let t0 = Instant::now();
+        d.spawn();
+        wait_socket(&mut d, Duration::from_secs(4 * 3600));
+        let enrol = t0.elapsed();
+        println!("| {name} | {agents} | enrol all from agents_dir at first start (keys made in the device) | {:.1} s ({:.1} ms per agent) |", enrol.as_secs_f64(), enrol.as_secs_f64() * 1000.0 / agents as f64);
+        d.stop();
+        let t0 = Instant::now();
+        d.spawn();
+        wait_socket(&mut d, Duration::from_secs(600));
+        let start = t0.elapsed();
+        let names = Arc::new(names);
+        let _ = named_tokens(&d, &names, 4, 25);
+        println!(
+            "| {name} | {agents} | start with all enrolled (spawn -> socket answers) | {} ms |",
+            start.as_millis()
+        );
+        let many = named_tokens(&d, &names, 16, (n / 16).max(1));
+        let rss = rss_kib(d.pid());
+        println!(
+            "| {name} | {agents} | tesserad RSS after the token run | {:.1} MiB |",
+            rss as f64 / 1024.0
+        );
+        if pkcs11_share {
+            // The module's in-process object cache: what opening the same token and listing
+            // every key adds to this (otherwise idle) process.
+            let before = rss_kib(std::process::id() as i32);
+            let cfg = Config::load(&d.config).unwrap();
+            for (k, v) in d.backend.envs() {
+                std::env::set_var(k, v);
+            }
+            let mut store = keystore::open(&cfg.backend, &cfg.state_dir).unwrap();
+            let listed = store.list().unwrap().len();
+            let after = rss_kib(std::process::id() as i32);
+            drop(store);
+            println!("| {name} | {agents} | of which the SoftHSM module's object cache (RSS a process gains opening the token and listing its {listed} keys) | {:.1} MiB |", after.saturating_sub(before) as f64 / 1024.0);
+        }
+        let one = Arc::new(vec![names[0].clone()]);
+        let single = named_tokens(&d, &one, 16, (n / 16).max(1));
+        println!("| {name} | {agents} | token, 16 clients, random agent: p50 / p99 | {} / {} ms ({:.0}/s) |", ms(many.p50), ms(many.p99), many.per_sec);
+        println!("| {name} | {agents} | token, 16 clients, always the same agent: p50 / p99 | {} / {} ms ({:.0}/s) |", ms(single.p50), ms(single.p99), single.per_sec);
+        println!(
+            "| {name} | {agents} | p99 random agent / p99 same agent | {:.2} |",
+            many.p99.as_secs_f64() / single.p99.as_secs_f64()
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let conn = zbus::connection::Builder::address(bus.address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let mut revokes = vec![];
+            let t_all = Instant::now();
+            for i in 1..=20 {
+                let victim = names[i * (agents - 1) / 21].clone();
+                let t = Instant::now();
+                dbus_call(&conn, "Revoke", &(victim, "bench".to_string())).await;
+                revokes.push(t.elapsed());
+            }
+            let r = stats(revokes, t_all.elapsed());
+            println!("| {name} | {agents} | Revoke call, p50 / p99 of 20 | {} / {} ms |", ms(r.p50), ms(r.p99));
+            // Two clients keep asking for the first and the last agent's token; each notes
+            // when it is first refused, counted from the moment RevokeAll is called.
+            let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
+            let mut probes = vec![];
+            for who in [names[0].clone(), names[agents - 1].clone()] {
+                let c = d.client();
+                let t0 = t0.clone();
+                probes.push(tokio::spawn(async move {
+                    let mut o = TokenOptions::new(AUD);
+                    o.agent = Some(who);
+                    loop {
+                        if c.token(&o).await.is_err() {
+                            if let Some(t) = t0.get() {
+                                return t.elapsed();
+                            }
+                        }
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = t0.set(Instant::now());
+            let t = Instant::now();
+            dbus_call(&conn, "RevokeAll", &("bench".to_string(),)).await;
+            let call = t.elapsed();
+            let mut refused = vec![];
+            for p in probes {
+                refused.push(p.await.unwrap());
+            }
+            refused.sort();
+            println!("| {name} | {agents} | RevokeAll: call returned / first agent refused / last agent refused (from the call) | {} / {} / {} ms |", ms(call), ms(refused[0]), ms(refused[1]));
+        });
+        d.stop();
+    }
+}
+
+/// `BENCH_CALLGRIND=N`: the daemon under callgrind (SoftHSM), N tokens from one client after
+/// a warm-up; prints instructions per token (all of the daemon's threads, the PKCS#11 module
+/// included) and leaves the profile for `callgrind_annotate`.
+fn callgrind(tokens_n: usize) {
+    let out = std::env::var("BENCH_CALLGRIND_OUT").unwrap_or_else(|_| "target/callgrind".into());
+    let out = std::path::absolute(out).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    std::env::set_var(
+        "TESSERA_DAEMON_WRAPPER",
+        format!(
+            "valgrind --tool=callgrind --collect-atstart=yes --callgrind-out-file={}/callgrind.out.%p",
+            out.display()
+        ),
+    );
+    let mut d = Daemon::prepare(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![(
+                "bench".into(),
+                format!(
+                    "[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n"
+                ),
+            )],
+            // Longer deadlines: everything runs 20-50x slower under valgrind.
+            extra_config: "[limits]\nrequest_deadline = \"120s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    d.spawn();
+    wait_socket(&mut d, Duration::from_secs(600));
+    let rt = tessera_e2e::rt();
+    let c = d.client();
+    for _ in 0..20 {
+        rt.block_on(c.token(&TokenOptions::new(AUD)))
+            .expect("warm-up token");
+    }
+    let pid = d.pid().to_string();
+    let ctl = |arg: &str| {
+        let st = std::process::Command::new("callgrind_control")
+            .args([arg, &pid])
+            .output()
+            .expect("callgrind_control");
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    };
+    ctl("-z");
+    for _ in 0..tokens_n {
+        rt.block_on(c.token(&TokenOptions::new(AUD)))
+            .expect("token");
+    }
+    ctl("-d");
+    d.stop();
+    // The dump after -z holds exactly the N tokens; its `totals:` line is Ir.
+    let mut dumps: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".1"))
+        .collect();
+    dumps.sort();
+    let mut total = 0u64;
+    for f in &dumps {
+        let text = std::fs::read_to_string(f).unwrap();
+        if let Some(t) = text.lines().find_map(|l| l.strip_prefix("totals: ")) {
+            total += t.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    println!("| measurement | tokens | instructions (Ir) | per token |");
+    println!("|---|---|---|---|");
+    println!(
+        "| tesserad (SoftHSM), 1 client, after 20 warm-up tokens | {tokens_n} | {total} | {} |",
+        total / tokens_n as u64
+    );
+    for f in dumps {
+        println!(
+            "profile: callgrind_annotate --inclusive=yes {}",
+            f.display()
+        );
+    }
+}
+
 /// Full TLS 1.3 handshakes with client authentication against an in-process rustls server
 /// (software key), `clients` threads each doing `per_client` handshakes; the server answers
 /// one byte after each handshake, so a handshake counts only once the server accepted it.
@@ -514,6 +776,15 @@ fn main() {
         tls_rows(k.parse().unwrap_or(1000));
         return;
     }
+    if let Ok(k) = std::env::var("BENCH_CALLGRIND") {
+        callgrind(k.parse().unwrap_or(200));
+        return;
+    }
+    if let Ok(k) = std::env::var("BENCH_AGENTS") {
+        // BENCH_AGENTS=N: only the many-agents scenario (issue 18), on swtpm and SoftHSM.
+        many_agents(k.parse().unwrap_or(10_000), n);
+        return;
+    }
     if let Ok(k) = std::env::var("BENCH_KILL_SWITCH") {
         // BENCH_KILL_SWITCH=N: only the kill switch with N agents, on swtpm and SoftHSM.
         let agents: usize = k.parse().unwrap_or(1000);
@@ -530,10 +801,24 @@ fn main() {
         }
         return;
     }
+    // The floors first, in this process and run: the device asked directly, and one synced
+    // audit-sized append. Every daemon row is then set against (device sign + one sync).
+    let fsync = {
+        let dir = shared_tempdir();
+        floors::fdatasync_append(dir.path(), n)
+    };
+    let fsync = stats(fsync.lat, fsync.wall);
     println!(
-        "| backend | measurement | n | p50 ms | p99 ms | per second | daemon p50 / raw sign p50 |"
+        "| backend | measurement | n | p50 ms | p99 ms | per second | p50 / floor p50 | per second / device sign rate |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| - | floor: 600-byte append + fdatasync | {} | {} | {} | {:.0} | - | - |",
+        fsync.n,
+        ms(fsync.p50),
+        ms(fsync.p99),
+        fsync.per_sec
+    );
     for name in ["tpm", "pkcs11"] {
         let mk = || {
             if name == "tpm" {
@@ -542,14 +827,56 @@ fn main() {
                 Backend::pkcs11()
             }
         };
+        let device = match mk() {
+            Backend::Tpm(t) => {
+                let (resident, reload, context) = floors::tpm_sign(&t, n);
+                let (resident, reload, context) = (
+                    stats(resident.lat, resident.wall),
+                    stats(reload.lat, reload.wall),
+                    stats(context.lat, context.wall),
+                );
+                for (label, s) in [
+                    ("floor: TPM2_Sign, key resident (tss-esapi)", &resident),
+                    ("floor: TPM2_Load + TPM2_Sign + flush", &reload),
+                    ("floor: TPM2_ContextLoad + TPM2_Sign + flush", &context),
+                ] {
+                    println!(
+                        "| tpm | {label} | {} | {} | {} | {:.0} | - | - |",
+                        s.n,
+                        ms(s.p50),
+                        ms(s.p99),
+                        s.per_sec
+                    );
+                }
+                resident
+            }
+            Backend::Pkcs11(h) => {
+                let s = floors::pkcs11_sign(&h, n);
+                let s = stats(s.lat, s.wall);
+                println!(
+                    "| pkcs11 | floor: C_Sign (cryptoki, handle found once) | {} | {} | {} | {:.0} | - | - |",
+                    s.n,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.per_sec
+                );
+                s
+            }
+        };
+        let floor = device.p50 + fsync.p50;
+        let row = |label: &str, s: &Stats| {
+            println!(
+                "| {name} | {label} | {} | {} | {} | {:.0} | {:.2} | {:.0} % |",
+                s.n,
+                ms(s.p50),
+                ms(s.p99),
+                s.per_sec,
+                s.p50.as_secs_f64() / floor.as_secs_f64(),
+                100.0 * s.per_sec / device.per_sec
+            );
+        };
         let raw = raw_sign(&mk(), n);
-        println!(
-            "| {name} | raw key-store sign | {} | {} | {} | {:.0} | 1.0 |",
-            raw.n,
-            ms(raw.p50),
-            ms(raw.p99),
-            raw.per_sec
-        );
+        row("raw key-store sign (tessera's store, no daemon)", &raw);
         let d = Daemon::start_with(
             mk(),
             Options {
@@ -562,28 +889,11 @@ fn main() {
         );
         tokens(&d, 4, 50); // warm up (exe hash cache, key load)
         let (revoke, cutoff) = revocation(&mk, 50);
-        println!(
-            "| {name} | Revoke call (record + key destroyed in device) | {} | {} | {} | - | - |",
-            revoke.n,
-            ms(revoke.p50),
-            ms(revoke.p99)
-        );
-        println!(
-            "| {name} | Revoke returned -> first refused token | {} | {} | {} | - | - |",
-            cutoff.n,
-            ms(cutoff.p50),
-            ms(cutoff.p99)
-        );
+        row("Revoke call (record + key destroyed in device)", &revoke);
+        row("Revoke returned -> first refused token", &cutoff);
         for clients in [1usize, 16] {
             let s = tokens(&d, clients, (n / clients).max(1));
-            println!(
-                "| {name} | token over socket, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
-                s.n,
-                ms(s.p50),
-                ms(s.p99),
-                s.per_sec,
-                s.p50.as_secs_f64() / raw.p50.as_secs_f64()
-            );
+            row(&format!("token over socket, {clients} client(s)"), &s);
         }
         for clients in [1usize, 16] {
             for (what, label) in [
@@ -594,14 +904,7 @@ fn main() {
                 ),
             ] {
                 let s = credentials(&d, what, clients, (n / clients).max(1));
-                println!(
-                    "| {name} | {label}, {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
-                    s.n,
-                    ms(s.p50),
-                    ms(s.p99),
-                    s.per_sec,
-                    s.p50.as_secs_f64() / raw.p50.as_secs_f64()
-                );
+                row(&format!("{label}, {clients} client(s)"), &s);
             }
         }
         {
@@ -620,13 +923,9 @@ fn main() {
             tokens(&ds, 1, 10);
             for clients in [1usize, 16] {
                 let s = credentials(&ds, Credential::Dpop, clients, (n / clients).max(1));
-                println!(
-                    "| {name} | DPoP proof (session key), {clients} client(s) | {} | {} | {} | {:.0} | {:.1} |",
-                    s.n,
-                    ms(s.p50),
-                    ms(s.p99),
-                    s.per_sec,
-                    s.p50.as_secs_f64() / raw.p50.as_secs_f64()
+                row(
+                    &format!("DPoP proof (session key), {clients} client(s)"),
+                    &s,
                 );
             }
         }
@@ -643,20 +942,13 @@ fn main() {
             ),
         ] {
             let s = credentials(&d, what, 1, per.max(1));
-            println!(
-                "| {name} | {label}, 1 client(s) | {} | {} | {} | {:.0} | {:.1} |",
-                s.n,
-                ms(s.p50),
-                ms(s.p99),
-                s.per_sec,
-                s.p50.as_secs_f64() / raw.p50.as_secs_f64()
-            );
+            row(&format!("{label}, 1 client(s)"), &s);
         }
     }
     for writers in [1usize, 16] {
         let s = audit_only(writers, (n / writers).max(1));
         println!(
-            "| - | audit record (write + fdatasync), {writers} writer(s) | {} | {} | {} | {:.0} | - |",
+            "| - | audit record (write + fdatasync), {writers} writer(s) | {} | {} | {} | {:.0} | - | - |",
             s.n,
             ms(s.p50),
             ms(s.p99),

@@ -1,6 +1,8 @@
 //! Test helper: drives a real key store (from a tesserad config) in its own process, so tests
 //! can give each store its own SOFTHSM2_CONF and prove keys survive a process restart.
-//! Usage: ksprobe CONFIG OP...   with OP one of create:ID public:ID sign:ID:HEXDIGEST destroy:ID list
+//! Usage: ksprobe CONFIG OP...   with OP one of create:ID public:ID sign:ID:HEXDIGEST destroy:ID list,
+//! `pause` (waits for a line on stdin, so a test can act on the device between two ops) and
+//! `on:N` (later ops go to session N: 0 is the store opened, others are its `worker()`s).
 //! Prints one JSON line per OP.
 
 use std::path::Path;
@@ -38,9 +40,47 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let mut workers: Vec<Box<dyn KeyStore + Send>> = Vec::new();
+    let mut current = 0usize;
     for op in ops {
-        println!("{}", run(store.as_mut(), op));
+        if op == "pause" {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            println!("{}", json!({"op": op}));
+            continue;
+        }
+        if let Some(n) = op.strip_prefix("on:") {
+            let n: usize = n.parse().unwrap_or(0);
+            while workers.len() < n {
+                match store.worker() {
+                    Ok(Some(w)) => workers.push(w),
+                    Ok(None) => break,
+                    Err(e) => {
+                        println!(
+                            "{}",
+                            json!({"op": op, "error": e.kind(), "message": e.to_string()})
+                        );
+                        break;
+                    }
+                }
+            }
+            if n > workers.len() {
+                println!("{}", json!({"op": op, "error": "no-worker"}));
+                continue;
+            }
+            current = n;
+            println!("{}", json!({"op": op}));
+            continue;
+        }
+        let target: &mut dyn KeyStore = if current == 0 {
+            store.as_mut()
+        } else {
+            workers[current - 1].as_mut()
+        };
+        println!("{}", run(target, op));
     }
+    // Other sessions close before the store that finalises the module.
+    drop(workers);
 }
 
 fn run(store: &mut dyn KeyStore, op: &str) -> serde_json::Value {

@@ -284,7 +284,7 @@ struct Ctx {
     settings: SharedSettings,
     reload: ReloadHook,
     /// Names of the agent objects currently exported.
-    exported: tokio::sync::Mutex<Vec<String>>,
+    exported: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Ctx {
@@ -348,7 +348,8 @@ impl Ctx {
 async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
     let mut exported = ctx.exported.lock().await;
     // Live agents, and revoked ones whose key is still being destroyed (KeyState tells).
-    let mut live: Vec<String> = ctx
+    // Sets: with thousands of agents a pairwise comparison would cost seconds per change.
+    let mut live: std::collections::HashSet<String> = ctx
         .svc
         .agents()
         .live()
@@ -360,12 +361,12 @@ async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
         Err(e) => tracing::warn!(error = %e, "cannot list keys pending destruction"),
     }
     let server = conn.object_server();
-    for name in exported.iter().filter(|n| !live.contains(n)) {
+    for name in exported.iter().filter(|n| !live.contains(*n)) {
         let _ = server
             .remove::<AgentObject, _>(agent_path(name).as_str())
             .await;
     }
-    for name in live.iter().filter(|n| !exported.contains(n)) {
+    for name in live.iter().filter(|n| !exported.contains(*n)) {
         let obj = AgentObject::new(ctx.clone(), name.clone());
         if let Err(e) = server.at(agent_path(name).as_str(), obj).await {
             tracing::warn!(agent = %name, error = %e, "cannot export agent object");

@@ -22,8 +22,7 @@ mod templates;
 
 use attest::read_ek_certificates;
 use blobs::{read_blob, write_blob};
-use templates::primary_template;
-pub use templates::{agent_key_template, attestation_key_template};
+pub use templates::{agent_key_template, attestation_key_template, primary_template};
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 use super::*;
 
 /// The storage primary's fixed template: same template + same owner seed = same key.
-pub(super) fn primary_template() -> Result<Public, tss_esapi::Error> {
+pub fn primary_template() -> Result<Public, tss_esapi::Error> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)

@@ -1,0 +1,150 @@
+//! The in-memory set of agents the hot path reads, indexed so that matching a caller and
+//! checking an agent is O(1) in the number of agents: every agent has a `uid` or a `unit`
+//! selector (enforced at enrolment), so a caller can only match agents filed under its uid or,
+//! for agents without a uid, under its unit.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+
+use super::record::Agent;
+use crate::caller::Caller;
+
+#[derive(Debug, Default)]
+pub struct AgentSet {
+    all: Vec<Agent>,
+    /// Agents with a `uid` selector, by that uid.
+    by_uid: HashMap<u32, Vec<usize>>,
+    /// Agents without a `uid` selector, by their `unit`.
+    by_unit: HashMap<String, Vec<usize>>,
+    /// Anything with neither (not enrolable; kept so a bad record still matches as before).
+    unindexed: Vec<usize>,
+    by_row: HashMap<i64, usize>,
+    by_name: HashMap<String, usize>,
+}
+
+impl AgentSet {
+    pub fn new(all: Vec<Agent>) -> AgentSet {
+        let mut set = AgentSet {
+            all,
+            ..Default::default()
+        };
+        for (i, a) in set.all.iter().enumerate() {
+            set.by_row.insert(a.row, i);
+            // Revoked sets are newest first and may hold a name twice: the newest counts.
+            set.by_name.entry(a.name.clone()).or_insert(i);
+            match (&a.selectors.uid, &a.selectors.unit) {
+                (Some(uid), _) => set.by_uid.entry(*uid).or_default().push(i),
+                (None, Some(unit)) => set.by_unit.entry(unit.clone()).or_default().push(i),
+                (None, None) => set.unindexed.push(i),
+            }
+        }
+        set
+    }
+
+    /// The only agents `caller` can match (in enrolment order); selectors still decide.
+    /// With `wanted`, only the agent of that name (if the caller could match it).
+    pub fn candidates<'a>(
+        &'a self,
+        caller: &Caller,
+        wanted: Option<&str>,
+    ) -> impl Iterator<Item = &'a Agent> + 'a {
+        let mut idx: Vec<usize> = Vec::new();
+        if let Some(w) = wanted {
+            // Filed under the caller's uid or unit, or it cannot be this caller.
+            if let Some(i) = self.by_name.get(w) {
+                let a = &self.all[*i];
+                let filed = match (&a.selectors.uid, &a.selectors.unit) {
+                    (Some(uid), _) => *uid == caller.uid,
+                    (None, Some(unit)) => caller.system_unit() == Some(unit.as_str()),
+                    (None, None) => true,
+                };
+                if filed {
+                    idx.push(*i);
+                }
+            }
+        } else {
+            if let Some(v) = self.by_uid.get(&caller.uid) {
+                idx.extend(v);
+            }
+            if let Some(v) = caller.system_unit().and_then(|u| self.by_unit.get(u)) {
+                idx.extend(v);
+            }
+            idx.extend(&self.unindexed);
+            idx.sort_unstable();
+        }
+        idx.into_iter().map(move |i| &self.all[i])
+    }
+
+    /// The agent with this registry row, if it is in the set.
+    pub fn by_row(&self, row: i64) -> Option<&Agent> {
+        self.by_row.get(&row).map(|i| &self.all[*i])
+    }
+}
+
+impl Deref for AgentSet {
+    type Target = [Agent];
+    fn deref(&self) -> &[Agent] {
+        &self.all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::selectors::Selectors;
+
+    fn agent(row: i64, uid: Option<u32>, unit: Option<&str>) -> Agent {
+        Agent {
+            row,
+            name: format!("a{row}"),
+            id: String::new(),
+            status: crate::agents::record::Status::Active,
+            source: crate::agents::record::Source::Dbus,
+            selectors: Selectors {
+                uid,
+                unit: unit.map(str::to_string),
+                ..Default::default()
+            },
+            policy: serde_json::from_value(serde_json::json!({"audiences": ["https://a"]})).unwrap(),
+            key_id: String::new(),
+            key_state: crate::agents::record::KeyState::Present,
+            kid: None,
+            jwk: None,
+            created_at: 0,
+            updated_at: 0,
+            revoked_at: None,
+            revoke_reason: None,
+            issued_count: 0,
+            last_issued_at: None,
+            file_hash: None,
+        }
+    }
+
+    #[test]
+    fn candidates_are_the_callers_uid_and_unit_only() {
+        let set = AgentSet::new(vec![
+            agent(1, Some(1000), None),
+            agent(2, Some(1001), None),
+            agent(3, None, Some("a.service")),
+            agent(4, Some(1000), Some("b.service")),
+            agent(5, None, Some("b.service")),
+        ]);
+        let mut c = Caller::from_bus(1, 1000, 1000);
+        let rows: Vec<i64> = set.candidates(&c, None).map(|a| a.row).collect();
+        assert_eq!(rows, vec![1, 4]);
+        let rows: Vec<i64> = set.candidates(&c, Some("a4")).map(|a| a.row).collect();
+        assert_eq!(rows, vec![4]);
+        assert_eq!(set.candidates(&c, Some("a2")).count(), 0);
+        assert_eq!(set.candidates(&c, Some("a5")).count(), 0);
+        assert_eq!(set.candidates(&c, Some("nobody")).count(), 0);
+        c.unit = Some("b.service".into());
+        c.cgroup = Some("/system.slice/b.service".into());
+        let rows: Vec<i64> = set.candidates(&c, None).map(|a| a.row).collect();
+        assert_eq!(rows, vec![1, 4, 5]);
+        let rows: Vec<i64> = set.candidates(&c, Some("a5")).map(|a| a.row).collect();
+        assert_eq!(rows, vec![5]);
+        assert_eq!(set.by_row(3).map(|a| a.name.as_str()), Some("a3"));
+        assert!(set.by_row(9).is_none());
+        assert_eq!(set.len(), 5);
+    }
+}
