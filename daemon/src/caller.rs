@@ -75,14 +75,13 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
-            // Taken by `snapshot_exe`, off the accept loop (a stat can block on a hostile
-            // filesystem).
+            // Taken by `snapshot_exe`, in the connection's task.
             exe_at_accept: None,
         })
     }
 
-    /// Record the peer's executable as it is now (blocking: call off the reactor, before the
-    /// first request is read).
+    /// Record the peer's executable as it is now, before the first request is read (a statx
+    /// of the cached inode: see [`exe_stat`]).
     pub fn snapshot_exe(mut self) -> Peer {
         self.exe_at_accept = exe_id(Path::new("/proc"), self.pid);
         self
@@ -109,12 +108,54 @@ impl Peer {
     }
 }
 
-/// Device and inode of the file `/proc/<pid>/exe` names (stat follows the magic link to the
-/// very file the process runs, whatever path it was started by).
+/// What identifies one version of an executable file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ExeStat {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl From<&fs::Metadata> for ExeStat {
+    fn from(md: &fs::Metadata) -> ExeStat {
+        ExeStat {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+}
+
+/// The file `/proc/<pid>/exe` names (the magic link leads to the very file the process runs,
+/// whatever path it was started by), as the kernel has its attributes cached: with
+/// AT_STATX_DONT_SYNC no filesystem (FUSE, NFS) is asked anything, so this never waits on one
+/// and runs on the reactor. Device and inode never change for a file; size and times are the
+/// kernel's own for local filesystems, the only ones whose executables are hashed.
+fn exe_stat(proc_root: &Path, pid: i32) -> Option<ExeStat> {
+    use rustix::fs::{makedev, statx, AtFlags, StatxFlags, CWD};
+    let st = statx(
+        CWD,
+        proc_root.join(pid.to_string()).join("exe"),
+        AtFlags::STATX_DONT_SYNC,
+        StatxFlags::BASIC_STATS,
+    )
+    .ok()?;
+    Some(ExeStat {
+        dev: makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        size: st.stx_size,
+        mtime: (st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)),
+        ctime: (st.stx_ctime.tv_sec, i64::from(st.stx_ctime.tv_nsec)),
+    })
+}
+
+/// Device and inode of the peer's executable (see [`exe_stat`]).
 fn exe_id(proc_root: &Path, pid: i32) -> Option<(u64, u64)> {
-    fs::metadata(proc_root.join(pid.to_string()).join("exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    exe_stat(proc_root, pid).map(|s| (s.dev, s.ino))
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -128,20 +169,19 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// A pidfd turns readable once its process has exited (zombies included): polled without
+/// waiting, not readable means the very process that connected is still there.
 fn pidfd_alive(fd: &OwnedFd) -> bool {
-    // SAFETY: pidfd_send_signal with signal 0 only checks existence and permission; the info
-    // pointer is null, which the kernel accepts. The fd is valid for the call's duration.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    // EPERM: the process exists but we may not signal it (we run without CAP_KILL).
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => return true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Readable (exited), or an error: not believed to be alive.
+            _ => return false,
+        }
+    }
 }
 
 /// A caller as the kernel describes it at the time of a request.
@@ -203,28 +243,16 @@ pub struct ExeHashCache {
 /// Device, inode, size, mtime and ctime (seconds and nanoseconds). ctime matters: the owner
 /// of a file can rewrite it and set mtime back, but any change of content or metadata moves
 /// ctime, and nobody can set it.
-type ExeKey = (u64, u64, u64, i64, i64, i64, i64);
-
-fn exe_key(md: &fs::Metadata) -> ExeKey {
-    (
-        md.dev(),
-        md.ino(),
-        md.size(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec(),
-    )
-}
+type ExeKey = ExeStat;
 
 impl ExeHashCache {
     /// The hash of this exact file version if it was computed before (no reading).
-    fn cached(&self, md: &fs::Metadata) -> Option<String> {
+    fn cached(&self, st: &ExeStat) -> Option<String> {
         let slot = self
             .map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&exe_key(md))
+            .get(st)
             .cloned()?;
         let h = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
         h
@@ -232,7 +260,7 @@ impl ExeHashCache {
 
     fn hash(&self, file: &mut fs::File) -> std::io::Result<String> {
         let md = file.metadata()?;
-        let key = exe_key(&md);
+        let key = ExeStat::from(&md);
         let slot = {
             let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
             if m.len() > 4096 {
@@ -369,7 +397,8 @@ impl tokio::io::AsyncWrite for SenderChecked {
 }
 
 /// Read `/proc` for `peer` and confirm afterwards that the pid still names the same process.
-/// Blocking (reads files): call from a blocking context.
+/// Only procfs and [`exe_stat`]: nothing waits on a disk or a remote filesystem, so this may
+/// run on the reactor (hashing the executable, [`hash_exe`], may not).
 pub fn identify(peer: &Peer, cache: &ExeHashCache) -> Result<Caller, CallerError> {
     identify_at(peer, cache, Path::new("/proc"))
 }
@@ -387,8 +416,8 @@ fn identify_at(peer: &Peer, cache: &ExeHashCache, proc_root: &Path) -> Result<Ca
     // in which case exe selectors cannot match (None), never a guess.
     let exe = fs::read_link(dir.join("exe")).ok();
     // One stat for the identity and the cache key, so both describe the same file.
-    let exe_md = fs::metadata(dir.join("exe")).ok();
-    let exe_id = exe_md.as_ref().map(|m| (m.dev(), m.ino()));
+    let exe_md = exe_stat(proc_root, peer.pid);
+    let exe_id = exe_md.as_ref().map(|m| (m.dev, m.ino));
     // Unknown at accept (unreadable then) counts as a change too: no exe selector can match
     // a process whose program at accept nobody saw.
     if exe_id != peer.exe_at_accept {

@@ -105,7 +105,8 @@ mod tests {
                 unit: unit.map(str::to_string),
                 ..Default::default()
             },
-            policy: serde_json::from_value(serde_json::json!({"audiences": ["https://a"]})).unwrap(),
+            policy: serde_json::from_value(serde_json::json!({"audiences": ["https://a"]}))
+                .unwrap(),
             key_id: String::new(),
             key_state: crate::agents::record::KeyState::Present,
             kid: None,

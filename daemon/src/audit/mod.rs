@@ -74,38 +74,62 @@ fn io_err(path: &Path, source: std::io::Error) -> AuditError {
 
 /// JSON with keys sorted at every level, compact.
 pub fn canonical(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(512);
     write_canonical(v, &mut out);
-    out
+    into_string(out)
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
+/// Only JSON text is ever written into these buffers, which is UTF-8.
+pub(crate) fn into_string(out: Vec<u8>) -> String {
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A JSON string or scalar, compact, exactly as serde_json writes it.
+pub(crate) fn write_json<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail, and these values are always serialisable.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+pub(crate) fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
+            out.push(b'{');
+            // serde_json's map is sorted already unless `preserve_order` is on somewhere in
+            // the build: sort only when it is not (the hash must never depend on that).
+            if m.keys().is_sorted() {
+                for (i, (k, x)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_json(k, out);
+                    out.push(b':');
+                    write_canonical(x, out);
                 }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                write_canonical(&m[k.as_str()], out);
+            } else {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                for (i, k) in keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_json(*k, out);
+                    out.push(b':');
+                    write_canonical(&m[k.as_str()], out);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => write_json(other, out),
     }
 }
 

@@ -5,11 +5,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::checkpoint::Head;
 use super::verify::{files_in_order, first_seq};
-use super::{canonical, io_err, record_hash, AuditError, Event, Job, TornTail, CURRENT, GENESIS};
+use super::{
+    into_string, io_err, write_canonical, write_json, AuditError, Event, Job, TornTail, CURRENT,
+    GENESIS,
+};
 
 pub(super) struct Writer {
     pub(super) dir: PathBuf,
@@ -56,34 +60,57 @@ impl Writer {
         Ok(())
     }
 
-    pub(super) fn build(&self, ev: &Event, seq: u64, prev: &str) -> (Value, String) {
+    /// The record's line (canonical JSON, no newline), its hash, and where its `details`
+    /// are in the line. One serialisation: the top-level members are written in their sorted
+    /// order (agent, caller, details, event, [hash], prev, seq, time), the hash taken over the
+    /// line without `hash` (what [`record_hash`] computes) and then put in its place.
+    pub(super) fn build(&self, ev: &Event, seq: u64, prev: &str) -> Built {
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let mut rec = Map::new();
-        rec.insert("seq".into(), json!(seq));
-        rec.insert("time".into(), json!(time));
-        rec.insert("event".into(), json!(ev.event));
-        rec.insert(
-            "agent".into(),
-            ev.agent
-                .as_ref()
-                .map(|a| json!({"name": a.name, "id": a.id}))
-                .unwrap_or(Value::Null),
-        );
-        rec.insert(
-            "caller".into(),
-            ev.caller
-                .as_ref()
-                .and_then(|c| serde_json::to_value(c).ok())
-                .unwrap_or(Value::Null),
-        );
-        rec.insert("details".into(), ev.details.clone());
-        rec.insert("prev".into(), json!(prev));
-        let mut rec = Value::Object(rec);
-        let hash = record_hash(&rec);
-        rec["hash"] = json!(hash);
-        (rec, hash)
+        let mut out = Vec::with_capacity(768);
+        out.extend_from_slice(br#"{"agent":"#);
+        match &ev.agent {
+            Some(a) => {
+                out.extend_from_slice(br#"{"id":"#);
+                write_json(&a.id, &mut out);
+                out.extend_from_slice(br#","name":"#);
+                write_json(&a.name, &mut out);
+                out.push(b'}');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","caller":"#);
+        match ev
+            .caller
+            .as_ref()
+            .and_then(|c| serde_json::to_value(c).ok())
+        {
+            Some(c) => write_canonical(&c, &mut out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","details":"#);
+        let details_at = out.len();
+        write_canonical(&ev.details, &mut out);
+        let details = details_at..out.len();
+        out.extend_from_slice(br#","event":"#);
+        write_json(ev.event, &mut out);
+        let hash_at = out.len();
+        out.extend_from_slice(br#","prev":"#);
+        write_json(prev, &mut out);
+        out.extend_from_slice(br#","seq":"#);
+        write_json(&seq, &mut out);
+        out.extend_from_slice(br#","time":"#);
+        write_json(&time, &mut out);
+        out.push(b'}');
+        let hash = hex::encode(Sha256::digest(&out));
+        let member = format!(r#","hash":"{hash}""#);
+        out.splice(hash_at..hash_at, member.into_bytes());
+        Built {
+            line: into_string(out),
+            hash,
+            details,
+        }
     }
 
     pub(super) fn write_batch(&mut self, batch: Vec<Job>) {
@@ -93,23 +120,26 @@ impl Writer {
         let mut built = Vec::with_capacity(batch.len());
         for (ev, _) in &batch {
             seq += 1;
-            let (rec, hash) = self.build(ev, seq, &prev);
-            buf.push_str(&canonical(&rec));
+            let b = self.build(ev, seq, &prev);
+            buf.push_str(&b.line);
             buf.push('\n');
-            built.push(rec);
-            prev = hash;
+            prev = b.hash.clone();
+            built.push(b);
         }
         match self.append(buf.as_bytes()) {
             Ok(()) => {
                 self.seq = seq;
                 self.prev = prev;
                 self.publish_head();
-                for rec in &built {
-                    emit_trace(rec);
-                }
                 let first = self.seq + 1 - batch.len() as u64;
-                for (i, (_, reply)) in batch.into_iter().enumerate() {
+                // Durable: the waiting callers go first, the log lines after.
+                let mut events = Vec::with_capacity(batch.len());
+                for (i, (ev, reply)) in batch.into_iter().enumerate() {
                     let _ = reply.send(Ok(first + i as u64));
+                    events.push(ev);
+                }
+                for (i, (ev, b)) in events.iter().zip(&built).enumerate() {
+                    emit_trace(first + i as u64, ev, &b.line[b.details.clone()]);
                 }
                 if self.size >= self.rotate_bytes {
                     if let Err(e) = self.rotate() {
@@ -202,16 +232,16 @@ impl Writer {
             "last_hash": last_hash,
         }));
         let seq = self.seq + 1;
-        let (rec, hash) = self.build(&ev, seq, &self.prev.clone());
-        let mut line = canonical(&rec);
+        let b = self.build(&ev, seq, &self.prev.clone());
+        let mut line = b.line.clone();
         line.push('\n');
         self.append(line.as_bytes())?;
         self.seq = seq;
-        self.prev = hash;
+        self.prev = b.hash.clone();
         self.pruned_at = seq;
         self.first = through_seq + 1;
         self.publish_head();
-        emit_trace(&rec);
+        emit_trace(seq, &ev, &b.line[b.details.clone()]);
         for f in &doomed {
             fs::remove_file(f).map_err(|e| io_err(f, e))?;
         }
@@ -232,19 +262,27 @@ impl Writer {
     }
 }
 
-fn emit_trace(rec: &Value) {
+fn emit_trace(seq: u64, ev: &Event, details: &str) {
+    let caller = ev.caller.as_ref();
     tracing::info!(
         target: "tessera::audit",
-        seq = rec["seq"].as_u64().unwrap_or(0),
-        event = rec["event"].as_str().unwrap_or(""),
-        agent = rec["agent"]["name"].as_str().unwrap_or(""),
-        pid = rec["caller"]["pid"].as_i64().unwrap_or(0),
-        uid = rec["caller"]["uid"].as_u64().unwrap_or(0),
-        exe_sha256 = rec["caller"]["exe_sha256"].as_str().unwrap_or(""),
-        jti = rec["details"]["jti"].as_str().unwrap_or(""),
-        details = %rec["details"],
+        seq,
+        event = ev.event,
+        agent = ev.agent.as_ref().map_or("", |a| a.name.as_str()),
+        pid = caller.map_or(0, |c| c.pid as i64),
+        uid = caller.map_or(0, |c| c.uid as u64),
+        exe_sha256 = caller.and_then(|c| c.exe_sha256.as_deref()).unwrap_or(""),
+        jti = ev.details["jti"].as_str().unwrap_or(""),
+        details = details,
         "audit"
     );
+}
+
+/// One record as written: its line, hash, and the byte range of its `details` in the line.
+pub(super) struct Built {
+    pub(super) line: String,
+    pub(super) hash: String,
+    pub(super) details: std::ops::Range<usize>,
 }
 
 /// Where a crash left the current file torn: the offset of its first line that is not a JSON
@@ -337,4 +375,66 @@ fn last_record_of(path: &Path) -> Result<(u64, String), AuditError> {
         }
     }
     last.ok_or_else(|| io_err(path, std::io::Error::other("no record in a rotated file")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{canonical, record_hash, AgentRef, CallerRecord};
+
+    /// The one-pass line is exactly the canonical form of the record, and its hash is what
+    /// `record_hash` (the verifier's) computes from the parsed line.
+    #[test]
+    fn built_line_is_canonical_and_hash_matches_the_verifier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (head, _) = tokio::sync::watch::channel(Head {
+            seq: 0,
+            hash: GENESIS.into(),
+            pruned_at: 0,
+            first: 1,
+        });
+        let w = Writer {
+            dir: dir.path().into(),
+            file: None,
+            size: 0,
+            seq: 0,
+            prev: GENESIS.into(),
+            rotate_bytes: 1 << 20,
+            keep_files: None,
+            keep_bytes: None,
+            head,
+            anchored: Default::default(),
+            pruned_at: 0,
+            first: 1,
+        };
+        let events = [
+            Event::new("daemon.started"),
+            Event {
+                event: "token.issued",
+                agent: Some(AgentRef {
+                    name: "a\"b\u{e9}".into(),
+                    id: "spiffe://x/y".into(),
+                }),
+                caller: Some(CallerRecord {
+                    pid: 7,
+                    uid: 1000,
+                    gid: 1000,
+                    exe: Some("/usr/bin/\n".into()),
+                    exe_sha256: None,
+                    unit: Some("x.service".into()),
+                    cgroup: None,
+                }),
+                details: json!({"z": [1, {"b": null, "a": "\u{1}"}], "jti": "j", "aud": 1.5}),
+            },
+        ];
+        for ev in &events {
+            let b = w.build(ev, 42, "prevhash");
+            let parsed: Value = serde_json::from_str(&b.line).unwrap();
+            assert_eq!(canonical(&parsed), b.line);
+            assert_eq!(record_hash(&parsed), b.hash);
+            assert_eq!(parsed["hash"], json!(b.hash));
+            assert_eq!(parsed["seq"], json!(42));
+            assert_eq!(canonical(&ev.details), b.line[b.details.clone()]);
+        }
+    }
 }

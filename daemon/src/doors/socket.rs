@@ -275,13 +275,10 @@ pub async fn serve(
         let svc = svc.clone();
         let settings = settings.clone();
         let watcher = graceful.watcher();
-        // Everything that may block (reading /proc) happens in the connection's own task,
-        // never in this accept loop.
+        // Reading /proc happens in the connection's own task, never in this accept loop.
         tokio::spawn(async move {
-            let peer = match tokio::task::spawn_blocking(move || peer.snapshot_exe()).await {
-                Ok(p) => Arc::new(p),
-                Err(_) => return,
-            };
+            // A statx of the cached inode (caller::exe_stat): nothing here waits on a disk.
+            let peer = Arc::new(peer.snapshot_exe());
             let peer_for_io = peer.clone();
             let service = service_fn(move |req| {
                 let svc = svc.clone();

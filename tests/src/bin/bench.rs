@@ -531,8 +531,9 @@ fn callgrind(tokens_n: usize) {
     let rt = tessera_e2e::rt();
     let c = d.client();
     for _ in 0..20 {
-        rt.block_on(c.token(&TokenOptions::new(AUD)))
-            .expect("warm-up token");
+        if let Err(e) = rt.block_on(c.token(&TokenOptions::new(AUD))) {
+            panic!("warm-up token: {e}\n{}", d.log_text());
+        }
     }
     let pid = d.pid().to_string();
     let ctl = |arg: &str| {
