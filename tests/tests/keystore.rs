@@ -308,25 +308,38 @@ fn destroyed_then_recreated_key_signs_with_the_new_key(backend: Backend) {
     let state = shared_tempdir();
     let cfg = write_config(&backend, state.path(), "");
     let d: [u8; 32] = Sha256::digest(b"again").into();
-    let sign = format!("sign:agent-again:{}", hex::encode(d));
-    let out = probe(
-        &backend,
-        &cfg,
-        &[
-            "create:agent-again".into(),
+    // Twice: searching the token, then with a store that enumerated it first (`list`, as the
+    // daemon does at start) and answers from what it knows.
+    for (round, first) in [(0, None), (1, Some("list"))] {
+        let id = format!("agent-again{round}");
+        let sign = format!("sign:{id}:{}", hex::encode(d));
+        let mut ops: Vec<String> = first.into_iter().map(String::from).collect();
+        ops.extend([
+            format!("create:{id}"),
             sign.clone(),
-            "destroy:agent-again".into(),
+            format!("destroy:{id}"),
             sign.clone(),
-            "create:agent-again".into(),
+            format!("public:{id}"),
+            format!("destroy:{id}"),
+            format!("create:{id}"),
             sign.clone(),
-        ],
-    );
-    assert_eq!(out.len(), 6, "{out:?}");
-    check_sig(&vk(&out[0]), &d, &out[1]);
-    assert_eq!(out[3]["error"], "key-not-found", "{out:?}");
-    let new = vk(&out[4]);
-    assert_ne!(new, vk(&out[0]));
-    check_sig(&new, &d, &out[5]);
+            format!("create:{id}"),
+            format!("public:{id}"),
+        ]);
+        let out = probe(&backend, &cfg, &ops);
+        let out = &out[first.is_some() as usize..];
+        assert_eq!(out.len(), 10, "{out:?}");
+        check_sig(&vk(&out[0]), &d, &out[1]);
+        assert!(out[2].get("error").is_none(), "{out:?}");
+        assert_eq!(out[3]["error"], "key-not-found", "{out:?}");
+        assert_eq!(out[4]["error"], "key-not-found", "{out:?}");
+        assert_eq!(out[5]["error"], "key-not-found", "{out:?}");
+        let new = vk(&out[6]);
+        assert_ne!(new, vk(&out[0]));
+        check_sig(&new, &d, &out[7]);
+        assert_eq!(out[8]["error"], "key-exists", "{out:?}");
+        assert_eq!(vk(&out[9]), new);
+    }
 }
 
 tessera_e2e::both_backends!(destroyed_then_recreated_key_signs_with_the_new_key);

@@ -11,7 +11,7 @@
 //! ([`KeyStore::worker`]), all sharing the one cache: object handles belong to the
 //! application, not to a session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -39,8 +39,33 @@ pub struct Pkcs11KeyStore {
     session: Session,
     ctx: Pkcs11,
     slot: Slot,
-    /// Private-key handle per key id, shared by every session of this store.
-    handles: Arc<Mutex<HashMap<String, ObjectHandle>>>,
+    /// Object handles per key id, shared by every session of this store.
+    handles: Arc<Mutex<HandleCache>>,
+}
+
+/// What this store knows of the token's objects, so that no signature, enrolment or
+/// revocation has to search the token (a search is linear in its objects).
+#[derive(Default)]
+struct HandleCache {
+    keys: HashMap<String, KeyHandles>,
+    /// Ids found with more than one object of a class (not made by us): always searched.
+    ambiguous: HashSet<String>,
+    /// Set once [`KeyStore::list`] enumerated the token; from then on every create and
+    /// destroy goes through this cache, so an id absent here has no objects.
+    complete: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+struct KeyHandles {
+    private: Option<ObjectHandle>,
+    public: Option<ObjectHandle>,
+}
+
+fn stale(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+    )
 }
 
 fn ck_err(op: &'static str, e: CkError) -> KeyStoreError {
@@ -157,18 +182,44 @@ impl Pkcs11KeyStore {
         })
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, ObjectHandle>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HandleCache> {
         // The map holds plain handles: a panic elsewhere cannot leave it half-updated.
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The handles of `id` this store knows, if it can vouch for them.
+    fn cached(&self, id: &str) -> Option<KeyHandles> {
+        let c = self.cache();
+        if c.ambiguous.contains(id) {
+            return None;
+        }
+        c.keys.get(id).copied()
+    }
+
+    /// True when the token is known to hold no object of `id`.
+    fn known_absent(&self, id: &str) -> bool {
+        let c = self.cache();
+        c.complete && !c.keys.contains_key(id) && !c.ambiguous.contains(id)
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache().keys.remove(id);
+    }
+
     /// The private key's handle: from the cache, else found on the token (and cached).
     fn cached_private_handle(&self, id: &str) -> Result<ObjectHandle, KeyStoreError> {
-        if let Some(h) = self.cache().get(id) {
-            return Ok(*h);
+        if let Some(h) = self.cached(id).and_then(|k| k.private) {
+            return Ok(h);
         }
         let h = self.private_handle(id)?;
-        self.cache().insert(id.to_string(), h);
+        let public = self.find(id, ObjectClass::PUBLIC_KEY)?.into_iter().next();
+        self.cache().keys.insert(
+            id.to_string(),
+            KeyHandles {
+                private: Some(h),
+                public,
+            },
+        );
         Ok(h)
     }
 
@@ -228,9 +279,15 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
         validate_key_id(id)?;
-        if !self.find(id, ObjectClass::PRIVATE_KEY)?.is_empty()
-            || !self.find(id, ObjectClass::PUBLIC_KEY)?.is_empty()
-        {
+        let exists = if self.cached(id).is_some() {
+            true
+        } else if self.known_absent(id) {
+            false
+        } else {
+            !self.find(id, ObjectClass::PRIVATE_KEY)?.is_empty()
+                || !self.find(id, ObjectClass::PUBLIC_KEY)?.is_empty()
+        };
+        if exists {
             return Err(KeyStoreError::KeyExists(id.to_string()));
         }
         let label = format!("{LABEL_PREFIX}{id}").into_bytes();
@@ -259,10 +316,17 @@ impl KeyStore for Pkcs11KeyStore {
             Attribute::Unwrap(false),
             Attribute::Derive(false),
         ]);
-        let (pubh, _privh) = self
+        let (pubh, privh) = self
             .session
             .generate_key_pair(&Mechanism::EccKeyPairGen, &pub_t, &priv_t)
             .map_err(|e| ck_err("C_GenerateKeyPair", e))?;
+        self.cache().keys.insert(
+            id.to_string(),
+            KeyHandles {
+                private: Some(privh),
+                public: Some(pubh),
+            },
+        );
         let public = self.read_public(pubh)?;
         Ok(CreatedKey {
             id: id.to_string(),
@@ -272,6 +336,19 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
         validate_key_id(id)?;
+        if let Some(KeyHandles {
+            private: Some(_),
+            public: Some(pubh),
+        }) = self.cached(id)
+        {
+            match self.session.get_attributes(pubh, &[AttributeType::EcPoint]) {
+                Ok(_) => return self.read_public(pubh),
+                Err(e) if stale(&e) => self.forget(id),
+                Err(e) => return Err(ck_err("C_GetAttributeValue(CKA_EC_POINT)", e)),
+            }
+        } else if self.known_absent(id) {
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+        }
         self.private_handle(id)?;
         let pubh = self
             .find(id, ObjectClass::PUBLIC_KEY)?
@@ -288,8 +365,8 @@ impl KeyStore for Pkcs11KeyStore {
             Ok(raw) => raw,
             // The object went away behind our back (another application destroyed it): never
             // sign with a stale handle; look the key up once more, and report it gone if it is.
-            Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
-                self.cache().remove(id);
+            Err(e) if stale(&e) => {
+                self.forget(id);
                 let h = self.cached_private_handle(id)?;
                 self.sign_with(h, digest).map_err(|e| ck_err("C_Sign", e))?
             }
@@ -306,14 +383,35 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
         validate_key_id(id)?;
-        let mut handles = self.find(id, ObjectClass::PRIVATE_KEY)?;
-        handles.extend(self.find(id, ObjectClass::PUBLIC_KEY)?);
         // Forgotten before the objects go: no session may pick up a handle being destroyed.
-        self.cache().remove(id);
-        if handles.is_empty() {
+        let known = self.cached(id);
+        self.forget(id);
+        if let Some(k) = known {
+            // Private half first: it is the part that can sign.
+            let mut gone_already = false;
+            for h in [k.private, k.public].into_iter().flatten() {
+                match self.session.destroy_object(h) {
+                    Ok(()) => {}
+                    Err(e) if stale(&e) => gone_already = true,
+                    Err(e) => return Err(ck_err("C_DestroyObject", e)),
+                }
+            }
+            if !gone_already {
+                return Ok(());
+            }
+            // Something changed the token behind our back: search it to be sure.
+        } else if self.known_absent(id) {
             return Err(KeyStoreError::KeyNotFound(id.to_string()));
         }
-        // Private half first: it is the part that can sign.
+        let mut handles = self.find(id, ObjectClass::PRIVATE_KEY)?;
+        handles.extend(self.find(id, ObjectClass::PUBLIC_KEY)?);
+        if handles.is_empty() {
+            return match known {
+                // The cached objects were the key, and they are gone.
+                Some(_) => Ok(()),
+                None => Err(KeyStoreError::KeyNotFound(id.to_string())),
+            };
+        }
         for h in handles {
             self.session
                 .destroy_object(h)
@@ -327,11 +425,14 @@ impl KeyStore for Pkcs11KeyStore {
                 detail: format!("{left} object(s) of key {id} still on the token after destroy"),
             });
         }
+        self.cache().ambiguous.remove(id);
         Ok(())
     }
 
+    /// Enumerates the token once and fills the handle cache from what it finds.
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError> {
-        let mut ids = Vec::new();
+        let mut keys: HashMap<String, KeyHandles> = HashMap::new();
+        let mut ambiguous = HashSet::new();
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             let handles = self
                 .session
@@ -340,20 +441,43 @@ impl KeyStore for Pkcs11KeyStore {
             for h in handles {
                 let attrs = self
                     .session
-                    .get_attributes(h, &[AttributeType::Label])
+                    .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
                     .map_err(|e| ck_err("C_GetAttributeValue(CKA_LABEL)", e))?;
+                let (mut label, mut ck_id) = (None, None);
                 for a in attrs {
-                    if let Attribute::Label(l) = a {
-                        if let Some(id) = String::from_utf8_lossy(&l).strip_prefix(LABEL_PREFIX) {
-                            if validate_key_id(id).is_ok() && !ids.iter().any(|x| x == id) {
-                                ids.push(id.to_string());
-                            }
-                        }
+                    match a {
+                        Attribute::Label(l) => label = Some(l),
+                        Attribute::Id(i) => ck_id = Some(i),
+                        _ => {}
                     }
                 }
+                let Some(label) = label else { continue };
+                let label = String::from_utf8_lossy(&label);
+                let Some(id) = label.strip_prefix(LABEL_PREFIX) else {
+                    continue;
+                };
+                if validate_key_id(id).is_err() {
+                    continue;
+                }
+                let entry = keys.entry(id.to_string()).or_default();
+                let slot = if class == ObjectClass::PRIVATE_KEY {
+                    &mut entry.private
+                } else {
+                    &mut entry.public
+                };
+                // Only an object with our CKA_ID too is ours to sign with unsearched.
+                if slot.is_some() || ck_id.as_deref() != Some(id.as_bytes()) {
+                    ambiguous.insert(id.to_string());
+                }
+                *slot = Some(h);
             }
         }
+        let mut ids: Vec<String> = keys.keys().cloned().collect();
         ids.sort();
+        let mut c = self.cache();
+        c.keys = keys;
+        c.ambiguous = ambiguous;
+        c.complete = true;
         Ok(ids)
     }
 
@@ -375,8 +499,7 @@ impl KeyStore for Pkcs11KeyStore {
     /// The token's own account of the private key: what it says, not hardware evidence.
     fn attest(&mut self, id: &str, _nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
         validate_key_id(id)?;
-        // Looked up afresh: evidence names the object the token holds now.
-        let h = self.private_handle(id)?;
+        let h = self.cached_private_handle(id)?;
         let wanted = [
             AttributeType::Token,
             AttributeType::Private,
@@ -390,10 +513,18 @@ impl KeyStore for Pkcs11KeyStore {
             AttributeType::Unwrap,
             AttributeType::Derive,
         ];
-        let attrs = self
-            .session
-            .get_attributes(h, &wanted)
-            .map_err(|e| ck_err("C_GetAttributeValue", e))?;
+        let attrs = match self.session.get_attributes(h, &wanted) {
+            Ok(a) => a,
+            // Evidence names the object the token holds now: a stale handle is searched again.
+            Err(e) if stale(&e) => {
+                self.forget(id);
+                let h = self.cached_private_handle(id)?;
+                self.session
+                    .get_attributes(h, &wanted)
+                    .map_err(|e| ck_err("C_GetAttributeValue", e))?
+            }
+            Err(e) => return Err(ck_err("C_GetAttributeValue", e)),
+        };
         // Named as the standard names them (cryptoki's Display: "CKA_SENSITIVE", ...).
         let out = attrs
             .iter()
