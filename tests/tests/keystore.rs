@@ -293,13 +293,24 @@ fn tpm_fifty_keys_sign_correctly_through_two_loaded_slots() {
             .zip(&digests)
             .map(|(i, d)| format!("sign:{}:{}", ids[*i], hex::encode(d))),
     );
+    // Keys evicted are kept as saved contexts: destroying one must leave nothing that signs.
+    let victim = order
+        .iter()
+        .find(|i| !order[order.len() - 3..].contains(i))
+        .copied()
+        .unwrap();
+    let d: [u8; 32] = Sha256::digest(b"after destroy").into();
+    ops.push(format!("destroy:{}", ids[victim]));
+    ops.push(format!("sign:{}:{}", ids[victim], hex::encode(d)));
     // One process: creations and signatures share one LRU.
     let out = probe(&backend, &cfg, &ops);
     assert_eq!(out.len(), ops.len(), "{:?}", out.last());
     let keys: Vec<VerifyingKey> = out[..50].iter().map(vk).collect();
-    for ((i, d), s) in order.iter().zip(&digests).zip(&out[50..]) {
+    for ((i, d), s) in order.iter().zip(&digests).zip(&out[50..150]) {
         check_sig(&keys[*i], d, s);
     }
+    assert!(out[150].get("error").is_none(), "{:?}", out[150]);
+    assert_eq!(out[151]["error"], "key-not-found", "{:?}", out[151]);
 }
 
 /// Handles cached per key (PKCS#11) or loaded (TPM) are forgotten on destroy: a key made
