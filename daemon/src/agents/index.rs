@@ -3,15 +3,18 @@
 //! selector (enforced at enrolment), so a caller can only match agents filed under its uid or,
 //! for agents without a uid, under its unit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
+use std::sync::Arc;
 
 use super::record::Agent;
 use crate::caller::Caller;
 
+/// Records are shared between successive sets: a change makes a new set of the same `Arc`s
+/// and the changed records, never a deep copy of every agent.
 #[derive(Debug, Default)]
 pub struct AgentSet {
-    all: Vec<Agent>,
+    all: Vec<Arc<Agent>>,
     /// Agents with a `uid` selector, by that uid.
     by_uid: HashMap<u32, Vec<usize>>,
     /// Agents without a `uid` selector, by their `unit`.
@@ -24,6 +27,10 @@ pub struct AgentSet {
 
 impl AgentSet {
     pub fn new(all: Vec<Agent>) -> AgentSet {
+        AgentSet::of(all.into_iter().map(Arc::new).collect())
+    }
+
+    fn of(all: Vec<Arc<Agent>>) -> AgentSet {
         let mut set = AgentSet {
             all,
             ..Default::default()
@@ -72,18 +79,43 @@ impl AgentSet {
             idx.extend(&self.unindexed);
             idx.sort_unstable();
         }
-        idx.into_iter().map(move |i| &self.all[i])
+        idx.into_iter().map(move |i| &*self.all[i])
     }
 
     /// The agent with this registry row, if it is in the set.
     pub fn by_row(&self, row: i64) -> Option<&Agent> {
-        self.by_row.get(&row).map(|i| &self.all[*i])
+        self.by_row.get(&row).map(|i| &*self.all[*i])
+    }
+
+    /// This set with the records of `changed` replaced: each is in the new set if `keep`
+    /// says so (and dropped otherwise), the rest shared. Ordered by row, ascending or
+    /// descending (the registry's order for live and for revoked agents).
+    pub fn apply(
+        &self,
+        changed: &[Agent],
+        keep: impl Fn(&Agent) -> bool,
+        newest_first: bool,
+    ) -> AgentSet {
+        let rows: HashSet<i64> = changed.iter().map(|a| a.row).collect();
+        let mut all: Vec<Arc<Agent>> = self
+            .all
+            .iter()
+            .filter(|a| !rows.contains(&a.row))
+            .cloned()
+            .collect();
+        all.extend(changed.iter().filter(|a| keep(a)).cloned().map(Arc::new));
+        if newest_first {
+            all.sort_by_key(|a| std::cmp::Reverse(a.row));
+        } else {
+            all.sort_by_key(|a| a.row);
+        }
+        AgentSet::of(all)
     }
 }
 
 impl Deref for AgentSet {
-    type Target = [Agent];
-    fn deref(&self) -> &[Agent] {
+    type Target = [Arc<Agent>];
+    fn deref(&self) -> &[Arc<Agent>] {
         &self.all
     }
 }
@@ -147,5 +179,26 @@ mod tests {
         assert_eq!(set.by_row(3).map(|a| a.name.as_str()), Some("a3"));
         assert!(set.by_row(9).is_none());
         assert_eq!(set.len(), 5);
+        // Agent 2 leaves, 3 changes its unit, 9 comes in: the rest is shared, not copied.
+        let mut three = agent(3, None, Some("c.service"));
+        three.name = "a3".into();
+        let next = set.apply(
+            &[agent(2, None, None), three, agent(9, Some(1000), None)],
+            |a| a.row != 2,
+            false,
+        );
+        let rows: Vec<i64> = next.iter().map(|a| a.row).collect();
+        assert_eq!(rows, vec![1, 3, 4, 5, 9]);
+        assert!(Arc::ptr_eq(&set.all[0], &next.all[0]));
+        assert_eq!(
+            next.by_row(3).unwrap().selectors.unit.as_deref(),
+            Some("c.service")
+        );
+        let c = Caller::from_bus(1, 1000, 1000);
+        let rows: Vec<i64> = next.candidates(&c, None).map(|a| a.row).collect();
+        assert_eq!(rows, vec![1, 4, 9]);
+        let rev = next.apply(&[], |_| true, true);
+        let rows: Vec<i64> = rev.iter().map(|a| a.row).collect();
+        assert_eq!(rows, vec![9, 5, 4, 3, 1]);
     }
 }

@@ -135,10 +135,10 @@ impl Agents {
         fault::point("enroll-after-key");
         let (kid, jwk) = jwk_of(&created.public);
         self.with_registry(|r| r.activate(row, &kid, &jwk))?;
-        let generation = self.refresh()?;
         let agent = self.with_registry(|r| r.get_live(name))?.ok_or_else(|| {
             AdminError::NotFound(format!("agent {name} vanished during enrolment"))
         })?;
+        let generation = self.apply(std::slice::from_ref(&agent));
         self.audit_admin(Event::new("agent.enrolled").agent(name, &spiffe_id).details(json!({
             "by": by, "source": source, "selectors": selectors, "policy": policy, "kid": kid,
         })))
@@ -163,7 +163,7 @@ impl Agents {
             // Under the gate: no credential checked against the old policy leaves after this.
             let _gate = self.gate.write().await;
             self.with_registry(|r| r.update_spec(a.row, &selectors, &policy, file_hash))?;
-            self.refresh()?
+            self.apply(&[self.live_by_name(name)?])
         };
         self.audit_admin(
             Event::new("agent.updated")
@@ -202,7 +202,7 @@ impl Agents {
             // Under the gate: no credential leaves after a suspension is recorded.
             let _gate = self.gate.write().await;
             self.with_registry(|r| r.set_status(a.row, status))?;
-            self.refresh()?
+            self.apply(&[self.live_by_name(name)?])
         };
         if suspended {
             self.keystore.sessions().drop_agent(a.row);
@@ -286,14 +286,26 @@ impl Agents {
         let _gate = self.gate.write().await;
         let rows: Vec<i64> = agents.iter().map(|a| a.row).collect();
         self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?;
-        let generation = match self.refresh() {
-            Ok(g) => g,
-            Err(e) => {
-                // The revocation is durable; memory must not keep serving them (fail closed).
-                self.forget_live(&rows);
-                return Err(e.into());
-            }
-        };
+        // Memory follows the durable records at once, without re-reading every agent: these
+        // records as `mark_all_revoked` left them (only the revoked set, which words refusals,
+        // holds them; the CRL and everything durable come from the registry).
+        let now = super::now_unix();
+        let revoked: Vec<Agent> = agents
+            .iter()
+            .map(|a| {
+                let mut r = a.clone();
+                r.status = Status::Revoked;
+                r.key_state = KeyState::Destroying;
+                r.revoked_at = Some(now);
+                r.revoke_reason = Some(reason.to_string());
+                r.updated_at = now;
+                if !hold {
+                    r.file_hash = None;
+                }
+                r
+            })
+            .collect();
+        let generation = self.apply(&revoked);
         let mut records = tokio::task::JoinSet::new();
         for a in agents {
             let audit = self.audit.clone();
@@ -340,7 +352,9 @@ impl Agents {
     /// then every key destroyed, then one event per agent (one CRL). Returns who was revoked.
     pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
         let _guard = self.admin.lock().await;
-        let live = self.with_registry(|r| r.live())?;
+        // Memory is the registry's live set as of the last change (both change only under
+        // the admin lock held here): no re-read of every agent before the kill switch acts.
+        let live: Vec<Agent> = self.live().iter().map(|a| (**a).clone()).collect();
         let generation = self.mark_revoked(&live, reason, by, true).await?;
         let mut first_err = None;
         for a in &live {

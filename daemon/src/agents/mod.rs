@@ -179,18 +179,21 @@ impl Agents {
         Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
-    /// Drop `rows` from the in-memory live set (when re-reading the registry failed after a
-    /// revocation committed) and bump the generation.
-    fn forget_live(&self, rows: &[i64]) {
-        let rows: std::collections::HashSet<i64> = rows.iter().copied().collect();
-        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
-        let kept: Vec<Agent> = live
-            .iter()
-            .filter(|a| !rows.contains(&a.row))
-            .cloned()
-            .collect();
-        *live = Arc::new(AgentSet::new(kept));
-        self.generation.fetch_add(1, Ordering::SeqCst);
+    /// Put the current records of changed agents (as the registry now holds them) into the
+    /// in-memory sets and bump the generation: O(changed) records, the rest shared, so a
+    /// revocation or an enrolment costs the same with ten thousand agents as with ten.
+    fn apply(&self, changed: &[Agent]) -> u64 {
+        {
+            let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+            let next = live.apply(changed, Agent::is_live, false);
+            *live = Arc::new(next);
+        }
+        {
+            let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+            let next = revoked.apply(changed, |a| a.status == Status::Revoked, true);
+            *revoked = Arc::new(next);
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Changes so far; anything derived from the agents (the CRL) records the generation it

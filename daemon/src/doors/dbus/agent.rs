@@ -32,7 +32,7 @@ impl AgentObject {
         }
         let agents = self.ctx.svc.agents();
         if let Some(a) = agents.live().iter().find(|a| a.name == self.name) {
-            return Ok(a.clone());
+            return Ok((**a).clone());
         }
         agents
             .destroy_pending()
