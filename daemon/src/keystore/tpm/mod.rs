@@ -73,6 +73,9 @@ pub struct TpmKeyStore {
     /// swtpm, see BENCHMARKS.md). Wrapped by the TPM like the blobs; dropped on destroy;
     /// useless after a TPM reset, when the blobs are loaded instead.
     saved: std::collections::HashMap<String, tss_esapi::utils::TpmsContext>,
+    /// Keys loaded from their blobs at least once: a context is saved at a key's second
+    /// eviction, not its first (a key used once would pay for a save it never uses).
+    seen: std::collections::HashSet<String>,
     /// Attestation key blobs (`ak.pub`/`ak.priv`), beside `keys/` so they are never listed
     /// as agent keys.
     ak_dir: PathBuf,
@@ -201,6 +204,7 @@ impl TpmKeyStore {
             max_loaded: max_loaded.max(1),
             loaded: Vec::new(),
             saved: Default::default(),
+            seen: Default::default(),
             ak_dir: state_dir.join("tpm"),
             ak: None,
             ek_certificates,
@@ -265,7 +269,11 @@ impl TpmKeyStore {
     fn evict_to(&mut self, keep: usize) -> Result<(), KeyStoreError> {
         while self.loaded.len() > keep {
             let (id, old) = self.loaded.remove(0);
-            if !self.saved.contains_key(&id) {
+            if self.seen.len() >= 4 * MAX_SAVED_CONTEXTS {
+                self.seen.clear();
+            }
+            let again = !self.seen.insert(id.clone());
+            if again && !self.saved.contains_key(&id) {
                 if self.saved.len() >= MAX_SAVED_CONTEXTS {
                     // Full: forget one; it loads from its blobs next time.
                     if let Some(k) = self.saved.keys().next().cloned() {
@@ -288,6 +296,7 @@ impl TpmKeyStore {
 
     fn unload(&mut self, id: &str) -> Result<(), KeyStoreError> {
         self.saved.remove(id);
+        self.seen.remove(id);
         if let Some(pos) = self.loaded.iter().position(|(k, _)| k == id) {
             let (_, h) = self.loaded.remove(pos);
             self.ctx
