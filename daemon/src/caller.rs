@@ -75,13 +75,14 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
-            // Taken by `snapshot_exe`, in the connection's task.
+            // Taken by `snapshot_exe`, off the accept loop (a stat can block on a hostile
+            // filesystem).
             exe_at_accept: None,
         })
     }
 
-    /// Record the peer's executable as it is now, before the first request is read (a statx
-    /// of the cached inode: see [`exe_stat`]).
+    /// Record the peer's executable as it is now (may wait on a remote filesystem: call off
+    /// the reactor, before the first request is read).
     pub fn snapshot_exe(mut self) -> Peer {
         self.exe_at_accept = exe_id(Path::new("/proc"), self.pid);
         self
@@ -254,7 +255,12 @@ impl ExeHashCache {
             .unwrap_or_else(|p| p.into_inner())
             .get(st)
             .cloned()?;
-        let h = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // A hash being computed holds the slot: that is a miss here, never a wait.
+        let h = match slot.try_lock() {
+            Ok(g) => g.clone(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
         h
     }
 
@@ -397,8 +403,8 @@ impl tokio::io::AsyncWrite for SenderChecked {
 }
 
 /// Read `/proc` for `peer` and confirm afterwards that the pid still names the same process.
-/// Only procfs and [`exe_stat`]: nothing waits on a disk or a remote filesystem, so this may
-/// run on the reactor (hashing the executable, [`hash_exe`], may not).
+/// Blocking (procfs, and [`exe_stat`] which a remote filesystem can hold up): call from a
+/// blocking context.
 pub fn identify(peer: &Peer, cache: &ExeHashCache) -> Result<Caller, CallerError> {
     identify_at(peer, cache, Path::new("/proc"))
 }

@@ -352,9 +352,9 @@ impl Agents {
     /// then every key destroyed, then one event per agent (one CRL). Returns who was revoked.
     pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
         let _guard = self.admin.lock().await;
-        // Memory is the registry's live set as of the last change (both change only under
-        // the admin lock held here): no re-read of every agent before the kill switch acts.
-        let live: Vec<Agent> = self.live().iter().map(|a| (**a).clone()).collect();
+        // From the registry, not memory: an agent made live durably whose memory update
+        // failed must not escape the kill switch.
+        let live = self.with_registry(|r| r.live())?;
         let generation = self.mark_revoked(&live, reason, by, true).await?;
         let mut first_err = None;
         for a in &live {

@@ -317,11 +317,14 @@ impl Credentials {
         self.keystore.backend().as_str()
     }
 
-    /// Kernel facts about `peer`. Read on the reactor: procfs files and a statx that asks no
-    /// filesystem ([`caller::identify`]) do not wait on a disk; only hashing an executable's
-    /// content may, and that goes to the blocking pool, bounded.
+    /// Kernel facts about `peer`, read off the reactor (a remote filesystem under the
+    /// executable can hold up even a cached stat).
     pub async fn identify(self: &Arc<Self>, peer: Arc<Peer>) -> Result<Caller, Problem> {
-        let res = caller::identify(&peer, &self.exe_cache);
+        let me = self.clone();
+        let p = peer.clone();
+        let res = tokio::task::spawn_blocking(move || caller::identify(&p, &me.exe_cache))
+            .await
+            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
         let caller = match res {
             Ok(c) => c,
             Err(e) => return Err(self.deny_unidentified(&peer, e).await),

@@ -275,10 +275,13 @@ pub async fn serve(
         let svc = svc.clone();
         let settings = settings.clone();
         let watcher = graceful.watcher();
-        // Reading /proc happens in the connection's own task, never in this accept loop.
+        // Everything that may block (reading /proc) happens in the connection's own task,
+        // never in this accept loop.
         tokio::spawn(async move {
-            // A statx of the cached inode (caller::exe_stat): nothing here waits on a disk.
-            let peer = Arc::new(peer.snapshot_exe());
+            let peer = match tokio::task::spawn_blocking(move || peer.snapshot_exe()).await {
+                Ok(p) => Arc::new(p),
+                Err(_) => return,
+            };
             let peer_for_io = peer.clone();
             let service = service_fn(move |req| {
                 let svc = svc.clone();

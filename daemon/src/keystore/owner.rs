@@ -142,9 +142,10 @@ impl KeyStoreHandle {
         })
     }
 
-    /// Close the device and join its owner thread. Signatures still queued and later calls
-    /// fail with `Stopped` (the daemon calls this after its doors have drained). A device library must never be torn down while
-    /// the process exits (SoftHSM's C++ destructors would run on two threads at once), so
+    /// Close the device and join its owner threads. Later calls fail with `Stopped`; signatures
+    /// still queued are served by a signing session before it stops or fail with `Stopped`
+    /// (the daemon calls this after its doors have drained). A device library must never be
+    /// torn down while the process exits (SoftHSM's C++ destructors would run on two threads at once), so
     /// the daemon calls this before `main` returns. Idempotent.
     pub async fn shutdown(&self) {
         // Stop step 6: session keys zeroized before the device closes.

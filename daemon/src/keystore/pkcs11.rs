@@ -206,6 +206,14 @@ impl Pkcs11KeyStore {
         self.cache().keys.remove(id);
     }
 
+    /// A handle of `id` turned out stale: what is on the token is unknown until searched, so
+    /// `id` is searched from now on (never taken as absent).
+    fn suspect(&self, id: &str) {
+        let mut c = self.cache();
+        c.keys.remove(id);
+        c.ambiguous.insert(id.to_string());
+    }
+
     /// The private key's handle: from the cache, else found on the token (and cached).
     fn cached_private_handle(&self, id: &str) -> Result<ObjectHandle, KeyStoreError> {
         if let Some(h) = self.cached(id).and_then(|k| k.private) {
@@ -343,7 +351,7 @@ impl KeyStore for Pkcs11KeyStore {
         {
             match self.session.get_attributes(pubh, &[AttributeType::EcPoint]) {
                 Ok(_) => return self.read_public(pubh),
-                Err(e) if stale(&e) => self.forget(id),
+                Err(e) if stale(&e) => self.suspect(id),
                 Err(e) => return Err(ck_err("C_GetAttributeValue(CKA_EC_POINT)", e)),
             }
         } else if self.known_absent(id) {
@@ -366,7 +374,7 @@ impl KeyStore for Pkcs11KeyStore {
             // The object went away behind our back (another application destroyed it): never
             // sign with a stale handle; look the key up once more, and report it gone if it is.
             Err(e) if stale(&e) => {
-                self.forget(id);
+                self.suspect(id);
                 let h = self.cached_private_handle(id)?;
                 self.sign_with(h, digest).map_err(|e| ck_err("C_Sign", e))?
             }
@@ -383,10 +391,9 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
         validate_key_id(id)?;
-        // Forgotten before the objects go: no session may pick up a handle being destroyed.
-        let known = self.cached(id);
-        self.forget(id);
-        if let Some(k) = known {
+        // The cache keeps the id until the objects are gone: a failed destroy is retried with
+        // what is still there, never answered "not found" from memory.
+        if let Some(k) = self.cached(id) {
             // Private half first: it is the part that can sign.
             let mut gone_already = false;
             for h in [k.private, k.public].into_iter().flatten() {
@@ -397,20 +404,19 @@ impl KeyStore for Pkcs11KeyStore {
                 }
             }
             if !gone_already {
+                self.forget(id);
                 return Ok(());
             }
             // Something changed the token behind our back: search it to be sure.
-        } else if self.known_absent(id) {
-            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+            self.suspect(id);
         }
         let mut handles = self.find(id, ObjectClass::PRIVATE_KEY)?;
         handles.extend(self.find(id, ObjectClass::PUBLIC_KEY)?);
         if handles.is_empty() {
-            return match known {
-                // The cached objects were the key, and they are gone.
-                Some(_) => Ok(()),
-                None => Err(KeyStoreError::KeyNotFound(id.to_string())),
-            };
+            let mut c = self.cache();
+            c.keys.remove(id);
+            c.ambiguous.remove(id);
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
         }
         for h in handles {
             self.session
@@ -425,7 +431,9 @@ impl KeyStore for Pkcs11KeyStore {
                 detail: format!("{left} object(s) of key {id} still on the token after destroy"),
             });
         }
-        self.cache().ambiguous.remove(id);
+        let mut c = self.cache();
+        c.keys.remove(id);
+        c.ambiguous.remove(id);
         Ok(())
     }
 
@@ -517,7 +525,7 @@ impl KeyStore for Pkcs11KeyStore {
             Ok(a) => a,
             // Evidence names the object the token holds now: a stale handle is searched again.
             Err(e) if stale(&e) => {
-                self.forget(id);
+                self.suspect(id);
                 let h = self.cached_private_handle(id)?;
                 self.session
                     .get_attributes(h, &wanted)

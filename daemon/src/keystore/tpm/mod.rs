@@ -376,10 +376,11 @@ impl KeyStore for TpmKeyStore {
         validate_key_id(id)?;
         let priv_path = self.priv_path(id);
         let pub_path = self.pub_path(id);
+        // Whatever of it is in the TPM or in memory goes first, even if the blobs are gone.
+        self.unload(id)?;
         if !priv_path.exists() && !pub_path.exists() {
             return Err(KeyStoreError::KeyNotFound(id.to_string()));
         }
-        self.unload(id)?;
         for path in [&priv_path, &pub_path] {
             match fs::remove_file(path) {
                 Ok(()) => {}
