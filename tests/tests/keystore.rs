@@ -457,3 +457,48 @@ fn pkcs11_sessions_share_one_handle_cache() {
     assert_eq!(out[6]["error"], "key-not-found", "{out:?}");
     assert_eq!(out[8]["error"], "key-not-found", "{out:?}");
 }
+
+/// A key whose blobs vanished behind the store's back while it was loaded: destroy reports it
+/// not found, and it must not sign afterwards from the TPM object still loaded.
+#[test]
+fn tpm_key_with_vanished_blobs_cannot_sign_after_destroy() {
+    use std::io::{BufRead, BufReader, Write};
+    let backend = Backend::tpm();
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let d: [u8; 32] = Sha256::digest(b"vanished").into();
+    let sign = format!("sign:agent-vanish:{}", hex::encode(d));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ksprobe"))
+        .arg(&cfg)
+        .args([
+            "create:agent-vanish",
+            &sign,
+            "pause",
+            "destroy:agent-vanish",
+            &sign,
+        ])
+        .envs(backend.envs())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ksprobe");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value {
+        serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("JSON")
+    };
+    let key = vk(&next());
+    check_sig(&key, &d, &next());
+    let keys = state.path().join("tpm").join("keys");
+    for ext in ["pub", "priv"] {
+        std::fs::remove_file(keys.join(format!("agent-vanish.{ext}"))).unwrap();
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(next()["op"], "pause");
+    assert_eq!(next()["error"], "key-not-found");
+    let after = next();
+    assert_eq!(
+        after["error"], "key-not-found",
+        "signed after destroy: {after}"
+    );
+    assert!(child.wait().unwrap().success());
+}
