@@ -502,3 +502,56 @@ fn tpm_key_with_vanished_blobs_cannot_sign_after_destroy() {
     );
     assert!(child.wait().unwrap().success());
 }
+
+/// After a stale handle the store must not take the key for absent: its other half is still on
+/// the token, and destroy removes it instead of answering "not found" from memory.
+#[test]
+fn pkcs11_destroy_after_a_stale_handle_removes_what_is_left() {
+    use std::io::{BufRead, BufReader, Write};
+    let backend = Backend::pkcs11();
+    let state = shared_tempdir();
+    let cfg = write_config(&backend, state.path(), "");
+    let d: [u8; 32] = Sha256::digest(b"half").into();
+    let sign = format!("sign:agent-half:{}", hex::encode(d));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ksprobe"))
+        .arg(&cfg)
+        .args([
+            "list",
+            "create:agent-half",
+            &sign,
+            "pause",
+            &sign,
+            "destroy:agent-half",
+            "list",
+        ])
+        .envs(backend.envs())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ksprobe");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value {
+        serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("JSON")
+    };
+    next();
+    let key = vk(&next());
+    check_sig(&key, &d, &next());
+    let Backend::Pkcs11(hsm) = &backend else {
+        unreachable!()
+    };
+    let out = hsm.pkcs11_tool(&[
+        "--delete-object",
+        "--type",
+        "privkey",
+        "--label",
+        "tessera:agent-half",
+    ]);
+    assert!(out.status.success());
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(next()["op"], "pause");
+    assert_eq!(next()["error"], "key-not-found");
+    let destroyed = next();
+    assert!(destroyed.get("error").is_none(), "{destroyed}");
+    assert_eq!(next()["ids"], serde_json::json!([]));
+    assert!(child.wait().unwrap().success());
+}
