@@ -77,6 +77,11 @@ impl Daemon {
         d
     }
 
+    /// The SPIFFE Workload API socket (beside the agent socket unless configured).
+    pub fn workload_socket(&self) -> PathBuf {
+        self.state.path().join("workload.sock")
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.state.path()
     }

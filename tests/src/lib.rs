@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod devices;
 pub mod floors;
 pub mod http;
+pub mod workload;
 
 pub use daemon::Daemon;
 pub use devices::{Backend, SoftHsm, Swtpm};

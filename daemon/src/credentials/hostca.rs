@@ -343,6 +343,7 @@ impl Credentials {
             None => self.self_sign(&key_id, key, now).await?,
         };
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ca));
+        self.bundles_changed();
         drop(_guard);
         self.refresh_crl().await?;
         Ok(new_key && known.is_some())
@@ -367,6 +368,7 @@ impl Credentials {
             tracing::info!("renewing the self-signed host CA certificate");
             let new = self.self_sign(&ca.key_id, ca.key, now).await?;
             *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
+            self.bundles_changed();
             true
         };
         // The CRL names the CA certificate it belongs with: sign a new one.
@@ -489,6 +491,7 @@ impl Credentials {
         self.crl_stale
             .store(false, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(number, revoked = entries.len(), "CRL signed");
+        self.bundles_changed();
         Ok(())
     }
 
@@ -578,6 +581,7 @@ impl Credentials {
             "serial": x509::serial_hex(&new.chain[0].tbs_certificate.serial_number),
         });
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(new));
+        self.bundles_changed();
         drop(guard);
         self.audit
             .record_or_log(

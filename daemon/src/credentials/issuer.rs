@@ -50,6 +50,31 @@ impl Issuer {
     ) -> Result<IssuedToken, KeyStoreError> {
         let mut claims = Claims::new(issuer, agent, audience, scopes, ttl_secs);
         claims.cnf = cnf;
+        self.sign_claims(agent, claims).await
+    }
+
+    /// A JWT-SVID for `agent`: a token whose `aud` is the one audience asked for, or all of
+    /// them as an array. Policy must already have been checked for every audience.
+    pub async fn jwt_svid(
+        &self,
+        issuer: &str,
+        agent: &Agent,
+        audiences: &[String],
+        ttl_secs: u64,
+    ) -> Result<IssuedToken, KeyStoreError> {
+        let first = audiences.first().map(String::as_str).unwrap_or_default();
+        let mut claims = Claims::new(issuer, agent, first, &[], ttl_secs);
+        if audiences.len() > 1 {
+            claims.aud = serde_json::json!(audiences);
+        }
+        self.sign_claims(agent, claims).await
+    }
+
+    async fn sign_claims(
+        &self,
+        agent: &Agent,
+        claims: Claims,
+    ) -> Result<IssuedToken, KeyStoreError> {
         let signing_input = jwt::signing_input(agent.kid.as_deref().unwrap_or_default(), &claims);
         let sig = self
             .keystore

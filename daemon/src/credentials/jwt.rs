@@ -14,7 +14,8 @@ use crate::keystore::ecdsa;
 pub struct Claims {
     pub iss: String,
     pub sub: String,
-    pub aud: String,
+    /// A string, or an array when a JWT-SVID names several audiences.
+    pub aud: Value,
     pub iat: i64,
     pub exp: i64,
     pub jti: String,
@@ -32,7 +33,7 @@ impl Claims {
         Claims {
             iss: iss.to_string(),
             sub: agent.id.clone(),
-            aud: aud.to_string(),
+            aud: json!(aud),
             iat,
             exp: iat + ttl_secs as i64,
             jti: new_jti(),

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod problem;
 pub mod proof;
 pub mod settings;
+pub mod svid;
 pub mod tls;
 pub mod x509;
 
@@ -69,6 +70,8 @@ pub struct Credentials {
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.
     checkpointed: tokio::sync::Mutex<crate::audit::Head>,
+    /// Moves whenever a bundle may have (see [`Credentials::bundle_changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Refusals over the audit budget, counted per uid.
@@ -243,6 +246,7 @@ impl Credentials {
                 pruned_at: 0,
                 first: 1,
             }),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -274,11 +278,14 @@ impl Credentials {
                 let ev = match events.recv().await {
                     Ok(ev) => ev,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        me.bundles_changed();
                         me.refresh_crl_logged().await;
                         continue;
                     }
                     Err(_) => break,
                 };
+                // Every agent change may change the JWT bundle.
+                me.bundles_changed();
                 if let EventKind::Revoked { .. } = ev.kind {
                     if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
                         me.forget_rate(&a.key_id);

@@ -804,7 +804,7 @@ fn check_hash(what: &str, h: &str) -> Result<String, Problem> {
 }
 
 /// Check an ES256 compact JWS against `key`; its header and claims.
-fn verify_compact(
+pub(crate) fn verify_compact(
     jws: &str,
     key: &p256::ecdsa::VerifyingKey,
 ) -> Result<(Value, Value), &'static str> {

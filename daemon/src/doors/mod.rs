@@ -5,11 +5,14 @@
 //!
 //! - `socket`: HTTP/1.1 + JSON over the Unix socket; `problem`: RFC 9457 refusals
 //! - `dbus`: `org.tessera.Tessera1` (Manager, Agent objects, Credentials)
+//! - `spiffe`: the SPIFFE Workload API (gRPC over its own Unix socket)
 
 pub mod dbus;
 pub mod limits;
 pub mod problem;
 pub mod socket;
+pub mod spiffe;
+pub mod uds_authority;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -27,6 +30,8 @@ pub struct Settings {
     pub request_deadline: Duration,
     /// Connections one uid may hold at once.
     pub per_uid_connections: usize,
+    /// Workload API streams one uid may hold at once.
+    pub per_uid_streams: usize,
     /// "system", "session", "none" or a bus address.
     pub bus: String,
     /// Members may call the admin methods (root always may).

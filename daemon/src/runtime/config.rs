@@ -55,6 +55,32 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub dbus: DbusConfig,
+    #[serde(default)]
+    pub spiffe: SpiffeConfig,
+}
+
+/// `[spiffe]`: the SPIFFE Workload API door.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Default: `workload.sock` beside the agent socket (`/run/tessera/workload.sock`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for SpiffeConfig {
+    fn default() -> Self {
+        SpiffeConfig {
+            enabled: true,
+            socket: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +113,9 @@ pub struct LimitsConfig {
     /// Executables hashed at once for one uid.
     #[serde(default = "default_identify_per_uid")]
     pub identify_per_uid: usize,
+    /// Workload API streams one uid may hold open at once.
+    #[serde(default = "default_per_uid_streams")]
+    pub per_uid_streams: usize,
 }
 
 impl Default for LimitsConfig {
@@ -100,6 +129,7 @@ impl Default for LimitsConfig {
             refusal_audit_per_uid: default_refusal_audit_per_uid(),
             max_exe_bytes: default_max_exe_bytes(),
             identify_per_uid: default_identify_per_uid(),
+            per_uid_streams: default_per_uid_streams(),
             default_rate: default_rate(),
         }
     }
@@ -152,6 +182,9 @@ fn default_request_deadline() -> Dur {
 }
 fn default_per_uid_connections() -> usize {
     32
+}
+fn default_per_uid_streams() -> usize {
+    64
 }
 fn default_max_exe_bytes() -> u64 {
     512 * 1024 * 1024
@@ -290,10 +323,16 @@ impl Config {
                 format_duration(MAX_CA_VALIDITY)
             )));
         }
-        if self.limits.max_connections == 0 || self.limits.per_uid_connections == 0 {
+        if self.limits.max_connections == 0
+            || self.limits.per_uid_connections == 0
+            || self.limits.per_uid_streams == 0
+        {
             return Err(invalid(
-                "limits.max_connections and limits.per_uid_connections must be at least 1".into(),
+                "limits.max_connections, limits.per_uid_connections and limits.per_uid_streams must be at least 1".into(),
             ));
+        }
+        if self.spiffe.enabled && self.workload_socket() == self.socket {
+            return Err(invalid("spiffe.socket must not be the agent socket".into()));
         }
         if self.limits.request_deadline.0 < Duration::from_secs(1) {
             return Err(invalid(
@@ -301,6 +340,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where the Workload API listens: `[spiffe] socket`, else `workload.sock` in the agent
+    /// socket's directory (so `--dev` and the packaged layout need nothing set).
+    pub fn workload_socket(&self) -> PathBuf {
+        match &self.spiffe.socket {
+            Some(p) => p.clone(),
+            None => self
+                .socket
+                .parent()
+                .map(|d| d.join("workload.sock"))
+                .unwrap_or_else(|| PathBuf::from("workload.sock")),
+        }
     }
 
     /// The host name used in ids.
@@ -359,6 +411,7 @@ impl Config {
             max_connections: self.limits.max_connections,
             request_deadline: self.limits.request_deadline.0,
             per_uid_connections: self.limits.per_uid_connections,
+            per_uid_streams: self.limits.per_uid_streams,
             bus: self.dbus.bus.clone(),
             admin_group: self.dbus.admin_group.clone(),
             socket: self.socket.clone(),
@@ -413,6 +466,23 @@ mod tests {
         assert_eq!(c.tokens.default_ttl.0, Duration::from_secs(120));
         assert_eq!(c.tokens.max_ttl.0, Duration::from_secs(3600));
         assert_eq!(c.socket, PathBuf::from("/run/tessera/agent.sock"));
+        assert!(c.spiffe.enabled);
+        assert_eq!(
+            c.workload_socket(),
+            PathBuf::from("/run/tessera/workload.sock")
+        );
+        assert_eq!(c.limits.per_uid_streams, 64);
+        let c = Config::parse(
+            "socket = \"/s/a.sock\"\n[backend]\nkind = \"tpm\"\n[spiffe]\nsocket = \"/w/x.sock\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.workload_socket(), PathBuf::from("/w/x.sock"));
+        assert!(Config::parse(
+            "socket = \"/s/a.sock\"\n[backend]\nkind = \"tpm\"\n[spiffe]\nsocket = \"/s/a.sock\"\n",
+            "t"
+        )
+        .is_err());
         assert!(Config::parse(
             "[backend]\nkind = \"tpm\"\n[tokens]\ndefault_ttl = \"2h\"\n",
             "t"

@@ -399,14 +399,33 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
             return Err(e);
         }
     };
-    // Socket activation: systemd owns the socket file; otherwise we bind it ourselves.
-    let listener = systemd::inherited_listener()
-        .context("cannot use the socket passed by systemd")
-        .and_then(|l| match l {
-            Some(l) => Ok((l, false)),
-            None => bind_socket(&cfg.socket).map(|l| (l, true)),
+    // Socket activation: systemd owns the socket files; otherwise we bind them ourselves.
+    let listeners = systemd::inherited_listeners()
+        .context("cannot use the sockets passed by systemd")
+        .and_then(|inh| {
+            let agent = match inh.agent {
+                Some(l) => (l, false),
+                None => (bind_socket(&cfg.socket)?, true),
+            };
+            let workload = match (cfg.spiffe.enabled, inh.workload) {
+                (false, _) => None,
+                (true, Some(l)) => Some((l, false)),
+                (true, None) => {
+                    let path = cfg.workload_socket();
+                    match bind_socket(&path).context("the SPIFFE Workload API socket") {
+                        Ok(l) => Some((l, true)),
+                        Err(e) => {
+                            if agent.1 {
+                                let _ = std::fs::remove_file(&cfg.socket);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            Ok((agent, workload))
         });
-    let (listener, owns_socket) = match listener {
+    let ((listener, owns_socket), workload) = match listeners {
         Ok(x) => x,
         Err(e) => {
             if let Some(door) = dbus {
@@ -416,19 +435,30 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
             return Err(e);
         }
     };
+    let owns_workload_socket = matches!(workload, Some((_, true)));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let server = tokio::spawn(doors::socket::serve(
         svc.clone(),
         d.doors.clone(),
         listener,
-        async move {
-            let _ = stop_rx.await;
-        },
+        stopped(stop_rx.clone()),
         Duration::from_secs(10),
     ));
+    let workload_server = workload.map(|(l, _)| {
+        tokio::spawn(doors::spiffe::serve(
+            svc.clone(),
+            d.doors.clone(),
+            l,
+            stopped(stop_rx.clone()),
+            Duration::from_secs(10),
+        ))
+    });
     // Stopped by a signal, never aborted: an abort inside a flush would lose what it had
     // taken (collapsed refusal counts).
     let (flusher_stop, mut flusher_stopped) = tokio::sync::watch::channel(false);
@@ -522,7 +552,7 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
         svc.backend_name()
     );
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    tracing::info!(socket = %cfg.socket.display(), backend = svc.backend_name(), agents = d.agents.live().len(), "tesserad ready");
+    tracing::info!(socket = %cfg.socket.display(), workload_api = cfg.spiffe.enabled, backend = svc.backend_name(), agents = d.agents.live().len(), "tesserad ready");
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -542,8 +572,11 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     if let Some(door) = dbus {
         door.stop().await;
     }
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(w) = workload_server {
+        let _ = w.await;
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -561,6 +594,9 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     svc.flush_refusals().await;
     if owns_socket {
         let _ = std::fs::remove_file(&cfg.socket);
+    }
+    if owns_workload_socket {
+        let _ = std::fs::remove_file(cfg.workload_socket());
     }
     let stopped = d.audit.record(Event::new("daemon.stopped")).await;
     // The final checkpoint covers `daemon.stopped`: a trail cut short after a clean stop

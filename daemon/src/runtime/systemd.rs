@@ -12,20 +12,44 @@ pub fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-/// The agent socket passed by a `.socket` unit (`LISTEN_FDS`), if any.
-pub fn inherited_listener() -> std::io::Result<Option<tokio::net::UnixListener>> {
+/// Sockets passed by `.socket` units (`LISTEN_FDS`), told apart by `FileDescriptorName=`
+/// (`LISTEN_FDNAMES`): `workload` is the Workload API's, any other name the agent socket's.
+#[derive(Default)]
+pub struct Inherited {
+    pub agent: Option<tokio::net::UnixListener>,
+    pub workload: Option<tokio::net::UnixListener>,
+}
+
+/// The sockets systemd passed, if any.
+pub fn inherited_listeners() -> std::io::Result<Inherited> {
+    // Read before `ListenFd` takes the environment.
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|v| v.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
     let mut fds = listenfd::ListenFd::from_env();
-    if fds.len() == 0 {
-        return Ok(None);
-    }
-    match fds.take_unix_listener(0)? {
-        Some(l) => {
-            // tokio needs a non-blocking socket; systemd hands over a blocking one.
-            l.set_nonblocking(true)?;
-            Ok(Some(tokio::net::UnixListener::from_std(l)?))
+    let mut out = Inherited::default();
+    for i in 0..fds.len() {
+        let Some(l) = fds.take_unix_listener(i)? else {
+            continue;
+        };
+        // tokio needs a non-blocking socket; systemd hands over a blocking one.
+        l.set_nonblocking(true)?;
+        let l = tokio::net::UnixListener::from_std(l)?;
+        let slot = if names.get(i).map(String::as_str) == Some("workload") {
+            &mut out.workload
+        } else {
+            &mut out.agent
+        };
+        if slot.is_none() {
+            *slot = Some(l);
+        } else {
+            tracing::warn!(
+                fd = i,
+                "ignoring a second socket of the same kind passed by systemd"
+            );
         }
-        None => Ok(None),
     }
+    Ok(out)
 }
 
 /// Ping the watchdog at half its period while the runtime is healthy enough to run tasks.

@@ -1,0 +1,387 @@
+//! SPIFFE SVIDs and bundles, for the Workload API door: JWT-SVIDs through the same policy
+//! check, hardware signature and audit as `/v1/token`; JWT-SVID validation against the live
+//! bundle; the JWT and X.509 bundles; and the signal that tells open streams the bundles moved.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+use x509_cert::der::Encode;
+
+use super::problem::{Kind, Problem};
+use super::{check_not_suspended, rfc3339, token_limit, Credentials, MAX_AUDIENCE};
+use crate::agents::{policy, Agent};
+use crate::audit::Event;
+use crate::caller::Caller;
+
+/// Audiences one JWT-SVID request may name.
+pub const MAX_SVID_AUDIENCES: usize = 16;
+
+/// Why `FetchX509SVID` hands out nothing: the private key would have to leave the device.
+pub const X509_SVID_REFUSAL: &str = "X.509-SVIDs are disabled: the X.509-SVID profile hands the workload its private key, and tessera's agent keys never leave the TPM/HSM. Use keyless mTLS instead (the SDK's rustls signer, or `tessera tls-proxy`), or the JWT-SVID profile";
+
+/// One JWT-SVID handed out.
+#[derive(Debug, Clone)]
+pub struct JwtSvid {
+    pub spiffe_id: String,
+    pub svid: String,
+}
+
+/// What `ValidateJWTSVID` answers: the subject and every claim.
+#[derive(Debug, Clone)]
+pub struct ValidatedSvid {
+    pub spiffe_id: String,
+    pub claims: serde_json::Map<String, Value>,
+}
+
+/// The X.509 bundle of this host's trust domain: CA certificates and the current CRL (DER).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509Bundle {
+    pub trust_domain: String,
+    pub certificates: Vec<u8>,
+    pub crl: Vec<u8>,
+}
+
+fn malformed(m: impl Into<String>) -> Problem {
+    Problem::new(Kind::MalformedRequest, m)
+}
+
+impl Credentials {
+    /// `spiffe://<trust_domain>`: the key of this host's bundles.
+    pub fn trust_domain_id(&self) -> String {
+        format!("spiffe://{}", self.settings().ids.trust_domain)
+    }
+
+    /// Streams of bundles wait on this: it moves at every agent change (enrolment, rotation,
+    /// suspension, revocation), every new CRL and every host CA change.
+    pub fn bundle_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Tell bundle streams to look again.
+    pub(crate) fn bundles_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// JWT-SVIDs for `audiences`: one per agent of the caller (or only the one whose SPIFFE ID
+    /// is `spiffe_id`) whose policy allows every audience. Each goes through the token
+    /// pipeline's rate budget, the liveness check under the issuance gate and the audit.
+    pub async fn issue_jwt_svids(
+        &self,
+        caller: &Caller,
+        audiences: &[String],
+        spiffe_id: Option<&str>,
+    ) -> Result<Vec<JwtSvid>, Problem> {
+        let summary =
+            json!({"door": "workload-api", "audience": audiences, "spiffe_id": spiffe_id});
+        if let Err(p) = check_audiences(audiences) {
+            return Err(self.deny(caller, None, p, summary).await);
+        }
+        let live = self.agents().live();
+        let mine: Vec<&Agent> = live
+            .candidates(caller, None)
+            .filter(|a| a.selectors.matches(caller))
+            .collect();
+        if mine.is_empty() {
+            // Unknown, revoked or bus-only: the same answer as the socket's.
+            let p = match self.match_agent(caller, None) {
+                Err(p) => p,
+                Ok(a) => Problem::new(Kind::Internal, format!("agent {} matched late", a.name)),
+            };
+            return Err(self.deny(caller, None, p, summary).await);
+        }
+        let wanted: Vec<&Agent> = match spiffe_id {
+            Some(id) => mine.iter().copied().filter(|a| a.id == id).collect(),
+            None => mine,
+        };
+        if wanted.is_empty() {
+            let p = Problem::new(
+                Kind::UnknownCaller,
+                format!(
+                    "this process is not {}",
+                    crate::audit::client_text(spiffe_id.unwrap_or_default())
+                ),
+            );
+            return Err(self.deny(caller, None, p, summary).await);
+        }
+        let cfg = self.settings();
+        let mut entitled = Vec::new();
+        let mut first_refusal = None;
+        for a in wanted {
+            match self.svid_policy(a, audiences, &cfg) {
+                Ok(ttl) => entitled.push((a.clone(), ttl)),
+                Err(p) => {
+                    let p = self.deny(caller, Some(a), p, summary.clone()).await;
+                    first_refusal.get_or_insert(p);
+                }
+            }
+        }
+        if entitled.is_empty() {
+            return Err(first_refusal.unwrap_or_else(|| {
+                Problem::new(
+                    Kind::AudienceNotAllowed,
+                    "no agent may have these audiences",
+                )
+            }));
+        }
+        let host_id = cfg.ids.host_id();
+        let mut out = Vec::with_capacity(entitled.len());
+        for (agent, ttl) in entitled {
+            let issued = match self
+                .issuer
+                .jwt_svid(&host_id, &agent, audiences, ttl.as_secs())
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => return Err(self.signing_problem(&agent, e)),
+            };
+            let aud = if audiences.len() == 1 {
+                json!(audiences[0])
+            } else {
+                json!(audiences)
+            };
+            let ev = Event::new("token.issued")
+                .agent(&agent.name, &agent.id)
+                .caller(caller.record())
+                .details(json!({
+                    "jti": issued.jti,
+                    "aud": aud,
+                    "iat": issued.iat,
+                    "exp": issued.exp,
+                    "kid": agent.kid,
+                    "profile": "jwt-svid",
+                    "door": "workload-api",
+                }));
+            self.release(caller, &agent, ev, "JWT-SVID").await?;
+            self.count_issued(&agent, issued.iat);
+            tracing::debug!(agent = %agent.name, exp = %rfc3339(issued.exp), "JWT-SVID issued");
+            out.push(JwtSvid {
+                spiffe_id: agent.id.clone(),
+                svid: issued.token,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `FetchX509SVID`: an unknown or revoked caller is told so, an agent why it gets no
+    /// X.509-SVID (its key cannot be exported); audited as a refusal.
+    pub async fn refuse_x509_svid(&self, caller: &Caller) -> Problem {
+        let live = self.agents().live();
+        let mine = live
+            .candidates(caller, None)
+            .find(|a| a.selectors.matches(caller))
+            .cloned();
+        let (p, agent) = match mine {
+            Some(a) => (
+                Problem::new(
+                    Kind::Other("x509-svid-disabled".into()),
+                    format!("agent {}: {X509_SVID_REFUSAL}", a.name),
+                ),
+                Some(a),
+            ),
+            None => match self.match_agent(caller, None) {
+                Err(p) => (p, None),
+                Ok(a) => (
+                    Problem::new(Kind::Internal, format!("agent {} matched late", a.name)),
+                    None,
+                ),
+            },
+        };
+        self.deny(
+            caller,
+            agent.as_ref(),
+            p,
+            json!({"door": "workload-api", "call": "FetchX509SVID"}),
+        )
+        .await
+    }
+
+    /// The token rules for a JWT-SVID: not suspended, every audience allowed, no bearer token
+    /// for an agent that requires binding, the agent's rate; the default token lifetime.
+    fn svid_policy(
+        &self,
+        agent: &Agent,
+        audiences: &[String],
+        cfg: &super::Settings,
+    ) -> Result<Duration, Problem> {
+        check_not_suspended(agent)?;
+        for aud in audiences {
+            if !policy::audience_allowed(&agent.policy.audiences, aud) {
+                return Err(Problem::new(
+                    Kind::AudienceNotAllowed,
+                    format!(
+                        "audience {:?} is not allowed for agent {}",
+                        crate::audit::client_text(aud),
+                        agent.name
+                    ),
+                ));
+            }
+        }
+        if agent.policy.require_binding {
+            return Err(Problem::new(
+                Kind::BindingRequired,
+                format!(
+                    "agent {} may only get sender-constrained tokens, and a JWT-SVID is a bearer token: use /v1/token with \"bind\"",
+                    agent.name
+                ),
+            ));
+        }
+        let max = token_limit(agent, cfg);
+        let ttl = policy::credential_ttl(None, cfg.tokens.default_ttl.0, max)
+            .map_err(|_| Problem::new(Kind::TtlNotAllowed, "no token lifetime is allowed"))?;
+        self.check_rate(agent, cfg)?;
+        Ok(ttl)
+    }
+
+    /// `ValidateJWTSVID`: signed by a live agent key of this trust domain (by `kid`), `typ`
+    /// `JWT`/`JOSE` or absent, not bound to a proof key, `aud` holding `audience`, unexpired;
+    /// a subject in this trust domain.
+    pub fn validate_jwt_svid(&self, audience: &str, svid: &str) -> Result<ValidatedSvid, Problem> {
+        if audience.is_empty() {
+            return Err(malformed("audience is required"));
+        }
+        if svid.is_empty() {
+            return Err(malformed("svid is required"));
+        }
+        let reject =
+            |why: &str| Problem::new(Kind::TokenNotAccepted, format!("JWT-SVID rejected: {why}"));
+        let header: Value = svid
+            .split('.')
+            .next()
+            .and_then(|h| B64.decode(h).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| reject("not a compact JWS"))?;
+        let kid = header["kid"]
+            .as_str()
+            .ok_or_else(|| reject("the header has no kid"))?;
+        let jwk = self
+            .agents()
+            .live()
+            .iter()
+            .find(|a| a.kid.as_deref() == Some(kid))
+            .and_then(|a| a.jwk.clone())
+            .ok_or_else(|| reject("no key with this kid in the bundle (unknown, or revoked)"))?;
+        let key = tessera::attestation::key_from_jwk(&jwk)
+            .map_err(|_| Problem::new(Kind::Internal, "a bundle key is not a P-256 key"))?;
+        let (header, claims) = super::proof::verify_compact(svid, &key).map_err(reject)?;
+        match header.get("typ").and_then(Value::as_str) {
+            None | Some("JWT" | "JOSE") => {}
+            Some(_) => return Err(reject("typ is not JWT")),
+        }
+        let Value::Object(claims) = claims else {
+            return Err(reject("the claims are not a JSON object"));
+        };
+        if claims.contains_key("cnf") {
+            return Err(reject(
+                "the token is bound to a proof key (cnf): it is not a bearer JWT-SVID",
+            ));
+        }
+        let now = crate::agents::now_unix();
+        match claims.get("exp").and_then(Value::as_i64) {
+            Some(exp) if exp > now => {}
+            Some(_) => return Err(reject("expired")),
+            None => return Err(reject("no exp")),
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(audience)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(reject("the audience is not in aud"));
+        }
+        let td = format!("{}/", self.trust_domain_id());
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| s.starts_with(&td) && s.len() > td.len())
+            .ok_or_else(|| reject("sub is not a SPIFFE ID of this trust domain"))?
+            .to_string();
+        Ok(ValidatedSvid {
+            spiffe_id: sub,
+            claims,
+        })
+    }
+
+    /// The JWT bundle of this trust domain: the live agent keys (`use: jwt-svid`) and the
+    /// bundle's sequence. A revoked agent's key is gone from the next one.
+    pub fn jwt_bundle(&self) -> Vec<u8> {
+        let keys: Vec<Value> = self
+            .agents()
+            .live()
+            .iter()
+            .filter_map(|a| a.jwk.clone())
+            .map(|mut k| {
+                k["use"] = json!("jwt-svid");
+                k
+            })
+            .collect();
+        serde_json::to_vec(&json!({
+            "keys": keys,
+            "spiffe_sequence": self.agents().generation(),
+        }))
+        .unwrap_or_default()
+    }
+
+    /// The host CA certificates and the current CRL (re-signed first when it is not).
+    pub async fn x509_bundle(&self) -> Result<X509Bundle, Problem> {
+        let ca = self.host_ca().map_err(super::certificate::hostca_problem)?;
+        let anchors = super::x509::certs_from_pem(&ca.bundle_pem)
+            .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        let mut certificates = Vec::new();
+        for c in &anchors {
+            let der = c
+                .to_der()
+                .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+            certificates.extend_from_slice(&der);
+        }
+        let crl = self
+            .current_crl()
+            .await
+            .map_err(super::certificate::hostca_problem)?;
+        let (_, crl) = x509_cert::der::pem::decode_vec(crl.pem.as_bytes())
+            .map_err(|e| Problem::new(Kind::Internal, format!("CRL: {e}")))?;
+        Ok(X509Bundle {
+            trust_domain: self.trust_domain_id(),
+            certificates,
+            crl,
+        })
+    }
+}
+
+fn check_audiences(audiences: &[String]) -> Result<(), Problem> {
+    if audiences.is_empty() {
+        return Err(malformed("at least one audience is required"));
+    }
+    if audiences.len() > MAX_SVID_AUDIENCES {
+        return Err(malformed(format!(
+            "at most {MAX_SVID_AUDIENCES} audiences in one request"
+        )));
+    }
+    for a in audiences {
+        if a.is_empty() {
+            return Err(malformed("an audience is empty"));
+        }
+        if a.len() > MAX_AUDIENCE {
+            return Err(malformed(format!(
+                "an audience is longer than {MAX_AUDIENCE} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audiences_are_checked_before_any_agent_is() {
+        assert!(check_audiences(&[]).is_err());
+        assert!(check_audiences(&["".into()]).is_err());
+        assert!(check_audiences(&["a".repeat(MAX_AUDIENCE + 1)]).is_err());
+        assert!(check_audiences(&vec!["x".to_string(); MAX_SVID_AUDIENCES + 1]).is_err());
+        assert!(check_audiences(&["https://api.example.com".into(), "b".into()]).is_ok());
+    }
+}

@@ -1,0 +1,259 @@
+//! The SPIFFE Workload API on the real daemon: py-spiffe (nobody here wrote it) fetches and
+//! validates JWT-SVIDs and bundles; bundle streams follow revocation; every refusal has the
+//! status the specification and DESIGN give it; every SVID handed out is in the audit.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_e2e::daemon::Options;
+use tessera_e2e::workload::{self, proto};
+use tessera_e2e::{python_check, Backend, Daemon};
+use tonic::Code;
+
+const AUD: &str = "https://api.anthropic.com";
+const TD: &str = "test.example";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn agent_toml(uid: u32) -> String {
+    format!("[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\", \"spiffe://{TD}/*\"]\n")
+}
+
+fn agent_id(name: &str) -> String {
+    format!("spiffe://{TD}/host/testhost/agent/{name}")
+}
+
+fn py_spiffe_fetches_and_validates(backend: Backend) {
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![("pybot".into(), agent_toml(0))],
+            ..Default::default()
+        },
+    );
+    let (ok, out) = python_check(
+        "check_spiffe.py",
+        &json!({
+            "socket": d.workload_socket(),
+            "audience": AUD,
+            "denied_audience": "https://not-allowed.example",
+            "trust_domain": TD,
+            "agent_id": agent_id("pybot"),
+        }),
+    );
+    assert!(ok, "py-spiffe checks failed: {out:#}");
+    // The SVID py-spiffe got is in the audit, as a token of this agent from the Workload API.
+    let jti = out["jti"].as_str().expect("jti");
+    let recs = d.audit_records();
+    let rec = recs
+        .iter()
+        .find(|r| r["event"] == "token.issued" && r["details"]["jti"] == jti)
+        .unwrap_or_else(|| panic!("JWT-SVID {jti} not in the audit"));
+    assert_eq!(rec["agent"]["name"], "pybot", "{rec}");
+    assert_eq!(rec["details"]["profile"], "jwt-svid", "{rec}");
+    // The refused audience and the refused X.509-SVID are recorded refusals.
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "access.denied"
+                && r["details"]["problem"] == "audience-not-allowed"),
+        "the refused audience is audited"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "access.denied"
+                && r["details"]["problem"] == "x509-svid-disabled"),
+        "the refused X.509-SVID is audited"
+    );
+}
+tessera_e2e::both_backends!(py_spiffe_fetches_and_validates);
+
+fn bundle_streams_follow_revocation(backend: Backend) {
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![
+                ("leaving".into(), agent_toml(0)),
+                ("staying".into(), agent_toml(54321)),
+            ],
+            ..Default::default()
+        },
+    );
+    rt().block_on(async {
+        let mut c = workload::connect(&d.workload_socket()).await;
+        // The caller (uid 0) is agent "leaving": its SVID verifies through ValidateJWTSVID.
+        let svids = c
+            .fetch_jwtsvid(workload::request(proto::JwtsvidRequest {
+                audience: vec![AUD.into(), format!("spiffe://{TD}/peer")],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect("FetchJWTSVID")
+            .into_inner()
+            .svids;
+        assert_eq!(svids.len(), 1);
+        assert_eq!(svids[0].spiffe_id, agent_id("leaving"));
+        let claims = tessera_e2e::jwt_claims(&svids[0].svid);
+        assert_eq!(
+            claims["aud"],
+            json!([AUD, format!("spiffe://{TD}/peer")]),
+            "two audiences: an array"
+        );
+        let leaving_kid = tessera_e2e::jwt_header(&svids[0].svid)["kid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        let mut jwt = c
+            .fetch_jwt_bundles(workload::request(proto::JwtBundlesRequest {}))
+            .await
+            .expect("FetchJWTBundles")
+            .into_inner();
+        let mut x509 = c
+            .fetch_x509_bundles(workload::request(proto::X509BundlesRequest {}))
+            .await
+            .expect("FetchX509Bundles")
+            .into_inner();
+        let first = jwt.message().await.unwrap().expect("first JWT bundle");
+        let td = format!("spiffe://{TD}");
+        let kids = workload::kids(&first.bundles[&td]);
+        assert_eq!(kids.len(), 2, "{kids:?}");
+        assert!(kids.contains(&leaving_kid));
+        let x_first = x509.message().await.unwrap().expect("first X.509 bundle");
+        assert_eq!(x_first.crl.len(), 1);
+
+        // Revoke "leaving" (its file removed, then a reload).
+        std::fs::remove_file(d.agents_dir().join("leaving.toml")).unwrap();
+        d.reload();
+        let next = tokio::time::timeout(Duration::from_secs(20), jwt.message())
+            .await
+            .expect("a JWT bundle message after the revocation")
+            .unwrap()
+            .expect("stream open");
+        let kids = workload::kids(&next.bundles[&td]);
+        assert_eq!(
+            kids.len(),
+            1,
+            "the revoked key left the bundle in the next message: {kids:?}"
+        );
+        assert!(!kids.contains(&leaving_kid));
+        let x_next = tokio::time::timeout(Duration::from_secs(20), x509.message())
+            .await
+            .expect("an X.509 bundle message after the revocation")
+            .unwrap()
+            .expect("stream open");
+        assert_ne!(x_next.crl, x_first.crl, "a new CRL after the revocation");
+
+        // The revoked agent is refused, and told so; its SVID no longer validates.
+        let e = c
+            .fetch_jwtsvid(workload::request(proto::JwtsvidRequest {
+                audience: vec![AUD.into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("a revoked agent gets no SVID");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("revoked"), "{e:?}");
+        let e = c
+            .validate_jwtsvid(workload::request(proto::ValidateJwtsvidRequest {
+                audience: AUD.into(),
+                svid: svids[0].svid.clone(),
+            }))
+            .await
+            .expect_err("a revoked agent's SVID does not validate");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    });
+}
+tessera_e2e::both_backends!(bundle_streams_follow_revocation);
+
+/// Refusals: no header → InvalidArgument; unenrolled caller → PermissionDenied; malformed →
+/// InvalidArgument; X.509-SVIDs → PermissionDenied naming keyless mTLS; a stream ends when the
+/// daemon stops.
+#[test]
+fn refusals_have_the_specified_codes() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("other".into(), agent_toml(54321))],
+            ..Default::default()
+        },
+    );
+    rt().block_on(async {
+        let mut c = workload::connect(&d.workload_socket()).await;
+        let e = c
+            .fetch_jwtsvid(tonic::Request::new(proto::JwtsvidRequest {
+                audience: vec![AUD.into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("no security header");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = c
+            .fetch_jwt_bundles(tonic::Request::new(proto::JwtBundlesRequest {}))
+            .await
+            .expect_err("no security header on a stream either");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = c
+            .fetch_jwtsvid(workload::request(proto::JwtsvidRequest {
+                audience: vec![AUD.into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("uid 0 is not enrolled");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = c
+            .fetch_jwtsvid(workload::request(proto::JwtsvidRequest {
+                audience: vec![],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("no audience");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = c
+            .fetch_x509svid(workload::request(proto::X509svidRequest {}))
+            .await
+            .expect_err("X.509-SVIDs are off");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = c
+            .validate_jwtsvid(workload::request(proto::ValidateJwtsvidRequest {
+                audience: AUD.into(),
+                svid: "not.a.jwt".into(),
+            }))
+            .await
+            .expect_err("garbage does not validate");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        // Bundles are public, like /v1/jwks: an unenrolled caller gets them.
+        let mut s = c
+            .fetch_jwt_bundles(workload::request(proto::JwtBundlesRequest {}))
+            .await
+            .expect("bundles for anyone")
+            .into_inner();
+        let m = s.message().await.unwrap().expect("a bundle");
+        assert_eq!(
+            workload::kids(&m.bundles[&format!("spiffe://{TD}")]).len(),
+            1
+        );
+        // Stopping the daemon ends the stream (it does not hold the stop for its drain time).
+        let t = std::time::Instant::now();
+        let status = d.stop();
+        assert!(status.success(), "{status:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "stop took {:?}",
+            t.elapsed()
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .expect("the stream ended");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    });
+    assert!(
+        !d.workload_socket().exists(),
+        "the socket is removed at stop"
+    );
+}
