@@ -3,5 +3,5 @@ if command -v systemd-sysusers >/dev/null 2>&1; then systemd-sysusers /usr/lib/s
 if command -v systemd-tmpfiles >/dev/null 2>&1; then systemd-tmpfiles --create /usr/lib/tmpfiles.d/tesserad.conf || :; fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || :
-    if [ "$1" -eq 1 ]; then systemctl preset tesserad.socket tesserad.service >/dev/null 2>&1 || :; fi
+    if [ "$1" -eq 1 ]; then systemctl preset tesserad.socket tesserad-workload.socket tesserad.service >/dev/null 2>&1 || :; fi
 fi

@@ -19,7 +19,8 @@ echo "-- install"
 dpkg -P tessera >/dev/null 2>&1 || true
 DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" || fail "dpkg -i"
 for f in /usr/bin/tesserad /usr/bin/tessera /usr/share/dbus-1/system.d/org.tessera.Tessera1.conf \
-         /etc/tessera/tesserad.toml /lib/systemd/system/tesserad.service /lib/systemd/system/tesserad.socket; do
+         /etc/tessera/tesserad.toml /lib/systemd/system/tesserad.service /lib/systemd/system/tesserad.socket \
+         /lib/systemd/system/tesserad-workload.socket; do
   [ -e "$f" ] || [ -e "/usr$f" ] || fail "$f not installed"
 done
 getent passwd tessera >/dev/null || fail "user tessera not created"

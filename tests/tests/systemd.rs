@@ -24,11 +24,9 @@ fn units_for_check() -> tempfile::TempDir {
         svc.replace("/usr/bin/tesserad", bin("tesserad").to_str().unwrap()),
     )
     .unwrap();
-    std::fs::copy(
-        units_dir().join("tesserad.socket"),
-        dir.path().join("tesserad.socket"),
-    )
-    .unwrap();
+    for unit in ["tesserad.socket", "tesserad-workload.socket"] {
+        std::fs::copy(units_dir().join(unit), dir.path().join(unit)).unwrap();
+    }
     dir
 }
 
@@ -39,6 +37,7 @@ fn units_verify_cleanly_and_score_2_or_lower() {
         .args(["verify", "--man=no"])
         .arg(dir.path().join("tesserad.service"))
         .arg(dir.path().join("tesserad.socket"))
+        .arg(dir.path().join("tesserad-workload.socket"))
         .output()
         .expect("systemd-analyze");
     let text = format!(
@@ -102,8 +101,12 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
 
+    // Both sockets, told apart by name as the shipped units name them.
+    let workload_path = dir.path().join("activated-workload.sock");
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.arg("-l").arg(&sock_path);
+    cmd.arg("-l").arg(&workload_path);
+    cmd.arg("--fdname=agent:workload");
     cmd.arg("-E")
         .arg(format!("NOTIFY_SOCKET={}", notify_path.display()));
     cmd.arg("-E").arg("WATCHDOG_USEC=1000000");
@@ -133,6 +136,27 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
         .block_on(client.token(&TokenOptions::new("https://api.example.com")))
         .expect("token over the inherited socket");
     assert!(!token.token.is_empty());
+    // The Workload API answers on the socket systemd passed as "workload".
+    let svid = rt.block_on(async {
+        let mut c = tessera_e2e::workload::connect(&workload_path).await;
+        c.fetch_jwtsvid(tessera_e2e::workload::request(
+            tessera_e2e::workload::proto::JwtsvidRequest {
+                audience: vec!["https://api.example.com".into()],
+                spiffe_id: String::new(),
+            },
+        ))
+        .await
+        .expect("a JWT-SVID over the inherited Workload API socket")
+        .into_inner()
+    });
+    // Let the client's connection task (on this runtime) see the client dropped and close, so
+    // the stop below does not wait its drain time for an idle HTTP/2 connection.
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    assert_eq!(svid.svids.len(), 1);
+    assert!(
+        !state.join("workload.sock").exists(),
+        "the daemon used the passed socket instead of binding its own"
+    );
     let mut seen = vec![];
     read_notify(&notify, "READY=1", Duration::from_secs(10), &mut seen);
     assert!(

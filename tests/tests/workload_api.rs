@@ -172,8 +172,8 @@ fn bundle_streams_follow_revocation(backend: Backend) {
 tessera_e2e::both_backends!(bundle_streams_follow_revocation);
 
 /// Refusals: no header → InvalidArgument; unenrolled caller → PermissionDenied; malformed →
-/// InvalidArgument; X.509-SVIDs → PermissionDenied naming keyless mTLS; a stream ends when the
-/// daemon stops.
+/// InvalidArgument; X.509-SVIDs → PermissionDenied naming keyless mTLS; a client that never
+/// sends the HTTP/2 preface is dropped; a stream ends with Unavailable when the daemon stops.
 #[test]
 fn refusals_have_the_specified_codes() {
     let mut d = Daemon::start_with(
@@ -227,6 +227,22 @@ fn refusals_have_the_specified_codes() {
             .await
             .expect_err("garbage does not validate");
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        // A connection that never speaks HTTP/2 is closed after the header timeout (5 s).
+        let mut silent = tokio::net::UnixStream::connect(d.workload_socket())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            use tokio::io::AsyncReadExt;
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue, // the server's SETTINGS
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was not closed");
         // Bundles are public, like /v1/jwks: an unenrolled caller gets them.
         let mut s = c
             .fetch_jwt_bundles(workload::request(proto::JwtBundlesRequest {}))
@@ -250,7 +266,10 @@ fn refusals_have_the_specified_codes() {
         let end = tokio::time::timeout(Duration::from_secs(5), s.message())
             .await
             .expect("the stream ended");
-        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        match end {
+            Err(st) => assert_eq!(st.code(), Code::Unavailable, "{st:?}"),
+            other => panic!("the stream should end with Unavailable: {other:?}"),
+        }
     });
     assert!(
         !d.workload_socket().exists(),

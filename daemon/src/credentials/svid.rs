@@ -234,9 +234,9 @@ impl Credentials {
         Ok(ttl)
     }
 
-    /// `ValidateJWTSVID`: signed by a live agent key of this trust domain (by `kid`), `typ`
-    /// `JWT`/`JOSE` or absent, not bound to a proof key, `aud` holding `audience`, unexpired;
-    /// a subject in this trust domain.
+    /// `ValidateJWTSVID`: signed by a live agent key of this host (by `kid`), `typ` `JWT`,
+    /// `iss` this host, `sub` the SPIFFE ID of the agent that key belongs to, not bound to a
+    /// proof key, `aud` holding `audience`, unexpired.
     pub fn validate_jwt_svid(&self, audience: &str, svid: &str) -> Result<ValidatedSvid, Problem> {
         if audience.is_empty() {
             return Err(malformed("audience is required"));
@@ -255,19 +255,20 @@ impl Credentials {
         let kid = header["kid"]
             .as_str()
             .ok_or_else(|| reject("the header has no kid"))?;
-        let jwk = self
+        let (owner, jwk) = self
             .agents()
             .live()
             .iter()
             .find(|a| a.kid.as_deref() == Some(kid))
-            .and_then(|a| a.jwk.clone())
+            .and_then(|a| Some((a.id.clone(), a.jwk.clone()?)))
             .ok_or_else(|| reject("no key with this kid in the bundle (unknown, or revoked)"))?;
         let key = tessera::attestation::key_from_jwk(&jwk)
             .map_err(|_| Problem::new(Kind::Internal, "a bundle key is not a P-256 key"))?;
         let (header, claims) = super::proof::verify_compact(svid, &key).map_err(reject)?;
-        match header.get("typ").and_then(Value::as_str) {
-            None | Some("JWT" | "JOSE") => {}
-            Some(_) => return Err(reject("typ is not JWT")),
+        // Every token the daemon signs is typed (DESIGN "Typing"): a proof, WIT or checkpoint
+        // signed by an agent key is not a JWT-SVID.
+        if header.get("typ").and_then(Value::as_str) != Some("JWT") {
+            return Err(reject("typ is not JWT"));
         }
         let Value::Object(claims) = claims else {
             return Err(reject("the claims are not a JSON object"));
@@ -291,12 +292,15 @@ impl Credentials {
         if !aud_ok {
             return Err(reject("the audience is not in aud"));
         }
-        let td = format!("{}/", self.trust_domain_id());
+        if claims.get("iss").and_then(Value::as_str) != Some(&self.settings().ids.host_id()) {
+            return Err(reject("iss is not this host"));
+        }
+        // The key speaks only for its own agent.
         let sub = claims
             .get("sub")
             .and_then(Value::as_str)
-            .filter(|s| s.starts_with(&td) && s.len() > td.len())
-            .ok_or_else(|| reject("sub is not a SPIFFE ID of this trust domain"))?
+            .filter(|s| *s == owner)
+            .ok_or_else(|| reject("sub is not the SPIFFE ID of the agent whose key signed it"))?
             .to_string();
         Ok(ValidatedSvid {
             spiffe_id: sub,

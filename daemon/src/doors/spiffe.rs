@@ -28,7 +28,7 @@ use crate::caller::{Caller, Peer};
 use crate::credentials::problem::{Kind, Problem};
 use crate::credentials::Credentials;
 use crate::doors::limits::{PerUid, UidSlot};
-use crate::doors::uds_authority::{AuthorityFix, MAX_FRAME};
+use crate::doors::uds_authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
 use crate::doors::SharedSettings;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
@@ -142,33 +142,61 @@ impl WorkloadApi {
         tokio::spawn(async move {
             let _slot = slot;
             let mut last = first;
-            // (A full channel means an idle client: the next send waits for it.)
-            let send_first = tx.send(Ok(last.clone()));
-            if send_first.await.is_err() {
+            // Every send gives way to the daemon's stop (a full channel is an idle client).
+            if !send(&tx, Ok(last.clone()), &mut stopping).await {
                 return;
             }
             loop {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
-                    _ = stopping.changed() => return,
+                    _ = stopping.changed() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the daemon is stopping")));
+                        return;
+                    }
                 }
-                match make(svc.clone()).await {
+                let next = tokio::select! {
+                    m = make(svc.clone()) => m,
+                    _ = stopping.changed() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the daemon is stopping")));
+                        return;
+                    }
+                };
+                match next {
                     Ok(m) if m == last => continue,
                     Ok(m) => {
                         last = m;
-                        if tx.send(Ok(last.clone())).await.is_err() {
+                        if !send(&tx, Ok(last.clone()), &mut stopping).await {
                             return;
                         }
                     }
                     Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                        let _ = send(&tx, Err(s), &mut stopping).await;
                         return;
                     }
                 }
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// Send one stream message unless the daemon stops first (then the client is told so).
+async fn send<T>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    item: Result<T, Status>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if *stopping.borrow() {
+        let _ = tx.try_send(Err(Status::unavailable("the daemon is stopping")));
+        return false;
+    }
+    tokio::select! {
+        r = tx.send(item) => r.is_ok(),
+        _ = stopping.changed() => {
+            let _ = tx.try_send(Err(Status::unavailable("the daemon is stopping")));
+            false
+        }
     }
 }
 
@@ -369,15 +397,19 @@ pub async fn serve(
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
-                // A client that connects and never speaks is dropped.
+                // A peer that stops answering is dropped (one that never speaks is dropped by
+                // the handshake timeout above).
                 .keep_alive_interval(Some(header_timeout.max(Duration::from_secs(10))))
                 .keep_alive_timeout(header_timeout.max(Duration::from_secs(10)))
-                .max_concurrent_streams(64)
-                .max_frame_size(MAX_FRAME as u32);
+                // Unary calls identify the caller off the reactor: a few at a time per connection.
+                .max_concurrent_streams(16)
+                .max_frame_size(MAX_FRAME as u32)
+                .max_header_list_size(MAX_HEADER_LIST as u32);
             let conn = builder.serve_connection(
-                TokioIo::new(AuthorityFix::new(crate::caller::SenderChecked::new(
-                    stream, &peer,
-                ))),
+                TokioIo::new(AuthorityFix::with_handshake_timeout(
+                    crate::caller::SenderChecked::new(stream, &peer),
+                    header_timeout,
+                )),
                 service,
             );
             let _ = watcher.watch(conn).await;

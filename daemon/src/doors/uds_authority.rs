@@ -10,6 +10,7 @@
 //! table `h2` sees), so the two dynamic tables stay consistent. Anything that is not
 //! well-formed HTTP/2 (an oversized frame, a broken header block) ends the connection.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -24,8 +25,13 @@ pub const MAX_FRAME: usize = 16_384;
 const MAX_BLOCK: usize = 64 * 1024;
 /// HPACK dynamic table size both sides use (the default SETTINGS_HEADER_TABLE_SIZE).
 const TABLE_SIZE: usize = 4096;
+/// Largest decoded header list (RFC 9113 size: name + value + 32 per field), checked while
+/// decoding: a small block that references a large table entry many times must not make the
+/// daemon build a huge list. The server advertises the same SETTINGS_MAX_HEADER_LIST_SIZE.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
 
 const HEADERS: u8 = 0x1;
+const PUSH_PROMISE: u8 = 0x5;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -50,9 +56,19 @@ pub struct AuthorityFix<T> {
     eof: bool,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
+    /// Until the client's preface is in: a client that connects and never speaks is dropped
+    /// (neither h2 nor hyper bounds the handshake).
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> AuthorityFix<T> {
+    /// `handshake`: how long the client has to send its connection preface.
+    pub fn with_handshake_timeout(inner: T, handshake: std::time::Duration) -> AuthorityFix<T> {
+        let mut me = AuthorityFix::new(inner);
+        me.handshake = Some(Box::pin(tokio::time::sleep(handshake)));
+        me
+    }
+
     pub fn new(inner: T) -> AuthorityFix<T> {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(TABLE_SIZE);
@@ -71,6 +87,7 @@ impl<T> AuthorityFix<T> {
             eof: false,
             decoder,
             encoder,
+            handshake: None,
         }
     }
 
@@ -126,6 +143,9 @@ impl<T> AuthorityFix<T> {
                         self.flush_block()?;
                     }
                 }
+                // A client never pushes (RFC 9113 §8.4); its block would be decoded by h2
+                // with the table only this reader's encoder may fill.
+                PUSH_PROMISE => return Err(bad("PUSH_PROMISE from a client")),
                 CONTINUATION => {
                     if !self.in_block || stream != self.block_stream {
                         return Err(bad("CONTINUATION outside its header block"));
@@ -151,10 +171,22 @@ impl<T> AuthorityFix<T> {
     /// Decode the finished header block, fix `:authority`, encode it again as HEADERS (and
     /// CONTINUATION frames when it does not fit one).
     fn flush_block(&mut self) -> io::Result<()> {
-        let mut headers = self
-            .decoder
-            .decode(&self.block)
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
+        let mut too_large = false;
+        self.decoder
+            .decode_with_cb(&self.block, |n, v| {
+                size = size.saturating_add(n.len() + v.len() + 32);
+                if size > MAX_HEADER_LIST {
+                    too_large = true;
+                } else {
+                    headers.push((n.into_owned(), v.into_owned()));
+                }
+            })
             .map_err(|e| bad(&format!("header block: {e}")))?;
+        if too_large {
+            return Err(bad("header list larger than SETTINGS_MAX_HEADER_LIST_SIZE"));
+        }
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority"
                 && http::uri::Authority::try_from(value.as_slice()).is_err()
@@ -217,8 +249,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for AuthorityFix<T> {
                 return Poll::Ready(Ok(()));
             }
             me.process()?;
+            if me.preface_left == 0 {
+                me.handshake = None;
+            }
             if !me.out.is_empty() {
                 continue;
+            }
+            if let Some(t) = me.handshake.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "HTTP/2: no connection preface in time",
+                    )));
+                }
             }
             if me.eof {
                 return Poll::Ready(Ok(()));
@@ -372,6 +415,18 @@ mod tests {
         assert!(run(&stray).is_err());
         pre.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff]));
         assert!(run(&pre).is_err(), "an undecodable block");
+        // A small block that expands past the header list limit (one large table entry,
+        // referenced again and again) is refused before it is built.
+        let mut bomb = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut enc = loona_hpack::Encoder::new();
+        let big = vec![b'a'; 4000];
+        let mut block = enc.encode([(&b"user-agent"[..], &big[..])]);
+        block.extend(std::iter::repeat_n(0x80 | 62, 10));
+        bomb.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        assert!(run(&bomb).is_err(), "a decompression bomb");
+        let mut push = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        push.extend(frame(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2]));
+        assert!(run(&push).is_err(), "a client PUSH_PROMISE");
         // Incomplete input is kept for later, not an error.
         assert_eq!(run(b"PRI * HTTP").unwrap(), b"PRI * HTTP");
     }

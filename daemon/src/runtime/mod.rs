@@ -410,6 +410,12 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
             let workload = match (cfg.spiffe.enabled, inh.workload) {
                 (false, _) => None,
                 (true, Some(l)) => Some((l, false)),
+                // systemd owns the socket directory: without tesserad-workload.socket (masked,
+                // or an older unit) the daemon runs without the door rather than not at all.
+                (true, None) if !agent.1 => {
+                    tracing::warn!("systemd passed no Workload API socket (tesserad-workload.socket); the SPIFFE Workload API is off");
+                    None
+                }
                 (true, None) => {
                     let path = cfg.workload_socket();
                     match bind_socket(&path).context("the SPIFFE Workload API socket") {

@@ -6,10 +6,35 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 /// Tell the service manager something; failures only matter to systemd, so they are logged.
+/// The send never blocks: a notification socket nobody reads (a full queue) must not stall a
+/// runtime thread, least of all the watchdog's during a stop.
 pub fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
+    if let Err(e) = try_notify(states) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
+}
+
+fn try_notify(states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let mut msg = String::new();
+    for s in states {
+        let _ = writeln!(msg, "{s}");
+    }
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let bytes = path.as_encoded_bytes();
+    // "@name": an abstract socket (sd_notify(3)).
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sock.send_to_addr(msg.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(msg.as_bytes(), &path)?;
+    }
+    Ok(())
 }
 
 /// Sockets passed by `.socket` units (`LISTEN_FDS`), told apart by `FileDescriptorName=`

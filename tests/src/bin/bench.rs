@@ -777,6 +777,74 @@ fn tls_rows(n: usize) {
     }
 }
 
+/// `FetchJWTSVID` over the Workload API beside `/v1/token` over the agent socket, same daemon
+/// and run (issue 15: the gRPC door should cost no more than 1.2x the HTTP one). Each gRPC
+/// client keeps its connection, as SPIFFE clients do; the socket client connects per request.
+fn spiffe_rows(n: usize) {
+    println!("| backend | measurement | n | p50 ms | p99 ms | per second | p50 / token p50 |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, b) in [("tpm", Backend::tpm()), ("pkcs11", Backend::pkcs11())] {
+        let d = Daemon::start_with(
+            b,
+            Options {
+                agents: vec![(
+                    "bench".into(),
+                    format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n"),
+                )],
+                ..Default::default()
+            },
+        );
+        tokens(&d, 4, 50); // warm up
+        for clients in [1usize, 16] {
+            let per = (n / clients).max(1);
+            let t = tokens(&d, clients, per);
+            let socket = d.workload_socket();
+            let g = timed_workers(clients, per, |_| {
+                let socket = socket.clone();
+                let client: Arc<tokio::sync::Mutex<Option<tessera_e2e::workload::Client>>> =
+                    Arc::new(tokio::sync::Mutex::new(None));
+                Box::new(move || {
+                    let socket = socket.clone();
+                    let client = client.clone();
+                    async move {
+                        let mut guard = client.lock().await;
+                        if guard.is_none() {
+                            *guard = Some(tessera_e2e::workload::connect(&socket).await);
+                        }
+                        let c = guard.as_mut().expect("client");
+                        let r = c
+                            .fetch_jwtsvid(tessera_e2e::workload::request(
+                                tessera_e2e::workload::proto::JwtsvidRequest {
+                                    audience: vec![AUD.into()],
+                                    spiffe_id: String::new(),
+                                },
+                            ))
+                            .await
+                            .expect("FetchJWTSVID");
+                        assert_eq!(r.into_inner().svids.len(), 1);
+                    }
+                })
+            });
+            for (label, s) in [
+                (format!("token over socket, {clients} client(s)"), &t),
+                (
+                    format!("FetchJWTSVID over the Workload API, {clients} client(s)"),
+                    &g,
+                ),
+            ] {
+                println!(
+                    "| {name} | {label} | {} | {} | {} | {:.0} | {:.2} |",
+                    s.n,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.per_sec,
+                    s.p50.as_secs_f64() / t.p50.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
@@ -785,6 +853,11 @@ fn main() {
     if let Ok(k) = std::env::var("BENCH_TLS") {
         // BENCH_TLS=N: only the keyless-TLS handshake rows, N handshakes per measurement.
         tls_rows(k.parse().unwrap_or(1000));
+        return;
+    }
+    if let Ok(k) = std::env::var("BENCH_SPIFFE") {
+        // BENCH_SPIFFE=N: only FetchJWTSVID beside /v1/token, N requests per measurement.
+        spiffe_rows(k.parse().unwrap_or(1000));
         return;
     }
     if let Ok(k) = std::env::var("BENCH_CALLGRIND") {
