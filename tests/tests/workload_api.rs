@@ -276,3 +276,97 @@ fn refusals_have_the_specified_codes() {
         "the socket is removed at stop"
     );
 }
+
+/// `x509_svid = "software"`: py-spiffe gets an X.509-SVID whose certificate chains to the
+/// bundle and whose key matches; the stream rotates at half-life, and at revocation it stops
+/// with every certificate it handed out on the CRL; the audit says the key is software.
+fn software_x509_svids_rotate_and_stop_at_revocation(backend: Backend) {
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![(
+                "legacy".into(),
+                format!(
+                    "[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nmax_cert_ttl = \"1m\"\nx509_svid = \"software\"\n"
+                ),
+            )],
+            ..Default::default()
+        },
+    );
+    let (ok, out) = python_check(
+        "check_spiffe_x509.py",
+        &json!({
+            "socket": d.workload_socket(),
+            "trust_domain": TD,
+            "agent_id": agent_id("legacy"),
+        }),
+    );
+    assert!(ok, "py-spiffe X.509-SVID checks failed: {out:#}");
+    let recs = d.audit_records();
+    assert!(
+        recs.iter().any(|r| r["event"] == "certificate.issued"
+            && r["details"]["key"] == "software"
+            && r["details"]["profile"] == "x509-svid"),
+        "the audit says the SVID key is a software key"
+    );
+    let leaf_serial = |m: &proto::X509svidResponse| -> String {
+        let (_, cert) = x509_parser::parse_x509_certificate(&m.svids[0].x509_svid).unwrap();
+        cert.tbs_certificate.raw_serial_as_string().replace(':', "")
+    };
+    rt().block_on(async {
+        let mut c = workload::connect(&d.workload_socket()).await;
+        let mut s = c
+            .fetch_x509svid(workload::request(proto::X509svidRequest {}))
+            .await
+            .expect("FetchX509SVID for a software agent")
+            .into_inner();
+        let first = s.message().await.unwrap().expect("first SVID");
+        assert_eq!(first.svids.len(), 1);
+        assert_eq!(first.svids[0].spiffe_id, agent_id("legacy"));
+        assert!(!first.svids[0].x509_svid_key.is_empty());
+        // A 1 minute SVID is replaced at half-life (30 s).
+        let second = tokio::time::timeout(Duration::from_secs(50), s.message())
+            .await
+            .expect("a rotated SVID within 50 s")
+            .unwrap()
+            .expect("stream open");
+        let (a, b) = (leaf_serial(&first), leaf_serial(&second));
+        assert_ne!(a, b, "a new certificate");
+        assert_ne!(
+            first.svids[0].x509_svid_key, second.svids[0].x509_svid_key,
+            "a new key"
+        );
+
+        std::fs::remove_file(d.agents_dir().join("legacy.toml")).unwrap();
+        d.reload();
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue, // a new CRL may come first
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream stops after the revocation");
+        match end {
+            Err(st) => assert_eq!(st.code(), Code::PermissionDenied, "{st:?}"),
+            other => panic!("the stream should end with PermissionDenied: {other:?}"),
+        }
+        // Both certificates it handed out are on the CRL.
+        let pem = d.client().crl().await.expect("CRL");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&pem.contents).unwrap();
+        let crl: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial_as_string().replace(':', ""))
+            .collect();
+        for serial in [&a, &b] {
+            assert!(
+                crl.iter().any(|s| s.eq_ignore_ascii_case(serial)),
+                "{serial} on the CRL {crl:?}"
+            );
+        }
+    });
+}
+tessera_e2e::both_backends!(software_x509_svids_rotate_and_stop_at_revocation);

@@ -39,6 +39,17 @@ pub struct Policy {
     /// Life of a session proof key (default 10 min, at most 1 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_key_ttl: Option<Dur>,
+    /// Workload API X.509-SVIDs: "off" (default: the key would have to leave the device) or
+    /// "software" (a daemon-made software key per rotation, handed to the workload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509_svid: Option<String>,
+}
+
+impl Policy {
+    /// Whether the agent opted in to software X.509-SVIDs.
+    pub fn software_x509_svid(&self) -> bool {
+        self.x509_svid.as_deref() == Some("software")
+    }
 }
 
 /// Longest WIT (and the default).
@@ -70,6 +81,11 @@ impl Policy {
         if let Some(k) = &self.proof_key {
             if k != "hardware" && k != "session" {
                 return Err("policy proof_key is \"hardware\" or \"session\"".into());
+            }
+        }
+        if let Some(k) = &self.x509_svid {
+            if k != "off" && k != "software" {
+                return Err("policy x509_svid is \"off\" or \"software\"".into());
             }
         }
         if let Some(t) = self.session_key_ttl {

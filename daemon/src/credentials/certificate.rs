@@ -16,6 +16,15 @@ use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
 use crate::duration::{format_duration, parse_duration};
 use tessera::attestation::key_from_jwk;
 
+/// A certificate just issued, with the CA that signed it.
+pub(crate) struct Certified {
+    pub cert: x509_cert::Certificate,
+    pub der: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub ca: std::sync::Arc<crate::credentials::hostca::HostCa>,
+}
+
 /// Shortest agent certificate.
 const MIN_CERT_TTL: Duration = Duration::from_secs(60);
 
@@ -35,7 +44,7 @@ pub(crate) fn hostca_problem(e: HostCaError) -> Problem {
 impl Credentials {
     /// Agent lifetime limit for certificates: policy `max_cert_ttl`, else its token `max_ttl`,
     /// at most `certificates.max_ttl`.
-    fn cert_limit(&self, agent: &Agent) -> Duration {
+    pub(crate) fn cert_limit(&self, agent: &Agent) -> Duration {
         let cfg = self.settings();
         let limit = agent
             .policy
@@ -94,7 +103,6 @@ impl Credentials {
             Ok(t) => t,
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
-        let ca = self.host_ca().map_err(hostca_problem)?;
         // The public key the device gave at enrolment, kept in the registry as the agent's JWK
         // (no device round trip per certificate).
         let key = agent
@@ -103,6 +111,27 @@ impl Credentials {
             .ok_or_else(|| "agent has no public key on record".to_string())
             .and_then(|j| key_from_jwk(j).map_err(|e| e.to_string()))
             .map_err(|e| Problem::new(Kind::Internal, format!("agent {}: {e}", agent.name)))?;
+        let c = self
+            .certify(caller, &agent, &key, ttl, json!({"kid": agent.kid}))
+            .await?;
+        let mut chain_pem =
+            x509::to_pem(&c.cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+        chain_pem.push_str(&c.ca.chain_pem);
+        Ok(chain_pem)
+    }
+
+    /// Certify `key` for `agent` with the host CA for `ttl` (cut at the CA's end), record the
+    /// certificate so a revocation's CRL lists it, audit `certificate.issued` (with `details`
+    /// added) and let it leave only if the agent is still live.
+    pub(crate) async fn certify(
+        &self,
+        caller: &Caller,
+        agent: &Agent,
+        key: &p256::ecdsa::VerifyingKey,
+        ttl: Duration,
+        details: serde_json::Value,
+    ) -> Result<Certified, Problem> {
+        let ca = self.host_ca().map_err(hostca_problem)?;
         let now = x509::now_unix();
         let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
         if not_after <= now {
@@ -117,7 +146,7 @@ impl Credentials {
             issuer_key_id: &ca.key_identifier,
             agent_name: &agent.name,
             spiffe_id: &agent.id,
-            key: &key,
+            key,
             not_before: now,
             not_after,
         })
@@ -134,7 +163,7 @@ impl Credentials {
         // Recorded only while the agent is live, so a racing revocation's CRL includes it.
         match self
             .agents
-            .record_certificate(&agent, &serial, not_after, &x5t)
+            .record_certificate(agent, &serial, not_after, &x5t)
         {
             Ok(()) => {}
             Err(RegistryError::NotLive(name)) => {
@@ -145,23 +174,29 @@ impl Credentials {
             }
             Err(e) => return Err(Problem::new(Kind::Internal, e.to_string())),
         }
+        let mut d = json!({
+            "serial": serial,
+            "x5t#S256": x5t,
+            "not_before": now,
+            "not_after": not_after,
+            "issuer": ca.subject.to_string(),
+        });
+        if let (Some(d), serde_json::Value::Object(extra)) = (d.as_object_mut(), details) {
+            d.extend(extra);
+        }
         let ev = Event::new("certificate.issued")
             .agent(&agent.name, &agent.id)
             .caller(caller.record())
-            .details(json!({
-                "serial": serial,
-                "x5t#S256": x5t,
-                "not_before": now,
-                "not_after": not_after,
-                "kid": agent.kid,
-                "issuer": ca.subject.to_string(),
-            }));
-        self.release(caller, &agent, ev, "certificate").await?;
-        self.count_issued(&agent, now);
-        let mut chain_pem =
-            x509::to_pem(&cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        chain_pem.push_str(&ca.chain_pem);
-        Ok(chain_pem)
+            .details(d);
+        self.release(caller, agent, ev, "certificate").await?;
+        self.count_issued(agent, now);
+        Ok(Certified {
+            cert,
+            der,
+            not_before: now,
+            not_after,
+            ca,
+        })
     }
 
     pub fn bundle_pem(&self) -> Result<String, Problem> {

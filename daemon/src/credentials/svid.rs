@@ -28,6 +28,21 @@ pub struct JwtSvid {
     pub svid: String,
 }
 
+/// Lifetime of a software X.509-SVID: this, or the agent's certificate limit when shorter
+/// (DESIGN: at most `min(max_cert_ttl, 1h)`, default 10 min).
+pub const SOFTWARE_SVID_TTL: Duration = Duration::from_secs(600);
+
+/// One software X.509-SVID as the Workload API hands it out.
+pub struct SoftwareSvid {
+    pub spiffe_id: String,
+    /// DER certificates, the SVID first, then the host CA chain.
+    pub chain: Vec<u8>,
+    /// The SVID's private key, PKCS#8 DER: made in software for this one certificate.
+    pub key_pkcs8: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
 /// What `ValidateJWTSVID` answers: the subject and every claim.
 #[derive(Debug, Clone)]
 pub struct ValidatedSvid {
@@ -164,8 +179,80 @@ impl Credentials {
         Ok(out)
     }
 
-    /// `FetchX509SVID`: an unknown or revoked caller is told so, an agent why it gets no
-    /// X.509-SVID (its key cannot be exported); audited as a refusal.
+    /// The caller's live agents that opted in to software X.509-SVIDs (`x509_svid =
+    /// "software"`), in enrolment order.
+    pub fn software_svid_agents(&self, caller: &Caller) -> Vec<Agent> {
+        self.agents()
+            .live()
+            .candidates(caller, None)
+            .filter(|a| a.selectors.matches(caller) && a.policy.software_x509_svid())
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `agent` may still have software SVIDs: live, active, still opted in.
+    pub fn software_svid_current(&self, agent: &Agent) -> bool {
+        self.agents().live().by_row(agent.row).is_some_and(|a| {
+            a.status == crate::agents::Status::Active
+                && a.policy.software_x509_svid()
+                && a.key_id == agent.key_id
+        })
+    }
+
+    /// A software X.509-SVID for `agent`: a fresh P-256 key made here (never the device key,
+    /// which cannot leave the device), certified by the host CA with the agent's SPIFFE ID,
+    /// recorded (a revocation's CRL lists it) and audited as a software key.
+    pub async fn issue_software_svid(
+        &self,
+        caller: &Caller,
+        agent: &Agent,
+    ) -> Result<SoftwareSvid, Problem> {
+        use p256::pkcs8::EncodePrivateKey;
+        let summary = json!({"door": "workload-api", "call": "FetchX509SVID"});
+        if let Err(p) = self.may_issue(agent) {
+            return Err(self.deny(caller, Some(agent), p, summary).await);
+        }
+        let ttl = self.cert_limit(agent).min(SOFTWARE_SVID_TTL);
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let public = p256::ecdsa::VerifyingKey::from(secret.public_key());
+        let c = self
+            .certify(
+                caller,
+                agent,
+                &public,
+                ttl,
+                json!({
+                    "key": "software",
+                    "profile": "x509-svid",
+                    "door": "workload-api",
+                    "note": "a software key made by the daemon and handed to the workload (policy x509_svid = \"software\"), not the agent's hardware key",
+                }),
+            )
+            .await?;
+        let key_pkcs8 = secret
+            .to_pkcs8_der()
+            .map_err(|e| Problem::new(Kind::Internal, format!("PKCS#8: {e}")))?
+            .as_bytes()
+            .to_vec();
+        let mut chain = c.der;
+        for cert in &c.ca.chain {
+            let der = cert
+                .to_der()
+                .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+            chain.extend_from_slice(&der);
+        }
+        Ok(SoftwareSvid {
+            spiffe_id: agent.id.clone(),
+            chain,
+            key_pkcs8,
+            not_before: c.not_before,
+            not_after: c.not_after,
+        })
+    }
+
+    /// `FetchX509SVID` for a caller with no software-SVID agent: an unknown or revoked caller
+    /// is told so, an agent why it gets no X.509-SVID (its key cannot be exported); audited as
+    /// a refusal.
     pub async fn refuse_x509_svid(&self, caller: &Caller) -> Problem {
         let live = self.agents().live();
         let mine = live

@@ -7,7 +7,9 @@
 //! Profiles: JWT-SVID complete (`FetchJWTSVID`, `FetchJWTBundles`, `ValidateJWTSVID`), X.509
 //! bundles with the CRL (`FetchX509Bundles`). `FetchX509SVID` would hand the workload its
 //! private key, which a hardware key never allows: it is refused (`PermissionDenied`) with a
-//! message naming keyless mTLS. Bundles and validation are public, like `/v1/jwks` and
+//! message naming keyless mTLS, unless the agent opted in to `x509_svid = "software"` (a
+//! daemon-made software key per rotation, certified by the host CA, rotated at half-life,
+//! the stream ended at revocation). Bundles and validation are public, like `/v1/jwks` and
 //! `/v1/bundle`; SVIDs are only for the agent the kernel says the caller is.
 
 use std::pin::Pin;
@@ -36,11 +38,12 @@ pub mod proto {
     tonic::include_proto!("_");
 }
 
+use crate::credentials::svid::SoftwareSvid;
 use proto::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use proto::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-    X509svidRequest, X509svidResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 
 /// The metadata every Workload API call must carry (SPIFFE Workload Endpoint §4).
@@ -211,12 +214,83 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        self.within(async {
-            let caller = self.identify().await?;
+        let caller = self.within(self.identify()).await?;
+        let agents = self.svc.software_svid_agents(&caller);
+        if agents.is_empty() {
             let p = self.svc.refuse_x509_svid(&caller).await;
-            Err::<Response<Self::FetchX509SVIDStream>, _>(status_of(&p))
-        })
-        .await
+            return Err(status_of(&p));
+        }
+        let slot = self.stream_slot()?;
+        let mut changes = self.svc.bundle_changes();
+        changes.mark_unchanged();
+        let svc = self.svc.clone();
+        let mut svids = self.within(issue_all(&svc, &caller, &agents)).await?;
+        let first = self.within(x509_svid_message(&svc, &svids)).await?;
+        let (tx, rx) = mpsc::channel::<Result<X509svidResponse, Status>>(1);
+        let mut stopping = self.stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut last = first;
+            if !send(&tx, Ok(last.clone()), &mut stopping).await {
+                return;
+            }
+            loop {
+                // Rotate at half-life: the earliest of the SVIDs' midpoints.
+                let now = crate::agents::now_unix();
+                let due = svids
+                    .iter()
+                    .map(|s| s.not_before + (s.not_after - s.not_before) / 2)
+                    .min()
+                    .unwrap_or(now);
+                let wait = Duration::from_secs(due.saturating_sub(now).max(1) as u64);
+                let rotate = tokio::select! {
+                    _ = tokio::time::sleep(wait) => true,
+                    r = changes.changed() => { if r.is_err() { return } false }
+                    _ = tx.closed() => return,
+                    _ = stopping.changed() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the daemon is stopping")));
+                        return;
+                    }
+                };
+                // Revoked, suspended or no longer opted in: the stream stops (the revocation's
+                // CRL already lists every certificate it handed out).
+                if let Some(gone) = agents.iter().find(|a| !svc.software_svid_current(a)) {
+                    let _ = send(
+                        &tx,
+                        Err(Status::permission_denied(format!(
+                            "agent {} was revoked or suspended, or no longer has software X.509-SVIDs",
+                            gone.name
+                        ))),
+                        &mut stopping,
+                    )
+                    .await;
+                    return;
+                }
+                if rotate {
+                    match issue_all(&svc, &caller, &agents).await {
+                        Ok(s) => svids = s,
+                        Err(e) => {
+                            let _ = send(&tx, Err(e), &mut stopping).await;
+                            return;
+                        }
+                    }
+                }
+                match x509_svid_message(&svc, &svids).await {
+                    Ok(m) if m == last => continue,
+                    Ok(m) => {
+                        last = m;
+                        if !send(&tx, Ok(last.clone()), &mut stopping).await {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = send(&tx, Err(e), &mut stopping).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn fetch_x509_bundles(
@@ -296,6 +370,46 @@ impl SpiffeWorkloadApi for WorkloadApi {
             claims: Some(to_struct(v.claims)),
         }))
     }
+}
+
+/// A software X.509-SVID for each agent.
+async fn issue_all(
+    svc: &Credentials,
+    caller: &Caller,
+    agents: &[crate::agents::Agent],
+) -> Result<Vec<SoftwareSvid>, Status> {
+    let mut out = Vec::with_capacity(agents.len());
+    for a in agents {
+        out.push(
+            svc.issue_software_svid(caller, a)
+                .await
+                .map_err(|p| status_of(&p))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The SVIDs with the current bundle and CRL.
+async fn x509_svid_message(
+    svc: &Credentials,
+    svids: &[SoftwareSvid],
+) -> Result<X509svidResponse, Status> {
+    let b = svc.x509_bundle().await.map_err(|p| status_of(&p))?;
+    Ok(X509svidResponse {
+        svids: svids
+            .iter()
+            .map(|s| X509svid {
+                spiffe_id: s.spiffe_id.clone(),
+                x509_svid: s.chain.clone(),
+                x509_svid_key: s.key_pkcs8.clone(),
+                bundle: b.certificates.clone(),
+                // Says plainly what this is.
+                hint: "software-key".into(),
+            })
+            .collect(),
+        crl: vec![b.crl],
+        federated_bundles: Default::default(),
+    })
 }
 
 /// JSON claims as a protobuf `Struct`.

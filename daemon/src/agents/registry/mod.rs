@@ -350,6 +350,7 @@ mod tests {
             wit_ttl: None,
             proof_key: None,
             session_key_ttl: None,
+            x509_svid: None,
         }
     }
 

@@ -110,6 +110,22 @@ impl AgentObject {
         }
         .to_string())
     }
+    /// The key of its Workload API X.509-SVIDs: "off" (none: the hardware key cannot leave
+    /// the device) or "software" (a daemon-made software key handed to the workload).
+    #[zbus(property)]
+    async fn x509_svid_key(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        let a = self.read(conn, hdr).await?;
+        Ok(if a.policy.software_x509_svid() {
+            "software"
+        } else {
+            "off"
+        }
+        .to_string())
+    }
     #[zbus(property)]
     async fn created_at(
         &self,
