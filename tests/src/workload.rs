@@ -47,3 +47,9 @@ pub fn kids(jwks: &[u8]) -> Vec<String> {
         .filter_map(|k| k["kid"].as_str().map(str::to_string))
         .collect()
 }
+
+/// The `spiffe_sequence` of a JWKS given as JSON bytes.
+pub fn sequence(jwks: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(jwks).expect("JWKS JSON");
+    v["spiffe_sequence"].as_u64().expect("spiffe_sequence")
+}

@@ -183,7 +183,7 @@ fn refusals_have_the_specified_codes() {
             ..Default::default()
         },
     );
-    rt().block_on(async {
+    let seq_before = rt().block_on(async {
         let mut c = workload::connect(&d.workload_socket()).await;
         let e = c
             .fetch_jwtsvid(tonic::Request::new(proto::JwtsvidRequest {
@@ -254,6 +254,7 @@ fn refusals_have_the_specified_codes() {
             workload::kids(&m.bundles[&format!("spiffe://{TD}")]).len(),
             1
         );
+        let seq_before = workload::sequence(&m.bundles[&format!("spiffe://{TD}")]);
         // Stopping the daemon ends the stream (it does not hold the stop for its drain time).
         let t = std::time::Instant::now();
         let status = d.stop();
@@ -270,11 +271,28 @@ fn refusals_have_the_specified_codes() {
             Err(st) => assert_eq!(st.code(), Code::Unavailable, "{st:?}"),
             other => panic!("the stream should end with Unavailable: {other:?}"),
         }
+        seq_before
     });
     assert!(
         !d.workload_socket().exists(),
         "the socket is removed at stop"
     );
+    // The bundle sequence lives in the registry: after a restart it only grows.
+    d.restart();
+    rt().block_on(async {
+        let mut c = workload::connect(&d.workload_socket()).await;
+        let mut s = c
+            .fetch_jwt_bundles(workload::request(proto::JwtBundlesRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let m = s.message().await.unwrap().expect("a bundle");
+        let seq_after = workload::sequence(&m.bundles[&format!("spiffe://{TD}")]);
+        assert!(
+            seq_after > seq_before,
+            "spiffe_sequence {seq_before} -> {seq_after}"
+        );
+    });
 }
 
 /// `x509_svid = "software"`: py-spiffe gets an X.509-SVID whose certificate chains to the
@@ -324,6 +342,22 @@ fn software_x509_svids_rotate_and_stop_at_revocation(backend: Backend) {
         assert_eq!(first.svids.len(), 1);
         assert_eq!(first.svids[0].spiffe_id, agent_id("legacy"));
         assert!(!first.svids[0].x509_svid_key.is_empty());
+        assert_eq!(first.svids[0].hint, "software-key");
+        // The leaf alone: the self-signed host CA is the bundle's, not the chain's.
+        let (rest, _) = x509_parser::parse_x509_certificate(&first.svids[0].x509_svid).unwrap();
+        assert!(rest.is_empty(), "only the SVID in the chain");
+        // No bound token may name a software key's certificate (the daemon does not hold it).
+        let x5t = tessera::verify::x5t_s256(&first.svids[0].x509_svid);
+        let e = d
+            .client()
+            .token(&tessera::TokenOptions::new(AUD).bind_mtls(&x5t))
+            .await
+            .expect_err("a token bound to a software SVID");
+        assert_eq!(
+            e.problem(),
+            Some(tessera::ProblemType::TokenNotAccepted),
+            "{e}"
+        );
         // A 1 minute SVID is replaced at half-life (30 s).
         let second = tokio::time::timeout(Duration::from_secs(50), s.message())
             .await
@@ -370,3 +404,44 @@ fn software_x509_svids_rotate_and_stop_at_revocation(backend: Backend) {
     });
 }
 tessera_e2e::both_backends!(software_x509_svids_rotate_and_stop_at_revocation);
+
+/// An admin who moves a software-SVID agent to another uid cuts off the process that had its
+/// stream open: no rotation, no further SVID (the caller is re-identified and re-matched).
+#[test]
+fn a_software_svid_stream_ends_when_the_agent_no_longer_matches() {
+    let toml = |uid: u32| {
+        format!("[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\"]\nx509_svid = \"software\"\n")
+    };
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("moving".into(), toml(0))],
+            ..Default::default()
+        },
+    );
+    rt().block_on(async {
+        let mut c = workload::connect(&d.workload_socket()).await;
+        let mut s = c
+            .fetch_x509svid(workload::request(proto::X509svidRequest {}))
+            .await
+            .expect("FetchX509SVID")
+            .into_inner();
+        s.message().await.unwrap().expect("first SVID");
+        d.write_agent("moving", &toml(54321));
+        d.reload();
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => assert!(m.svids.is_empty(), "no SVID after the change"),
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream ends after the agent moved to another uid");
+        match end {
+            Err(st) => assert_eq!(st.code(), Code::PermissionDenied, "{st:?}"),
+            other => panic!("the stream should end with PermissionDenied: {other:?}"),
+        }
+    });
+}

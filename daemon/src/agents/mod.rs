@@ -101,6 +101,9 @@ pub struct Agents {
     revoked: RwLock<Arc<AgentSet>>,
     /// Bumped every time `live`/`revoked` are re-read after a change.
     generation: AtomicU64,
+    /// The SPIFFE bundle sequence the registry held at start: published sequences are this
+    /// plus `generation`, so they only grow, across restarts too.
+    sequence_base: u64,
     pub(crate) keystore: KeyStoreHandle,
     pub(crate) audit: Audit,
     /// Serialises enrolment, revocation and reconciliation.
@@ -113,6 +116,9 @@ pub struct Agents {
     events: broadcast::Sender<AgentEvent>,
 }
 
+/// Registry `meta` key of the SPIFFE bundle sequence.
+const SEQUENCE_KEY: &str = "spiffe.sequence";
+
 impl Agents {
     pub fn new(
         settings: Settings,
@@ -122,6 +128,10 @@ impl Agents {
     ) -> Result<Arc<Agents>, RegistryError> {
         let live = registry.live()?;
         let revoked = registry.revoked()?;
+        let sequence_base = registry
+            .meta(SEQUENCE_KEY)?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         let (events, _) = broadcast::channel(1024);
         Ok(Arc::new(Agents {
             settings: RwLock::new(Arc::new(settings)),
@@ -129,6 +139,7 @@ impl Agents {
             live: RwLock::new(Arc::new(AgentSet::new(live))),
             revoked: RwLock::new(Arc::new(AgentSet::new(revoked))),
             generation: AtomicU64::new(1),
+            sequence_base,
             keystore,
             audit,
             admin: tokio::sync::Mutex::new(()),
@@ -176,7 +187,22 @@ impl Agents {
         let (live, revoked) = (AgentSet::new(live), AgentSet::new(revoked));
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
-        Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
+        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.store_sequence(g);
+        Ok(g)
+    }
+
+    /// Keep the bundle sequence in the registry so the next start continues above it.
+    fn store_sequence(&self, generation: u64) {
+        let seq = (self.sequence_base + generation).to_string();
+        if let Err(e) = self.with_registry(|r| r.set_meta(SEQUENCE_KEY, &seq)) {
+            tracing::warn!(error = %e, "cannot store the SPIFFE bundle sequence");
+        }
+    }
+
+    /// `spiffe_sequence` of the trust bundles: grows at every agent change, across restarts.
+    pub fn spiffe_sequence(&self) -> u64 {
+        self.sequence_base + self.generation()
     }
 
     /// Put the current records of changed agents (as the registry now holds them) into the
@@ -193,7 +219,9 @@ impl Agents {
             let next = revoked.apply(changed, |a| a.status == Status::Revoked, true);
             *revoked = Arc::new(next);
         }
-        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.store_sequence(g);
+        g
     }
 
     /// Changes so far; anything derived from the agents (the CRL) records the generation it
@@ -251,7 +279,7 @@ impl Agents {
         agent: &Agent,
         serial_hex: &str,
         not_after: i64,
-        x5t_s256: &str,
+        x5t_s256: Option<&str>,
     ) -> Result<(), RegistryError> {
         self.with_registry(|r| r.record_certificate(agent, serial_hex, not_after, x5t_s256))
     }

@@ -16,6 +16,15 @@ use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
 use crate::duration::{format_duration, parse_duration};
 use tessera::attestation::key_from_jwk;
 
+/// Whose key a certificate certifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyKind {
+    /// The agent's device key.
+    Hardware,
+    /// A key the daemon made in software and handed out (Workload API X.509-SVIDs).
+    Software,
+}
+
 /// A certificate just issued, with the CA that signed it.
 pub(crate) struct Certified {
     pub cert: x509_cert::Certificate,
@@ -112,7 +121,14 @@ impl Credentials {
             .and_then(|j| key_from_jwk(j).map_err(|e| e.to_string()))
             .map_err(|e| Problem::new(Kind::Internal, format!("agent {}: {e}", agent.name)))?;
         let c = self
-            .certify(caller, &agent, &key, ttl, json!({"kid": agent.kid}))
+            .certify(
+                caller,
+                &agent,
+                &key,
+                ttl,
+                KeyKind::Hardware,
+                json!({"kid": agent.kid}),
+            )
             .await?;
         let mut chain_pem =
             x509::to_pem(&c.cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
@@ -129,6 +145,7 @@ impl Credentials {
         agent: &Agent,
         key: &p256::ecdsa::VerifyingKey,
         ttl: Duration,
+        kind: KeyKind,
         details: serde_json::Value,
     ) -> Result<Certified, Problem> {
         let ca = self.host_ca().map_err(hostca_problem)?;
@@ -160,10 +177,13 @@ impl Credentials {
         let der = x509_cert::der::Encode::to_der(&cert)
             .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
         let x5t = tessera::verify::x5t_s256(&der);
-        // Recorded only while the agent is live, so a racing revocation's CRL includes it.
+        // Recorded only while the agent is live, so a racing revocation's CRL includes it. A
+        // software key's certificate is on the CRL like any other, but no bound token or TLS
+        // signature may name it: the daemon does not hold that key.
+        let named = (kind == KeyKind::Hardware).then_some(x5t.as_str());
         match self
             .agents
-            .record_certificate(agent, &serial, not_after, &x5t)
+            .record_certificate(agent, &serial, not_after, named)
         {
             Ok(()) => {}
             Err(RegistryError::NotLive(name)) => {

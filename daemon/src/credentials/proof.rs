@@ -556,7 +556,7 @@ impl Credentials {
         }
         Ok(json!({
             "keys": keys,
-            "spiffe_sequence": self.agents().generation(),
+            "spiffe_sequence": self.agents().spiffe_sequence(),
             "spiffe_refresh_hint": 300,
         }))
     }

@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 use x509_cert::der::Encode;
+use zeroize::Zeroizing;
 
 use super::problem::{Kind, Problem};
 use super::{check_not_suspended, rfc3339, token_limit, Credentials, MAX_AUDIENCE};
@@ -31,14 +32,17 @@ pub struct JwtSvid {
 /// Lifetime of a software X.509-SVID: this, or the agent's certificate limit when shorter
 /// (DESIGN: at most `min(max_cert_ttl, 1h)`, default 10 min).
 pub const SOFTWARE_SVID_TTL: Duration = Duration::from_secs(600);
+/// Shortest software X.509-SVID (rotated at half of it).
+const MIN_SOFTWARE_SVID_TTL: Duration = Duration::from_secs(60);
 
 /// One software X.509-SVID as the Workload API hands it out.
 pub struct SoftwareSvid {
     pub spiffe_id: String,
     /// DER certificates, the SVID first, then the host CA chain.
     pub chain: Vec<u8>,
-    /// The SVID's private key, PKCS#8 DER: made in software for this one certificate.
-    pub key_pkcs8: Vec<u8>,
+    /// The SVID's private key, PKCS#8 DER: made in software for this one certificate, wiped
+    /// when dropped.
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
     pub not_before: i64,
     pub not_after: i64,
 }
@@ -179,24 +183,20 @@ impl Credentials {
         Ok(out)
     }
 
-    /// The caller's live agents that opted in to software X.509-SVIDs (`x509_svid =
-    /// "software"`), in enrolment order.
+    /// The caller's active agents that opted in to software X.509-SVIDs (`x509_svid =
+    /// "software"`), as their records are now, in enrolment order. Suspended agents get none
+    /// (and do not hold up the others).
     pub fn software_svid_agents(&self, caller: &Caller) -> Vec<Agent> {
         self.agents()
             .live()
             .candidates(caller, None)
-            .filter(|a| a.selectors.matches(caller) && a.policy.software_x509_svid())
+            .filter(|a| {
+                a.selectors.matches(caller)
+                    && a.policy.software_x509_svid()
+                    && a.status == crate::agents::Status::Active
+            })
             .cloned()
             .collect()
-    }
-
-    /// Whether `agent` may still have software SVIDs: live, active, still opted in.
-    pub fn software_svid_current(&self, agent: &Agent) -> bool {
-        self.agents().live().by_row(agent.row).is_some_and(|a| {
-            a.status == crate::agents::Status::Active
-                && a.policy.software_x509_svid()
-                && a.key_id == agent.key_id
-        })
     }
 
     /// A software X.509-SVID for `agent`: a fresh P-256 key made here (never the device key,
@@ -213,6 +213,16 @@ impl Credentials {
             return Err(self.deny(caller, Some(agent), p, summary).await);
         }
         let ttl = self.cert_limit(agent).min(SOFTWARE_SVID_TTL);
+        if ttl < MIN_SOFTWARE_SVID_TTL {
+            let p = Problem::new(
+                Kind::TtlNotAllowed,
+                format!(
+                    "agent {}: software X.509-SVIDs need a certificate lifetime of at least 1m (policy max_cert_ttl)",
+                    agent.name
+                ),
+            );
+            return Err(self.deny(caller, Some(agent), p, summary).await);
+        }
         let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
         let public = p256::ecdsa::VerifyingKey::from(secret.public_key());
         let c = self
@@ -221,6 +231,7 @@ impl Credentials {
                 agent,
                 &public,
                 ttl,
+                super::certificate::KeyKind::Software,
                 json!({
                     "key": "software",
                     "profile": "x509-svid",
@@ -229,13 +240,22 @@ impl Credentials {
                 }),
             )
             .await?;
-        let key_pkcs8 = secret
-            .to_pkcs8_der()
-            .map_err(|e| Problem::new(Kind::Internal, format!("PKCS#8: {e}")))?
-            .as_bytes()
-            .to_vec();
+        let key_pkcs8 = Zeroizing::new(
+            secret
+                .to_pkcs8_der()
+                .map_err(|e| Problem::new(Kind::Internal, format!("PKCS#8: {e}")))?
+                .as_bytes()
+                .to_vec(),
+        );
+        // The SVID, then intermediates: the host CA when a fleet CA issued it (the trust
+        // anchor is the bundle's, not the chain's).
         let mut chain = c.der;
-        for cert in &c.ca.chain {
+        let intermediates = if c.ca.self_signed {
+            &[][..]
+        } else {
+            &c.ca.chain[..c.ca.chain.len().saturating_sub(1)]
+        };
+        for cert in intermediates {
             let der = cert
                 .to_der()
                 .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
@@ -410,7 +430,7 @@ impl Credentials {
             .collect();
         serde_json::to_vec(&json!({
             "keys": keys,
-            "spiffe_sequence": self.agents().generation(),
+            "spiffe_sequence": self.agents().spiffe_sequence(),
         }))
         .unwrap_or_default()
     }

@@ -228,12 +228,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let first = self.within(x509_svid_message(&svc, &svids)).await?;
         let (tx, rx) = mpsc::channel::<Result<X509svidResponse, Status>>(1);
         let mut stopping = self.stop.clone();
+        let peer = self.peer.clone();
+        let mut agents = agents;
         tokio::spawn(async move {
             let _slot = slot;
             let mut last = first;
             if !send(&tx, Ok(last.clone()), &mut stopping).await {
                 return;
             }
+            let version = |a: &[crate::agents::Agent]| -> Vec<(i64, String, i64)> {
+                a.iter()
+                    .map(|a| (a.row, a.key_id.clone(), a.updated_at))
+                    .collect()
+            };
             loop {
                 // Rotate at half-life: the earliest of the SVIDs' midpoints.
                 let now = crate::agents::now_unix();
@@ -243,7 +250,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     .min()
                     .unwrap_or(now);
                 let wait = Duration::from_secs(due.saturating_sub(now).max(1) as u64);
-                let rotate = tokio::select! {
+                let mut rotate = tokio::select! {
                     _ = tokio::time::sleep(wait) => true,
                     r = changes.changed() => { if r.is_err() { return } false }
                     _ = tx.closed() => return,
@@ -252,19 +259,31 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         return;
                     }
                 };
-                // Revoked, suspended or no longer opted in: the stream stops (the revocation's
-                // CRL already lists every certificate it handed out).
-                if let Some(gone) = agents.iter().find(|a| !svc.software_svid_current(a)) {
+                // Who the caller is and which agents it is, asked again: revoked, suspended,
+                // re-scoped (selectors, policy) or opted-out agents get nothing more, and a
+                // caller that exec'd or changed uid is refused.
+                let caller = match svc.identify(peer.clone()).await {
+                    Ok(c) => c,
+                    Err(p) => {
+                        let _ = send(&tx, Err(status_of(&p)), &mut stopping).await;
+                        return;
+                    }
+                };
+                let current = svc.software_svid_agents(&caller);
+                if current.is_empty() {
                     let _ = send(
                         &tx,
-                        Err(Status::permission_denied(format!(
-                            "agent {} was revoked or suspended, or no longer has software X.509-SVIDs",
-                            gone.name
-                        ))),
+                        Err(Status::permission_denied(
+                            "no agent of this process has software X.509-SVIDs any more (revoked, suspended, changed or opted out)",
+                        )),
                         &mut stopping,
                     )
                     .await;
                     return;
+                }
+                if version(&current) != version(&agents) {
+                    agents = current;
+                    rotate = true;
                 }
                 if rotate {
                     match issue_all(&svc, &caller, &agents).await {
@@ -401,7 +420,7 @@ async fn x509_svid_message(
             .map(|s| X509svid {
                 spiffe_id: s.spiffe_id.clone(),
                 x509_svid: s.chain.clone(),
-                x509_svid_key: s.key_pkcs8.clone(),
+                x509_svid_key: s.key_pkcs8.to_vec(),
                 bundle: b.certificates.clone(),
                 // Says plainly what this is.
                 hint: "software-key".into(),

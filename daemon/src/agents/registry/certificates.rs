@@ -14,7 +14,7 @@ impl Registry {
         agent: &Agent,
         serial_hex: &str,
         not_after: i64,
-        x5t_s256: &str,
+        x5t_s256: Option<&str>,
     ) -> Result<(), RegistryError> {
         let tx = self.conn.transaction()?;
         let live: Option<String> = tx
@@ -31,10 +31,13 @@ impl Registry {
             "INSERT INTO certificates (serial, agent_row, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
             params![serial_hex, agent.row, not_after, now_unix()],
         )?;
-        tx.execute(
-            "INSERT OR REPLACE INTO certificate_thumbprints (x5t_s256, serial, agent_row, not_after) VALUES (?1, ?2, ?3, ?4)",
-            params![x5t_s256, serial_hex, agent.row, not_after],
-        )?;
+        // Only certificates of the hardware key can be named by a bound token or a TLS signer.
+        if let Some(x5t_s256) = x5t_s256 {
+            tx.execute(
+                "INSERT OR REPLACE INTO certificate_thumbprints (x5t_s256, serial, agent_row, not_after) VALUES (?1, ?2, ?3, ?4)",
+                params![x5t_s256, serial_hex, agent.row, not_after],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
