@@ -746,8 +746,8 @@ impl Credentials {
                     .details(details);
                 self.release(caller, &agent, ev, "token").await?;
                 self.count_issued(&agent, issued.iat);
-                if jkt.is_some() {
-                    self.remember_bound(&issued.token, issued.exp);
+                if let Some(jkt) = &jkt {
+                    self.remember_bound(&issued.token, issued.exp, &agent, jkt);
                 }
                 Ok(TokenResponse {
                     token: issued.token,

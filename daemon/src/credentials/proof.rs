@@ -122,17 +122,25 @@ pub struct ProofResponse {
 /// one of them is refused: the daemon checks its own tokens itself.
 #[derive(Default)]
 pub struct BoundTokens {
-    by_ath: HashMap<String, i64>,
+    by_ath: HashMap<String, BoundToken>,
+}
+
+/// A DPoP-bound token this daemon issued: whose, bound to which proof key, until when.
+#[derive(Debug, Clone)]
+struct BoundToken {
+    exp: i64,
+    agent_row: i64,
+    jkt: String,
 }
 
 impl BoundTokens {
-    fn insert(&mut self, ath: String, exp: i64) {
+    fn insert(&mut self, ath: String, token: BoundToken) {
         if self.by_ath.len() >= MAX_BOUND {
             let now = crate::agents::now_unix();
-            self.by_ath.retain(|_, e| *e > now);
+            self.by_ath.retain(|_, t| t.exp > now);
         }
         if self.by_ath.len() < MAX_BOUND {
-            self.by_ath.insert(ath, exp);
+            self.by_ath.insert(ath, token);
         }
     }
 
@@ -142,6 +150,14 @@ impl BoundTokens {
             return Some(true);
         }
         (self.by_ath.len() < MAX_BOUND).then_some(false)
+    }
+
+    /// The proof key thumbprint of an unexpired token of agent `row` whose SHA-256 is `ath`.
+    fn known(&self, ath: &str, row: i64, now: i64) -> Option<&str> {
+        self.by_ath
+            .get(ath)
+            .filter(|t| t.agent_row == row && t.exp > now)
+            .map(|t| t.jkt.as_str())
     }
 }
 
@@ -300,11 +316,15 @@ impl Credentials {
         Ok(jwt::compact(input, &sig))
     }
 
-    pub(crate) fn remember_bound(&self, token: &str, exp: i64) {
-        self.bound
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(jwt::b64_sha256(token), exp);
+    pub(crate) fn remember_bound(&self, token: &str, exp: i64, agent: &Agent, jkt: &str) {
+        self.bound.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            jwt::b64_sha256(token),
+            BoundToken {
+                exp,
+                agent_row: agent.row,
+                jkt: jkt.to_string(),
+            },
+        );
     }
 
     /// `POST /v1/proof`.
@@ -726,6 +746,24 @@ impl Credentials {
                 ),
             )
         };
+        // A token this daemon issued to this agent is known by its SHA-256 (the table of
+        // bound tokens): the same token, byte for byte, so its signature need not be checked
+        // again on every proof. Anything else (another agent's, after a restart, a full
+        // table) is verified.
+        let ath = jwt::b64_sha256(token);
+        let now = crate::agents::now_unix();
+        let known = self
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .known(&ath, agent.row, now)
+            .map(str::to_string);
+        if let Some(jkt) = known {
+            let key = self
+                .proof_key_by_kid(agent, &jkt)
+                .ok_or_else(|| refuse("not bound to a live proof key of this agent (cnf.jkt)"))?;
+            return Ok((ath, key));
+        }
         let key = agent
             .jwk
             .as_ref()
@@ -740,10 +778,10 @@ impl Credentials {
             .as_str()
             .and_then(|jkt| self.proof_key_by_kid(agent, jkt))
             .ok_or_else(|| refuse("not bound to a live proof key of this agent (cnf.jkt)"))?;
-        if claims["exp"].as_i64().unwrap_or(0) <= crate::agents::now_unix() {
+        if claims["exp"].as_i64().unwrap_or(0) <= now {
             return Err(refuse("expired"));
         }
-        Ok((jwt::b64_sha256(token), key))
+        Ok((ath, key))
     }
 
     /// A bare `ath` is for another issuer's token: refused for tokens this daemon issued
@@ -833,6 +871,26 @@ pub(crate) fn verify_compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_bound_token_is_only_its_agents_and_only_until_it_expires() {
+        let mut t = BoundTokens::default();
+        let tok = |row, exp| BoundToken {
+            exp,
+            agent_row: row,
+            jkt: format!("jkt-{row}"),
+        };
+        t.insert("a".into(), tok(1, 100));
+        assert_eq!(t.known("a", 1, 99), Some("jkt-1"));
+        assert_eq!(
+            t.known("a", 2, 99),
+            None,
+            "another agent's token is verified, not trusted"
+        );
+        assert_eq!(t.known("a", 1, 100), None, "expired");
+        assert_eq!(t.known("b", 1, 0), None);
+        assert_eq!(t.is_ours("a"), Some(true));
+    }
 
     #[test]
     fn nonce_and_method_rules() {
