@@ -403,31 +403,33 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     let listeners = systemd::inherited_listeners()
         .context("cannot use the sockets passed by systemd")
         .and_then(|inh| {
-            let agent = match inh.agent {
-                Some(l) => (l, false),
-                None => (bind_socket(&cfg.socket)?, true),
-            };
+            // The Workload API socket first: once the agent socket answers, both are there.
             let workload = match (cfg.spiffe.enabled, inh.workload) {
                 (false, _) => None,
                 (true, Some(l)) => Some((l, false)),
                 // systemd owns the socket directory: without tesserad-workload.socket (masked,
                 // or an older unit) the daemon runs without the door rather than not at all.
-                (true, None) if !agent.1 => {
+                (true, None) if inh.agent.is_some() => {
                     tracing::warn!("systemd passed no Workload API socket (tesserad-workload.socket); the SPIFFE Workload API is off");
                     None
                 }
-                (true, None) => {
-                    let path = cfg.workload_socket();
-                    match bind_socket(&path).context("the SPIFFE Workload API socket") {
-                        Ok(l) => Some((l, true)),
-                        Err(e) => {
-                            if agent.1 {
-                                let _ = std::fs::remove_file(&cfg.socket);
-                            }
-                            return Err(e);
+                (true, None) => Some((
+                    bind_socket(&cfg.workload_socket())
+                        .context("the SPIFFE Workload API socket")?,
+                    true,
+                )),
+            };
+            let agent = match inh.agent {
+                Some(l) => (l, false),
+                None => match bind_socket(&cfg.socket) {
+                    Ok(l) => (l, true),
+                    Err(e) => {
+                        if matches!(workload, Some((_, true))) {
+                            let _ = std::fs::remove_file(cfg.workload_socket());
                         }
+                        return Err(e);
                     }
-                }
+                },
             };
             Ok((agent, workload))
         });
