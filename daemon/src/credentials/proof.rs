@@ -546,16 +546,7 @@ impl Credentials {
         let ca = self
             .host_ca()
             .map_err(crate::credentials::certificate::hostca_problem)?;
-        let mut keys: Vec<Value> = self
-            .agents()
-            .live()
-            .iter()
-            .filter_map(|a| a.jwk.clone())
-            .map(|mut k| {
-                k["use"] = json!("jwt-svid");
-                k
-            })
-            .collect();
+        let mut keys = self.jwt_svid_keys();
         let (_, mut wit_key) = ecdsa::jwk_of(&ca.key);
         wit_key["use"] = json!("wit-svid");
         keys.push(wit_key);

@@ -415,11 +415,9 @@ impl Credentials {
         })
     }
 
-    /// The JWT bundle of this trust domain: the live agent keys (`use: jwt-svid`) and the
-    /// bundle's sequence. A revoked agent's key is gone from the next one.
-    pub fn jwt_bundle(&self) -> Vec<u8> {
-        let keys: Vec<Value> = self
-            .agents()
+    /// The live agent keys as SPIFFE bundle entries (`use: jwt-svid`).
+    pub(crate) fn jwt_svid_keys(&self) -> Vec<Value> {
+        self.agents()
             .live()
             .iter()
             .filter_map(|a| a.jwk.clone())
@@ -427,9 +425,14 @@ impl Credentials {
                 k["use"] = json!("jwt-svid");
                 k
             })
-            .collect();
+            .collect()
+    }
+
+    /// The JWT bundle of this trust domain: the live agent keys (`use: jwt-svid`) and the
+    /// bundle's sequence. A revoked agent's key is gone from the next one.
+    pub fn jwt_bundle(&self) -> Vec<u8> {
         serde_json::to_vec(&json!({
-            "keys": keys,
+            "keys": self.jwt_svid_keys(),
             "spiffe_sequence": self.agents().spiffe_sequence(),
         }))
         .unwrap_or_default()
