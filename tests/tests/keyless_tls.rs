@@ -672,7 +672,7 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
 }
 tessera_e2e::both_backends!(tls_proxy_carries_curl_over_mtls);
 
-/// The SDK's example (`agent-sdk/examples/mtls.rs`) as a user runs it: beta serves, alpha
+/// The SDK's example (`agent-sdk/rust/examples/mtls.rs`) as a user runs it: beta serves, alpha
 /// calls knowing beta by SPIFFE ID, and beta names alpha from its certificate.
 #[test]
 fn the_mtls_example_runs_between_two_agents() {
