@@ -520,6 +520,12 @@ impl Credentials {
             "scopes": a.policy.scopes,
             "max_ttl": format_duration(token_limit(a, &s)),
             "rate": a.policy.rate.unwrap_or(s.default_rate),
+            // What a client needs to know to ask correctly (an SDK binds tokens on its own
+            // when the policy requires it).
+            "require_binding": a.policy.require_binding,
+            "proof_key": a.policy.proof_key.as_deref().unwrap_or("hardware"),
+            "tls_server": a.policy.tls_server,
+            "x509_svid": a.policy.x509_svid.as_deref().unwrap_or("off"),
         })
     }
 

@@ -1,0 +1,119 @@
+"""ASGI middleware (Starlette, FastAPI, the MCP SDK's servers): every request must come from an
+agent; the verified agent is put on the request (`request.state.tessera_agent`).
+
+Refusals are 401 problems (RFC 9457) with `WWW-Authenticate: DPoP ...` (and `Bearer` when bearer
+tokens are allowed), as RFC 9449 §7.1 and RFC 6750 §3 describe.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+
+import anyio.to_thread
+
+from .errors import VerificationError
+from .verify import VerifiedAgent, Verifier
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+STATE_KEY = "tessera_agent"
+
+
+def agent_of(request_or_scope: Any) -> VerifiedAgent:
+    """The verified agent of a request (Starlette `Request`) or an ASGI scope."""
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    agent = (scope.get("state") or {}).get(STATE_KEY)
+    if not isinstance(agent, VerifiedAgent):
+        raise LookupError("no verified agent on this request (is TesseraMiddleware installed?)")
+    return agent
+
+
+def _quote(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def challenge_headers(err: VerificationError, *, allow_bearer: bool) -> list[tuple[bytes, bytes]]:
+    """`WWW-Authenticate` (and `DPoP-Nonce`) for a refusal."""
+    params = f'error="{_quote(err.error)}", error_description="{_quote(err.description)}"'
+    out = [(b"www-authenticate", f'DPoP {params}, algs="ES256"'.encode())]
+    if allow_bearer:
+        out.append((b"www-authenticate", f"Bearer {params}".encode()))
+    if err.nonce:
+        out.append((b"dpop-nonce", err.nonce.encode()))
+    return out
+
+
+def problem_body(err: VerificationError) -> bytes:
+    titles = {401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+    return json.dumps(
+        {
+            "type": f"urn:tessera:rp:{err.error}",
+            "title": titles.get(err.status, "Refused"),
+            "status": err.status,
+            "detail": err.description,
+        }
+    ).encode()
+
+
+class TesseraMiddleware:
+    """`app = TesseraMiddleware(app, Verifier("https://api.example.com"))`.
+
+    - `public_url`: the URL clients use for this app (scheme://host[:port]); by default it is
+      rebuilt from the request (scheme, Host header), which is right unless a proxy rewrites it.
+    - `exempt`: paths served without an agent (health checks).
+    """
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        verifier: Verifier,
+        *,
+        public_url: str | None = None,
+        exempt: Iterable[str] = (),
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.exempt = frozenset(exempt)
+
+    def _url(self, scope: Scope) -> str:
+        path = scope.get("root_path", "") + scope.get("path", "/")
+        if self.public_url:
+            return self.public_url + path
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+        if host is None:
+            server = scope.get("server") or ("localhost", None)
+            host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}{path}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        url = self._url(scope)
+        try:
+            # Off the event loop: a key refresh may wait on the network or the daemon.
+            agent = await anyio.to_thread.run_sync(
+                self.verifier.verify_request, scope["method"], url, headers
+            )
+        except VerificationError as err:
+            await self._refuse(send, err)
+            return
+        scope.setdefault("state", {})[STATE_KEY] = agent
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Send, err: VerificationError) -> None:
+        body = problem_body(err)
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if err.status == 401:
+            headers += challenge_headers(err, allow_bearer=not self.verifier.require_dpop)
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,428 @@
+"""The relying party's side: is this request from an agent, which one, and may it do this?
+
+Signatures are checked by PyJWT; this module only decides which keys, claims and proofs count.
+ES256 only: an `alg` other than ES256 (`none`, HS256 with a public key as secret, ...) is refused
+before any key is looked at.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+
+from .auth import origin_of
+from .client import Client, default_socket
+from .errors import InsufficientScope, ReplayCacheFull, TesseraError, VerificationError
+
+ALG = "ES256"
+_TOKEN_KEY_USES = (None, "sig", "jwt-svid")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 SHA-256 thumbprint of a public EC or RSA JWK."""
+    if jwk.get("kty") == "EC":
+        members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    elif jwk.get("kty") == "RSA":
+        members = {k: jwk[k] for k in ("e", "kty", "n")}
+    else:
+        raise VerificationError("invalid_dpop_proof", f"unsupported key type {jwk.get('kty')!r}")
+    canon = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    return b64url(hashlib.sha256(canon).digest())
+
+
+def normalize_url(url: str) -> str:
+    """Scheme and host lower-case, default port dropped, no query or fragment: how `htu` and a
+    WPT `aud` are compared with the request's URL."""
+    return origin_of(url) + (urlsplit(url).path or "/")
+
+
+@dataclass(frozen=True)
+class VerifiedAgent:
+    """Who called: the agent's SPIFFE ID (`id`), what it may do (`scopes`), and how it proved it."""
+
+    id: str
+    scopes: frozenset[str]
+    jti: str
+    issuer: str
+    expires_at: int
+    bound: bool
+    proof: str  # "bearer", "dpop" or "wpt"
+    claims: Mapping[str, Any] = field(repr=False)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raise `InsufficientScope` (403) unless the agent's token carries `scope`."""
+        if scope not in self.scopes:
+            raise InsufficientScope(scope)
+
+
+class ReplayCache:
+    """Proof `jti`s seen, each kept until its acceptance window ends. Bounded: when full of
+    unexpired entries it refuses new proofs (fail closed) rather than forgetting old ones."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, jti: str, until: float, now: float | None = None) -> None:
+        """Record `jti` until `until`; raise if it was seen (replay) or the cache is full."""
+        now = time.time() if now is None else now
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                t, old = heapq.heappop(self._heap)
+                if self._until.get(old) == t:
+                    del self._until[old]
+            if jti in self._until:
+                raise VerificationError("invalid_dpop_proof", "proof replayed (jti seen before)")
+            if len(self._until) >= self.max_entries:
+                raise ReplayCacheFull()
+            self._until[jti] = until
+            heapq.heappush(self._heap, (until, jti))
+
+
+class DpopNonces:
+    """Server nonces (RFC 9449 §9) that need no storage: a timestamp and its HMAC."""
+
+    def __init__(self, lifetime: float = 300.0, secret: bytes | None = None) -> None:
+        self.lifetime = lifetime
+        self._secret = secret or secrets.token_bytes(32)
+
+    def issue(self, now: float | None = None) -> str:
+        ts = int(time.time() if now is None else now).to_bytes(8, "big")
+        return b64url(ts + hmac.new(self._secret, ts, hashlib.sha256).digest()[:16])
+
+    def valid(self, nonce: str | None, now: float | None = None) -> bool:
+        if not nonce or len(nonce) > 64:
+            return False
+        try:
+            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
+        except ValueError:
+            return False
+        if len(raw) != 24:
+            return False
+        ts, mac = raw[:8], raw[8:]
+        if not hmac.compare_digest(mac, hmac.new(self._secret, ts, hashlib.sha256).digest()[:16]):
+            return False
+        age = (time.time() if now is None else now) - int.from_bytes(ts, "big")
+        return -5 <= age <= self.lifetime
+
+
+class _KeySource:
+    """Public keys by `kid`, from a JWKS URL, a SPIFFE bundle URL or the local agent socket.
+    Re-fetched when older than `max_age`, and at once (at most every `min_interval`) for an
+    unknown `kid`, so a revoked agent's key stops counting soon after it leaves the set."""
+
+    def __init__(
+        self,
+        *,
+        jwks: Mapping[str, Any] | None,
+        jwks_url: str | None,
+        bundle_url: str | None,
+        socket: str | None,
+        max_age: float,
+        min_interval: float,
+    ) -> None:
+        self._static = jwks
+        self._jwks_url = jwks_url
+        self._bundle_url = bundle_url
+        self._socket = socket
+        self._max_age = max_age
+        self._min_interval = min_interval
+        self._keys: list[Mapping[str, Any]] = list(jwks.get("keys", [])) if jwks else []
+        self._fetched = 0.0
+        self._lock = threading.Lock()
+
+    def _fetch(self) -> list[Mapping[str, Any]]:
+        keys: list[Mapping[str, Any]] = []
+        try:
+            if self._jwks_url or self._bundle_url:
+                for url in (self._jwks_url, self._bundle_url):
+                    if url:
+                        r = httpx.get(url, timeout=10.0)
+                        r.raise_for_status()
+                        keys.extend(r.json().get("keys", []))
+            elif self._socket is not None:
+                # The SPIFFE bundle has both: agent keys (`jwt-svid`) and the WIT key (`wit-svid`).
+                with Client(self._socket) as c:
+                    keys.extend(c.spiffe_bundle().get("keys", []))
+        except (httpx.HTTPError, TesseraError, ValueError) as e:
+            raise VerificationError("temporarily_unavailable", f"cannot fetch keys: {e}", status=503) from e
+        return keys
+
+    def find(self, kid: str, uses: Iterable[str | None]) -> Mapping[str, Any] | None:
+        uses = tuple(uses)
+        now = time.monotonic()
+        with self._lock:
+            dynamic = self._static is None
+            if dynamic and now - self._fetched > self._max_age:
+                self._keys, self._fetched = self._fetch(), now
+            hit = self._match(kid, uses)
+            if hit is None and dynamic and now - self._fetched > self._min_interval:
+                self._keys, self._fetched = self._fetch(), now
+                hit = self._match(kid, uses)
+            return hit
+
+    def _match(self, kid: str, uses: tuple[str | None, ...]) -> Mapping[str, Any] | None:
+        for k in self._keys:
+            if k.get("kid") == kid and k.get("use") in uses:
+                return k
+        return None
+
+
+def _header(token: str, what: str, error: str) -> dict[str, Any]:
+    try:
+        h = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as e:
+        raise VerificationError(error, f"{what} is not a JWT: {e}") from e
+    if h.get("alg") != ALG:
+        raise VerificationError(error, f"{what} alg {h.get('alg')!r} is not {ALG}")
+    return h
+
+
+def _public_key(jwk: Mapping[str, Any], error: str) -> Any:
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or "d" in jwk:
+        raise VerificationError(error, "key is not a public P-256 key")
+    try:
+        return jwt.PyJWK(dict(jwk), algorithm=ALG).key
+    except jwt.PyJWTError as e:
+        raise VerificationError(error, f"unusable key: {e}") from e
+
+
+def _decode(token: str, key: Any, error: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        return jwt.decode(token, key, algorithms=[ALG], **kwargs)
+    except jwt.PyJWTError as e:
+        raise VerificationError(error, str(e)) from e
+
+
+def _headers_of(headers: Any) -> dict[str, list[str]]:
+    """Header name (lower-case) → every value, from a mapping or a list of pairs."""
+    out: dict[str, list[str]] = {}
+    items = headers.multi_items() if hasattr(headers, "multi_items") else (
+        headers.items() if isinstance(headers, Mapping) else headers
+    )
+    for k, v in items:
+        k = k.decode("latin-1") if isinstance(k, bytes) else k
+        v = v.decode("latin-1") if isinstance(v, bytes) else v
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+class Verifier:
+    """Checks agent tokens, DPoP proofs and WIMSE WIT+WPT pairs.
+
+    Keys: `jwks` (a JWKS dict), `jwks_url` (+ `bundle_url`, a SPIFFE bundle with the WIT key),
+    or by default the local daemon's SPIFFE bundle over `socket`/`TESSERA_SOCKET`.
+    """
+
+    def __init__(
+        self,
+        audience: str | Iterable[str],
+        *,
+        issuer: str | None = None,
+        jwks: Mapping[str, Any] | None = None,
+        jwks_url: str | None = None,
+        bundle_url: str | None = None,
+        socket: str | os.PathLike[str] | None = None,
+        leeway: float = 5.0,
+        proof_max_age: float = 60.0,
+        require_dpop: bool = False,
+        nonces: DpopNonces | None = None,
+        replay: ReplayCache | None = None,
+        keys_max_age: float = 30.0,
+        keys_min_interval: float = 5.0,
+    ) -> None:
+        self.audience = [audience] if isinstance(audience, str) else list(audience)
+        self.issuer = issuer
+        self.leeway = leeway
+        self.proof_max_age = proof_max_age
+        self.require_dpop = require_dpop
+        self.nonces = nonces
+        self.replay = replay or ReplayCache()
+        sock = None
+        if jwks is None and jwks_url is None and bundle_url is None:
+            sock = os.fspath(socket) if socket is not None else default_socket()
+        self._keys = _KeySource(
+            jwks=jwks,
+            jwks_url=jwks_url,
+            bundle_url=bundle_url,
+            socket=sock,
+            max_age=keys_max_age,
+            min_interval=keys_min_interval,
+        )
+
+    # -- tokens -----------------------------------------------------------------------------
+    def verify_token(self, token: str) -> dict[str, Any]:
+        """The claims of an agent token, or `VerificationError("invalid_token", ...)`."""
+        h = _header(token, "token", "invalid_token")
+        kid = h.get("kid")
+        if not isinstance(kid, str):
+            raise VerificationError("invalid_token", "token has no kid")
+        jwk = self._keys.find(kid, _TOKEN_KEY_USES)
+        if jwk is None:
+            raise VerificationError("invalid_token", "unknown key (agent revoked or not of this trust domain)")
+        require = ["exp", "iat", "iss", "sub", "aud", "jti"]
+        claims = _decode(
+            token,
+            _public_key(jwk, "invalid_token"),
+            "invalid_token",
+            audience=self.audience,
+            issuer=self.issuer,
+            leeway=self.leeway,
+            options={"require": require, "verify_iss": self.issuer is not None},
+        )
+        return claims
+
+    # -- DPoP -------------------------------------------------------------------------------
+    def verify_dpop(
+        self, proof: str, *, method: str, url: str, access_token: str | None, jkt: str | None
+    ) -> dict[str, Any]:
+        """RFC 9449 §4.3 checks of one proof; returns its claims."""
+        err = "invalid_dpop_proof"
+        h = _header(proof, "DPoP proof", err)
+        if h.get("typ") != "dpop+jwt":
+            raise VerificationError(err, f"typ {h.get('typ')!r} is not dpop+jwt")
+        jwk = h.get("jwk")
+        if not isinstance(jwk, dict):
+            raise VerificationError(err, "no jwk in the proof header")
+        key = _public_key(jwk, err)
+        claims = _decode(
+            proof, key, err, leeway=self.leeway, options={"require": ["jti", "htm", "htu", "iat"], "verify_aud": False}
+        )
+        now = time.time()
+        iat = claims["iat"]
+        if not isinstance(iat, (int, float)) or iat < now - self.proof_max_age - self.leeway:
+            raise VerificationError(err, "proof too old")
+        if claims["htm"] != method.upper():
+            raise VerificationError(err, f"htm {claims['htm']!r} is not {method.upper()!r}")
+        if not isinstance(claims["htu"], str) or normalize_url(claims["htu"]) != normalize_url(url):
+            raise VerificationError(err, f"htu {claims['htu']!r} is not this request's URL")
+        if jkt is not None and jwk_thumbprint(jwk) != jkt:
+            raise VerificationError("invalid_token", "token is bound to another key (cnf.jkt)")
+        if access_token is not None:
+            want = b64url(hashlib.sha256(access_token.encode()).digest())
+            if claims.get("ath") != want:
+                raise VerificationError(err, "ath is not the hash of the access token")
+        if self.nonces is not None and not self.nonces.valid(claims.get("nonce")):
+            raise VerificationError("use_dpop_nonce", "use the server's DPoP nonce", nonce=self.nonces.issue())
+        # Last: only a proof that passed every check uses up a cache slot.
+        self.replay.add(f"dpop:{claims['jti']}", iat + self.proof_max_age + 2 * self.leeway, now)
+        return claims
+
+    # -- WIMSE ------------------------------------------------------------------------------
+    def verify_wimse(self, wit: str, wpt: str, *, url: str, access_token: str | None = None) -> dict[str, Any]:
+        """A WIT (signed by the trust domain's WIT key) and a WPT (signed by the key the WIT
+        binds) for this URL; returns the WIT's claims."""
+        err = "invalid_token"
+        h = _header(wit, "WIT", err)
+        if h.get("typ") != "wit+jwt" or not isinstance(h.get("kid"), str):
+            raise VerificationError(err, "not a WIT (typ wit+jwt with a kid)")
+        jwk = self._keys.find(h["kid"], ("wit-svid",))
+        if jwk is None:
+            raise VerificationError(err, "WIT key not in the trust bundle")
+        wc = _decode(
+            wit,
+            _public_key(jwk, err),
+            err,
+            issuer=self.issuer,
+            leeway=self.leeway,
+            options={"require": ["iss", "sub", "exp", "jti"], "verify_aud": False, "verify_iss": self.issuer is not None},
+        )
+        cnf = (wc.get("cnf") or {}).get("jwk")
+        if not isinstance(cnf, dict):
+            raise VerificationError(err, "WIT without cnf.jwk")
+        ph = _header(wpt, "WPT", "invalid_token")
+        if ph.get("typ") != "wpt+jwt":
+            raise VerificationError(err, "not a WPT (typ wpt+jwt)")
+        pc = _decode(
+            wpt,
+            _public_key(cnf, err),
+            err,
+            audience=normalize_url(url),
+            leeway=self.leeway,
+            options={"require": ["aud", "exp", "jti", "wth"]},
+        )
+        now = time.time()
+        if pc["exp"] - now > 300 + self.leeway:
+            raise VerificationError(err, "WPT lives over 5 minutes")
+        if pc["wth"] != b64url(hashlib.sha256(wit.encode()).digest()):
+            raise VerificationError(err, "wth is not the WIT's hash")
+        if access_token is not None and pc.get("ath") != b64url(hashlib.sha256(access_token.encode()).digest()):
+            raise VerificationError(err, "ath is not the hash of the access token")
+        self.replay.add(f"wpt:{pc['jti']}", float(pc["exp"]) + self.leeway, now)
+        return wc
+
+    # -- a whole request --------------------------------------------------------------------
+    def verify_request(self, method: str, url: str, headers: Any) -> VerifiedAgent:
+        """Authorization (`Bearer`/`DPoP`) with its `DPoP` proof, or `Workload-Identity-Token` +
+        `Workload-Proof-Token`. Raises `VerificationError` with the OAuth error to answer."""
+        hs = _headers_of(headers)
+        wits = hs.get("workload-identity-token", [])
+        if wits:
+            wpts = hs.get("workload-proof-token", [])
+            if len(wits) != 1 or len(wpts) != 1:
+                raise VerificationError("invalid_token", "exactly one WIT and one WPT")
+            wc = self.verify_wimse(wits[0], wpts[0], url=url)
+            return VerifiedAgent(
+                id=wc["sub"], scopes=frozenset(), jti=wc["jti"], issuer=wc["iss"],
+                expires_at=int(wc["exp"]), bound=True, proof="wpt", claims=wc,
+            )
+        auths = hs.get("authorization", [])
+        if len(auths) != 1:
+            raise VerificationError("invalid_request" if auths else "invalid_token", "one Authorization header")
+        scheme, _, token = auths[0].partition(" ")
+        token = token.strip()
+        scheme = scheme.lower()
+        if scheme not in ("dpop", "bearer") or not token:
+            raise VerificationError("invalid_token", "Authorization is not DPoP or Bearer")
+        claims = self.verify_token(token)
+        jkt = (claims.get("cnf") or {}).get("jkt")
+        if scheme == "bearer":
+            if jkt is not None or claims.get("cnf"):
+                raise VerificationError("invalid_token", "a bound token needs its proof (Authorization: DPoP)")
+            if self.require_dpop:
+                raise VerificationError("invalid_token", "this resource accepts DPoP-bound tokens only")
+            proof = "bearer"
+        else:
+            proofs = hs.get("dpop", [])
+            if len(proofs) != 1:
+                raise VerificationError("invalid_dpop_proof", "exactly one DPoP header")
+            if not isinstance(jkt, str):
+                raise VerificationError("invalid_token", "DPoP with a token that is not DPoP-bound")
+            self.verify_dpop(proofs[0], method=method, url=url, access_token=token, jkt=jkt)
+            proof = "dpop"
+        scope = claims.get("scope", "")
+        return VerifiedAgent(
+            id=claims["sub"],
+            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            jti=claims["jti"],
+            issuer=claims["iss"],
+            expires_at=int(claims["exp"]),
+            bound=jkt is not None,
+            proof=proof,
+            claims=claims,
+        )
