@@ -195,3 +195,26 @@ def test_unauthenticated_and_forged_requests(daemon, serve):
     tampered = f"{head}.{body}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
     assert httpx.get(f"{svc.url}/whoami", headers={"authorization": f"Bearer {tampered}"}).status_code == 401
     assert httpx.get(f"{svc.url}/whoami", headers={"authorization": f"Bearer {tok}"}).status_code == 200
+
+
+def test_websocket_handshakes_need_an_agent_too(daemon):
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    async def echo(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_text(agent_of(ws).id)
+        await ws.close()
+
+    app = TesseraMiddleware(Starlette(routes=[WebSocketRoute("/ws", echo)]), t.Verifier("http://testserver"))
+    name = unique("ws")
+    daemon.enrol(name, 'audiences = ["http://testserver"]')
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as e:
+            with client.websocket_connect("/ws"):
+                pass
+        assert e.value.code == 1008
+        tok = t.Client().token("http://testserver", agent=name).token
+        with client.websocket_connect("/ws", headers={"authorization": f"Bearer {tok}"}) as ws:
+            assert ws.receive_text().endswith(f"/agent/{name}")

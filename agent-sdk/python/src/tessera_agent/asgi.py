@@ -87,21 +87,26 @@ class TesseraMiddleware:
         if host is None:
             server = scope.get("server") or ("localhost", None)
             host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-        return f"{scope.get('scheme', 'http')}://{host}{path}"
+        # A WebSocket handshake is an HTTP GET: proofs name its http(s) URL.
+        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+        return f"{scheme}://{host}{path}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt:
+        # Lifespan events pass; every HTTP request and WebSocket handshake must be an agent's.
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
         url = self._url(scope)
+        method = scope.get("method", "GET")
         try:
             # Off the event loop: a key refresh may wait on the network or the daemon.
-            agent = await anyio.to_thread.run_sync(
-                self.verifier.verify_request, scope["method"], url, headers
-            )
+            agent = await anyio.to_thread.run_sync(self.verifier.verify_request, method, url, headers)
         except VerificationError as err:
-            await self._refuse(send, err)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008, "reason": err.error})
+            else:
+                await self._refuse(send, err)
             return
         scope.setdefault("state", {})[STATE_KEY] = agent
         await self.app(scope, receive, send)

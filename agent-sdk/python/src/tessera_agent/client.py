@@ -110,7 +110,7 @@ def _proof(v: Mapping[str, Any]) -> Proof:
     )
 
 
-def _transport_kwargs(socket: str, timeout: float) -> dict[str, Any]:
+def _transport_kwargs(timeout: float) -> dict[str, Any]:
     # One request per connection: the daemon closes after each answer, and an idle
     # connection would count against this uid's share of its connection slots.
     return {
@@ -127,7 +127,7 @@ class Client:
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket = os.fspath(socket) if socket is not None else default_socket()
         self._http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=self.socket), **_transport_kwargs(self.socket, timeout)
+            transport=httpx.HTTPTransport(uds=self.socket), **_transport_kwargs(timeout)
         )
 
     def close(self) -> None:
@@ -233,7 +233,7 @@ class AsyncClient:
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket = os.fspath(socket) if socket is not None else default_socket()
         self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=self.socket), **_transport_kwargs(self.socket, timeout)
+            transport=httpx.AsyncHTTPTransport(uds=self.socket), **_transport_kwargs(timeout)
         )
 
     async def aclose(self) -> None:
