@@ -29,14 +29,30 @@ struct Cli {
     /// Agent socket of tesserad.
     #[arg(long, global = true, env = "TESSERA_SOCKET", default_value = tessera::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Bus for admin commands: "system", "session" or an address.
-    #[arg(long, global = true, env = "TESSERA_BUS", default_value = "system")]
-    bus: String,
+    /// Bus for admin commands: "system", "session" or an address. Default: the dev daemon's
+    /// private bus when the socket is a `tesserad --dev` one (its state dir has a `bus` file),
+    /// else the system bus.
+    #[arg(long, global = true, env = "TESSERA_BUS")]
+    bus: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The bus the admin commands use: `--bus`/`TESSERA_BUS`, else the address a dev daemon wrote
+/// beside its socket, else the system bus.
+fn admin_bus(cli: &Cli) -> String {
+    if let Some(b) = &cli.bus {
+        return b.clone();
+    }
+    cli.socket
+        .parent()
+        .and_then(|dir| std::fs::read_to_string(dir.join("bus")).ok())
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "system".into())
 }
 
 #[derive(Subcommand)]
@@ -327,6 +343,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     let client = Client::with_socket(&cli.socket);
+    let bus = admin_bus(&cli);
     match cli.cmd {
         Cmd::Health => match client.health().await {
             Ok(h) if cli.json => {
@@ -628,9 +645,9 @@ async fn run(cli: Cli) -> ExitCode {
             },
             cli.json,
         ),
-        Cmd::Host { cmd } => host::run(cmd, &cli.bus, cli.json).await,
+        Cmd::Host { cmd } => host::run(cmd, &bus, cli.json).await,
         Cmd::Audit(a) => audit(a.cmd, cli.json).await,
-        Cmd::Agent { cmd } => agent::run(cmd, &cli.bus, cli.json).await,
+        Cmd::Agent { cmd } => agent::run(cmd, &bus, cli.json).await,
     }
 }
 
