@@ -61,7 +61,7 @@ fn typescript_sdk_suite() {
     run_suite(
         cmd,
         "npm test (agent-sdk/typescript)",
-        &["# pass", "# fail 0", "# skip 0"],
+        &["# pass", "# fail 0", "# skipped 0"],
         &[],
     );
 }

@@ -36,9 +36,11 @@ def origin_of(url: str) -> str:
 
 
 def htu_of(url: str) -> str:
-    """The DPoP `htu`: the request URL without query and fragment (RFC 9449 §4.2)."""
+    """The DPoP `htu`: the request URL without query, fragment (RFC 9449 §4.2) and userinfo
+    (a password in the URL must not end up in a proof)."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
 
 
 def nonce_challenge(status: int, headers: Mapping[str, str]) -> str | None:
@@ -46,9 +48,10 @@ def nonce_challenge(status: int, headers: Mapping[str, str]) -> str | None:
     nonce = headers.get("dpop-nonce")
     if not nonce:
         return None
+    # A resource server's challenge (RFC 9449 §9). An authorization server's 400 is not
+    # retried: its body would have to be read to know it is a nonce error, and a blind retry
+    # would resend a POST body for any 400 that carries a nonce.
     if status == 401 and "use_dpop_nonce" in headers.get("www-authenticate", ""):
-        return nonce
-    if status == 400:  # an authorization server's way (RFC 9449 §8)
         return nonce
     return None
 
@@ -200,8 +203,10 @@ class _Flow:
         url = str(request.url)
         request.headers.update(self.headers_sync(request.method, url))
         response = yield request
-        nonce = self._note_nonce(url, response.status_code, response.headers)
-        if nonce is not None and self._binding == "dpop":
+        # Only a challenge from the origin these credentials were made for is answered (with
+        # redirects on, the response may come from elsewhere).
+        nonce = self._note_nonce(str(response.request.url), response.status_code, response.headers)
+        if nonce is not None and self._binding == "dpop" and origin_of(str(response.request.url)) == origin_of(url):
             request.headers.update(self.headers_sync(request.method, url, nonce))
             yield request
 
@@ -210,8 +215,8 @@ class _Flow:
         url = str(request.url)
         request.headers.update(await self.headers_async(request.method, url))
         response = yield request
-        nonce = self._note_nonce(url, response.status_code, response.headers)
-        if nonce is not None and self._binding == "dpop":
+        nonce = self._note_nonce(str(response.request.url), response.status_code, response.headers)
+        if nonce is not None and self._binding == "dpop" and origin_of(str(response.request.url)) == origin_of(url):
             request.headers.update(await self.headers_async(request.method, url, nonce))
             yield request
 
@@ -220,7 +225,11 @@ class TesseraAuth(_Flow, httpx.Auth):
     """httpx auth (sync and async clients): `httpx.Client(auth=TesseraAuth())`.
 
     - `audience`: None (the request's origin), a string, a mapping origin → audience, or a
-      function of the URL.
+      function of the URL. A fixed string sends that one token to every origin the client
+      calls: with bearer tokens, prefer the default or a mapping.
+
+    Redirects (off by default in httpx) are not re-signed: a proof names one URL, so a
+    redirected request fails at its new target rather than carrying credentials there.
     - `bind`: "auto" (DPoP when the agent's policy requires binding), "dpop" or "bearer".
     - `scopes`: None (every scope the agent's policy allows) or the scopes to ask for.
     - `ttl`, `agent` (when the process matches several agents), `socket`.

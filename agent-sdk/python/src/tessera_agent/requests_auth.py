@@ -15,6 +15,9 @@ class TesseraRequestsAuth(_Flow, AuthBase):
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         r.headers.update(self.headers_sync(r.method or "GET", r.url or ""))
+        # Marks the request these credentials were made for: requests copies hooks onto
+        # redirected requests, which must not get fresh credentials from this hook.
+        r._tessera_signed = True  # type: ignore[attr-defined]
         r.register_hook("response", self._on_response)
         return r
 
@@ -22,7 +25,12 @@ class TesseraRequestsAuth(_Flow, AuthBase):
         req = resp.request
         url = req.url or ""
         nonce = self._note_nonce(url, resp.status_code, resp.headers)
-        if nonce is None or self._binding != "dpop" or getattr(req, "_tessera_retried", False):
+        if (
+            nonce is None
+            or self._binding != "dpop"
+            or not getattr(req, "_tessera_signed", False)
+            or getattr(req, "_tessera_retried", False)
+        ):
             return resp
         # Answer the challenge once, on the same connection pool (as requests' digest auth does).
         resp.content  # noqa: B018 - drain so the connection can be reused

@@ -13,11 +13,12 @@ import heapq
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,10 +48,29 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     return b64url(hashlib.sha256(canon).digest())
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalize_path(path: str) -> str:
+    """RFC 3986 §6.2.2: percent-encodings in upper case, unreserved characters decoded."""
+
+    def fix(m: re.Match[str]) -> str:
+        ch = chr(int(m.group(1), 16))
+        return ch if ch in _UNRESERVED else "%" + m.group(1).upper()
+
+    return re.sub(r"%([0-9A-Fa-f]{2})", fix, path or "/")
+
+
 def normalize_url(url: str) -> str:
-    """Scheme and host lower-case, default port dropped, no query or fragment: how `htu` and a
-    WPT `aud` are compared with the request's URL."""
-    return origin_of(url) + (urlsplit(url).path or "/")
+    """Scheme and host lower-case, default port dropped, path percent-encoding normalised, no
+    query, fragment or userinfo: how `htu` and a WPT `aud` are compared with the request's URL.
+    A URL that does not parse raises `VerificationError`."""
+    if not isinstance(url, str):
+        raise VerificationError("invalid_dpop_proof", "URL is not a string")
+    try:
+        return origin_of(url) + _normalize_path(urlsplit(url).path)
+    except ValueError as e:
+        raise VerificationError("invalid_dpop_proof", f"URL does not parse: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -133,8 +153,13 @@ class DpopNonces:
 
 class _KeySource:
     """Public keys by `kid`, from a JWKS URL, a SPIFFE bundle URL or the local agent socket.
-    Re-fetched when older than `max_age`, and at once (at most every `min_interval`) for an
-    unknown `kid`, so a revoked agent's key stops counting soon after it leaves the set."""
+
+    Re-fetched when older than `max_age`, and (at most every `min_interval`) for an unknown
+    `kid`, so a revoked agent's key stops counting soon after it leaves the set. One fetch at a
+    time, outside the lock readers take; a failed fetch is not retried before `min_interval`,
+    and the keys already held keep serving until they are `2 * max_age` old (then: 503)."""
+
+    MAX_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -153,8 +178,10 @@ class _KeySource:
         self._max_age = max_age
         self._min_interval = min_interval
         self._keys: list[Mapping[str, Any]] = list(jwks.get("keys", [])) if jwks else []
-        self._fetched = 0.0
+        self._fetched = float("-inf")
+        self._attempted = float("-inf")
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
 
     def _fetch(self) -> list[Mapping[str, Any]]:
         keys: list[Mapping[str, Any]] = []
@@ -164,33 +191,81 @@ class _KeySource:
                     if url:
                         r = httpx.get(url, timeout=10.0)
                         r.raise_for_status()
+                        if len(r.content) > self.MAX_BYTES:
+                            raise ValueError(f"{url}: key set over {self.MAX_BYTES} bytes")
                         keys.extend(r.json().get("keys", []))
             elif self._socket is not None:
                 # The SPIFFE bundle has both: agent keys (`jwt-svid`) and the WIT key (`wit-svid`).
                 with Client(self._socket) as c:
                     keys.extend(c.spiffe_bundle().get("keys", []))
-        except (httpx.HTTPError, TesseraError, ValueError) as e:
+        except (httpx.HTTPError, TesseraError, ValueError, AttributeError) as e:
             raise VerificationError("temporarily_unavailable", f"cannot fetch keys: {e}", status=503) from e
-        return keys
+        return [k for k in keys if isinstance(k, Mapping)]
+
+    def _refresh(self) -> None:
+        with self._fetch_lock:
+            started = time.monotonic()
+            if started - self._attempted >= self._min_interval:
+                self._attempted = started
+                try:
+                    keys = self._fetch()
+                except VerificationError:
+                    keys = None
+                if keys is not None:
+                    with self._lock:
+                        self._keys, self._fetched = keys, started
+                    return
+            # No fresh set: the keys held serve unless the last fetch failed and they are
+            # too old to trust.
+            with self._lock:
+                failed = self._fetched < self._attempted
+                too_old = time.monotonic() - self._fetched > 2 * self._max_age
+            if failed and too_old:
+                raise VerificationError("temporarily_unavailable", "cannot fetch keys", status=503)
 
     def find(self, kid: str, uses: Iterable[str | None]) -> Mapping[str, Any] | None:
         uses = tuple(uses)
-        now = time.monotonic()
+        if self._static is not None:
+            return self._match(self._keys, kid, uses)
         with self._lock:
-            dynamic = self._static is None
-            if dynamic and now - self._fetched > self._max_age:
-                self._keys, self._fetched = self._fetch(), now
-            hit = self._match(kid, uses)
-            if hit is None and dynamic and now - self._fetched > self._min_interval:
-                self._keys, self._fetched = self._fetch(), now
-                hit = self._match(kid, uses)
-            return hit
+            keys, age = self._keys, time.monotonic() - self._fetched
+        hit = self._match(keys, kid, uses)
+        if age > self._max_age or hit is None:
+            self._refresh()
+            with self._lock:
+                keys = self._keys
+            hit = self._match(keys, kid, uses)
+        return hit
 
-    def _match(self, kid: str, uses: tuple[str | None, ...]) -> Mapping[str, Any] | None:
-        for k in self._keys:
+    @staticmethod
+    def _match(keys: list[Mapping[str, Any]], kid: str, uses: tuple[str | None, ...]) -> Mapping[str, Any] | None:
+        for k in keys:
             if k.get("kid") == kid and k.get("use") in uses:
                 return k
         return None
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _refusing(error: str) -> Callable[[_F], _F]:
+    """Whatever a hostile credential makes the parsing raise is a refusal, never a crash (a 500
+    where a 401 belongs)."""
+
+    def wrap(f: _F) -> _F:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return f(*args, **kwargs)
+            except VerificationError:
+                raise
+            except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as e:
+                raise VerificationError(error, f"malformed credential ({type(e).__name__})") from e
+
+        inner.__doc__ = f.__doc__
+        inner.__name__ = f.__name__
+        return inner  # type: ignore[return-value]
+
+    return wrap
 
 
 def _header(token: str, what: str, error: str) -> dict[str, Any]:
@@ -208,7 +283,7 @@ def _public_key(jwk: Mapping[str, Any], error: str) -> Any:
         raise VerificationError(error, "key is not a public P-256 key")
     try:
         return jwt.PyJWK(dict(jwk), algorithm=ALG).key
-    except jwt.PyJWTError as e:
+    except (jwt.PyJWTError, ValueError, TypeError) as e:
         raise VerificationError(error, f"unusable key: {e}") from e
 
 
@@ -276,9 +351,13 @@ class Verifier:
         )
 
     # -- tokens -----------------------------------------------------------------------------
+    @_refusing("invalid_token")
     def verify_token(self, token: str) -> dict[str, Any]:
         """The claims of an agent token, or `VerificationError("invalid_token", ...)`."""
         h = _header(token, "token", "invalid_token")
+        # Typed: a DPoP proof, WIT or WPT signed by a key this trusts is not a token.
+        if h.get("typ") != "JWT":
+            raise VerificationError("invalid_token", f"typ {h.get('typ')!r} is not JWT")
         kid = h.get("kid")
         if not isinstance(kid, str):
             raise VerificationError("invalid_token", "token has no kid")
@@ -298,6 +377,7 @@ class Verifier:
         return claims
 
     # -- DPoP -------------------------------------------------------------------------------
+    @_refusing("invalid_dpop_proof")
     def verify_dpop(
         self, proof: str, *, method: str, url: str, access_token: str | None, jkt: str | None
     ) -> dict[str, Any]:
@@ -309,6 +389,9 @@ class Verifier:
         jwk = h.get("jwk")
         if not isinstance(jwk, dict):
             raise VerificationError(err, "no jwk in the proof header")
+        # Before any signature work: a proof by a key other than the token's is refused cheaply.
+        if jkt is not None and jwk_thumbprint(jwk) != jkt:
+            raise VerificationError("invalid_token", "token is bound to another key (cnf.jkt)")
         key = _public_key(jwk, err)
         claims = _decode(
             proof, key, err, leeway=self.leeway, options={"require": ["jti", "htm", "htu", "iat"], "verify_aud": False}
@@ -321,19 +404,19 @@ class Verifier:
             raise VerificationError(err, f"htm {claims['htm']!r} is not {method.upper()!r}")
         if not isinstance(claims["htu"], str) or normalize_url(claims["htu"]) != normalize_url(url):
             raise VerificationError(err, f"htu {claims['htu']!r} is not this request's URL")
-        if jkt is not None and jwk_thumbprint(jwk) != jkt:
-            raise VerificationError("invalid_token", "token is bound to another key (cnf.jkt)")
         if access_token is not None:
             want = b64url(hashlib.sha256(access_token.encode()).digest())
             if claims.get("ath") != want:
                 raise VerificationError(err, "ath is not the hash of the access token")
-        if self.nonces is not None and not self.nonces.valid(claims.get("nonce")):
+        nonce = claims.get("nonce")
+        if self.nonces is not None and not (isinstance(nonce, str) and self.nonces.valid(nonce)):
             raise VerificationError("use_dpop_nonce", "use the server's DPoP nonce", nonce=self.nonces.issue())
         # Last: only a proof that passed every check uses up a cache slot.
         self.replay.add(f"dpop:{claims['jti']}", iat + self.proof_max_age + 2 * self.leeway, now)
         return claims
 
     # -- WIMSE ------------------------------------------------------------------------------
+    @_refusing("invalid_token")
     def verify_wimse(self, wit: str, wpt: str, *, url: str, access_token: str | None = None) -> dict[str, Any]:
         """A WIT (signed by the trust domain's WIT key) and a WPT (signed by the key the WIT
         binds) for this URL; returns the WIT's claims."""
@@ -344,15 +427,18 @@ class Verifier:
         jwk = self._keys.find(h["kid"], ("wit-svid",))
         if jwk is None:
             raise VerificationError(err, "WIT key not in the trust bundle")
+        # A WIT's issuer is the host's SPIFFE ID whatever `issuer` tokens carry (federation).
         wc = _decode(
             wit,
             _public_key(jwk, err),
             err,
-            issuer=self.issuer,
             leeway=self.leeway,
-            options={"require": ["iss", "sub", "exp", "jti"], "verify_aud": False, "verify_iss": self.issuer is not None},
+            options={"require": ["iss", "sub", "exp", "jti"], "verify_aud": False},
         )
-        cnf = (wc.get("cnf") or {}).get("jwk")
+        if not str(wc["iss"]).startswith("spiffe://") or not str(wc["sub"]).startswith("spiffe://"):
+            raise VerificationError(err, "WIT iss and sub are SPIFFE IDs")
+        cnf_claim = wc.get("cnf")
+        cnf = cnf_claim.get("jwk") if isinstance(cnf_claim, dict) else None
         if not isinstance(cnf, dict):
             raise VerificationError(err, "WIT without cnf.jwk")
         ph = _header(wpt, "WPT", "invalid_token")
@@ -362,12 +448,13 @@ class Verifier:
             wpt,
             _public_key(cnf, err),
             err,
-            audience=normalize_url(url),
             leeway=self.leeway,
-            options={"require": ["aud", "exp", "jti", "wth"]},
+            options={"require": ["aud", "exp", "jti", "wth"], "verify_aud": False},
         )
+        if not isinstance(pc["aud"], str) or normalize_url(pc["aud"]) != normalize_url(url):
+            raise VerificationError(err, "WPT aud is not this request's URL")
         now = time.time()
-        if pc["exp"] - now > 300 + self.leeway:
+        if float(pc["exp"]) - now > 300 + self.leeway:
             raise VerificationError(err, "WPT lives over 5 minutes")
         if pc["wth"] != b64url(hashlib.sha256(wit.encode()).digest()):
             raise VerificationError(err, "wth is not the WIT's hash")
@@ -377,6 +464,7 @@ class Verifier:
         return wc
 
     # -- a whole request --------------------------------------------------------------------
+    @_refusing("invalid_token")
     def verify_request(self, method: str, url: str, headers: Any) -> VerifiedAgent:
         """Authorization (`Bearer`/`DPoP`) with its `DPoP` proof, or `Workload-Identity-Token` +
         `Workload-Proof-Token`. Raises `VerificationError` with the OAuth error to answer."""
@@ -392,17 +480,23 @@ class Verifier:
                 expires_at=int(wc["exp"]), bound=True, proof="wpt", claims=wc,
             )
         auths = hs.get("authorization", [])
+        if not auths:
+            # No credentials at all: a challenge without an error code (RFC 6750 §3.1).
+            raise VerificationError("", "this resource needs an agent's credentials")
         if len(auths) != 1:
-            raise VerificationError("invalid_request" if auths else "invalid_token", "one Authorization header")
+            raise VerificationError("invalid_request", "one Authorization header")
         scheme, _, token = auths[0].partition(" ")
         token = token.strip()
         scheme = scheme.lower()
         if scheme not in ("dpop", "bearer") or not token:
             raise VerificationError("invalid_token", "Authorization is not DPoP or Bearer")
         claims = self.verify_token(token)
-        jkt = (claims.get("cnf") or {}).get("jkt")
+        cnf = claims.get("cnf")
+        if cnf is not None and not isinstance(cnf, dict):
+            raise VerificationError("invalid_token", "cnf is not an object")
+        jkt = cnf.get("jkt") if cnf else None
         if scheme == "bearer":
-            if jkt is not None or claims.get("cnf"):
+            if cnf:
                 raise VerificationError("invalid_token", "a bound token needs its proof (Authorization: DPoP)")
             if self.require_dpop:
                 raise VerificationError("invalid_token", "this resource accepts DPoP-bound tokens only")
