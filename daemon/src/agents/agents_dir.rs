@@ -76,6 +76,44 @@ fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
     }
 }
 
+/// Check one agent file as a reconcile would before applying it (file name, TOML, selectors,
+/// policy against the daemon's ceilings), with no daemon: for `tessera agent check` in
+/// configuration-management hooks. `as_name` checks the content as that agent's file (a hook
+/// validates a temporary copy whose name says nothing). `Err` holds `file[:line]: problem`
+/// lines.
+pub fn check_file(
+    path: &Path,
+    as_name: Option<&str>,
+    max_token_ttl: std::time::Duration,
+    max_cert_ttl: std::time::Duration,
+) -> Result<(), Vec<String>> {
+    let shown = path.display();
+    let Some(name) = as_name.or_else(|| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".toml"))
+    }) else {
+        return Err(vec![format!(
+            "{shown}: an agent file is named <agent>.toml (agents_dir ignores other names)"
+        )]);
+    };
+    if let Err(e) = validate_name(name) {
+        return Err(vec![format!("{shown}: {e}")]);
+    }
+    let mut report = ReconcileReport::default();
+    let Some(spec) = parse_file(path, &mut report) else {
+        return Err(report.errors);
+    };
+    crate::agents::lifecycle::spec_problem(
+        name,
+        &spec.selectors,
+        &spec.policy,
+        max_token_ttl,
+        max_cert_ttl,
+    )
+    .map_err(|e| vec![format!("{shown}: {e}")])
+}
+
 impl Agents {
     /// Make the registry match `dir` (start, SIGHUP, D-Bus `Reload()`).
     pub async fn reconcile_agents_dir(&self, dir: &Path) -> Result<ReconcileReport, AdminError> {

@@ -66,6 +66,21 @@ pub struct RepairReport {
     pub missing_keys: Vec<String>,
 }
 
+/// What makes an enrolment invalid before anything is created: the one check that enrolment,
+/// updates and `tessera agent check` share. `max_token_ttl`/`max_cert_ttl` are the daemon's
+/// ceilings.
+pub fn spec_problem(
+    name: &str,
+    selectors: &Selectors,
+    policy: &Policy,
+    max_token_ttl: std::time::Duration,
+    max_cert_ttl: std::time::Duration,
+) -> Result<(), String> {
+    validate_name(name)?;
+    selectors.validate()?;
+    policy.validate(max_token_ttl, max_cert_ttl)
+}
+
 impl Agents {
     async fn audit_admin(&self, ev: Event) {
         // The action itself has happened; hiding that would be worse than a gap.
@@ -78,11 +93,8 @@ impl Agents {
         selectors: &Selectors,
         policy: &Policy,
     ) -> Result<(), AdminError> {
-        validate_name(name).map_err(AdminError::InvalidArgs)?;
-        selectors.validate().map_err(AdminError::InvalidArgs)?;
         let s = self.settings();
-        policy
-            .validate(s.max_token_ttl, s.max_cert_ttl)
+        spec_problem(name, selectors, policy, s.max_token_ttl, s.max_cert_ttl)
             .map_err(AdminError::InvalidArgs)
     }
 

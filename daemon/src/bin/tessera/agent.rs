@@ -91,6 +91,72 @@ pub enum AgentSub {
     },
     /// Re-read the config and agents_dir.
     Reload,
+    /// Validate agent files exactly as the daemon would, without a daemon (exit 0 when all
+    /// are valid, 1 with `file[:line]: problem` lines otherwise): for configuration-management
+    /// hooks such as Ansible's `validate: tessera agent check %s`.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<std::path::PathBuf>,
+        /// The daemon's config, for its ceilings (tokens.max_ttl, certificates.max_ttl);
+        /// default /etc/tessera/tesserad.toml when it exists, else the built-in defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+        /// Check the content as agent NAME's file, whatever the file is called (a hook's
+        /// temporary copy): `tessera agent check --as research-bot %s`.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+}
+
+/// `tessera agent check`: no bus, no daemon.
+fn check(
+    files: &[std::path::PathBuf],
+    as_name: Option<&str>,
+    config: Option<&std::path::Path>,
+    as_json: bool,
+) -> ExitCode {
+    use tesserad::credentials::settings::{CertificatesConfig, TokensConfig};
+    use tesserad::runtime::config::Config;
+    let default = std::path::Path::new(tesserad::runtime::config::DEFAULT_CONFIG_PATH);
+    let path = config.or_else(|| default.exists().then_some(default));
+    let (max_token_ttl, max_cert_ttl) = match path {
+        Some(p) => match Config::load(p) {
+            Ok(c) => (c.tokens.max_ttl.0, c.certificates.max_ttl.0),
+            Err(e) => {
+                eprintln!("tessera: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => (
+            TokensConfig::default().max_ttl.0,
+            CertificatesConfig::default().max_ttl.0,
+        ),
+    };
+    let mut results = Vec::new();
+    let mut ok = true;
+    for f in files {
+        let res = tesserad::agents::agents_dir::check_file(f, as_name, max_token_ttl, max_cert_ttl);
+        match &res {
+            Ok(()) if !as_json => println!("{}: ok", f.display()),
+            Err(problems) if !as_json => {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+            }
+            _ => {}
+        }
+        ok &= res.is_ok();
+        results
+            .push(json!({"file": f, "ok": res.is_ok(), "problems": res.err().unwrap_or_default()}));
+    }
+    if as_json {
+        println!("{}", Json::Array(results));
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 pub const EXIT_REFUSED: u8 = 3;
@@ -187,6 +253,14 @@ async fn agent_props(conn: &zbus::Connection, path: &OwnedObjectPath) -> zbus::R
 }
 
 pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
+    if let AgentSub::Check {
+        files,
+        config,
+        as_name,
+    } = &cmd
+    {
+        return check(files, as_name.as_deref(), config.as_deref(), as_json);
+    }
     let (conn, mgr) = match manager(bus).await {
         Ok(x) => x,
         Err(code) => return code,
@@ -318,6 +392,7 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 mgr.reload().await?;
                 println!("{}", if as_json { json!({"reloaded": true}).to_string() } else { "reloaded".to_string() });
             }
+            AgentSub::Check { .. } => unreachable!("handled before connecting"),
         }
         Ok(())
     }
