@@ -218,3 +218,15 @@ def test_websocket_handshakes_need_an_agent_too(daemon):
         tok = t.Client().token("http://testserver", agent=name).token
         with client.websocket_connect("/ws", headers={"authorization": f"Bearer {tok}"}) as ws:
             assert ws.receive_text().endswith(f"/agent/{name}")
+
+
+def test_a_host_header_naming_another_service_is_refused(daemon, serve):
+    svc = Service(serve, daemon)
+    name = enrol(daemon, "host", svc.port)
+    tok = t.Client().token(svc.url, agent=name).token
+    ok = httpx.get(f"{svc.url}/whoami", headers={"authorization": f"Bearer {tok}"})
+    assert ok.status_code == 200
+    for host in ("evil.example", f"127.0.0.1:{svc.port}/public#", "x:abc"):
+        r = httpx.get(f"{svc.url}/whoami", headers={"authorization": f"Bearer {tok}", "host": host})
+        assert r.status_code in (400, 401), (host, r.status_code, r.text)
+    assert len(svc.seen) == 1, "nothing but the first request reached the app"

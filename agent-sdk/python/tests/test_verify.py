@@ -113,3 +113,42 @@ def test_nonces_expire_and_cannot_be_forged():
     assert not n.valid(good, now + 61)
     assert not t.DpopNonces(lifetime=60).valid(good, now), "another server's secret"
     assert not n.valid(good[:-2] + "AA", now)
+
+
+def test_malformed_credentials_are_refusals_not_crashes(daemon, agent):
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(stranger.public_key()))
+    v = t.Verifier(AUD, jwks={"keys": []})
+    weird = [
+        {"jti": "a", "htm": "GET", "htu": f"{AUD}/x", "iat": float("inf")},
+        {"jti": "b", "htm": "GET", "htu": "https://api.example.com:notaport/x", "iat": int(time.time())},
+        {"jti": "c", "htm": "GET", "htu": 7, "iat": int(time.time())},
+    ]
+    for claims in weird:
+        proof = jwt.encode(claims, stranger, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": jwk})
+        with pytest.raises(t.VerificationError):
+            v.verify_dpop(proof, method="GET", url=f"{AUD}/x", access_token=None, jkt=None)
+    bad_jwk = {**jwk, "x": 12}
+    proof = jwt.encode(weird[0], stranger, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": bad_jwk})
+    with pytest.raises(t.VerificationError):
+        v.verify_dpop(proof, method="GET", url=f"{AUD}/x", access_token=None, jkt=None)
+    with pytest.raises(t.VerificationError):
+        v.verify_request("GET", f"{AUD}/x", {"authorization": "DPoP not.a.jwt", "dpop": "x"})
+
+
+def test_a_token_must_be_typed_jwt(daemon, agent):
+    """A proof-shaped JWT signed by an agent key is not a token (typ), whatever its claims."""
+    c = t.Client()
+    tok = c.token(AUD, agent=agent).token
+    h = jwt.get_unverified_header(tok)
+    retyped = f"{b64({**h, 'typ': 'dpop+jwt'})}.{tok.split('.', 1)[1]}"
+    with pytest.raises(t.VerificationError, match="typ"):
+        t.Verifier(AUD).verify_token(retyped)
+
+
+def test_percent_encoding_and_default_port_do_not_matter(daemon, agent):
+    c = t.Client()
+    tok = c.token(AUD, bind="dpop", agent=agent).token
+    jkt = jwt.decode(tok, options={"verify_signature": False})["cnf"]["jkt"]
+    p = c.dpop_proof("GET", f"{AUD}/caf%c3%a9/%7Euser", access_token=tok, agent=agent).proof
+    t.Verifier(AUD).verify_dpop(p, method="GET", url=f"{AUD}:443/caf%C3%A9/~user", access_token=tok, jkt=jkt)
