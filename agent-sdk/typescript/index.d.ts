@@ -325,6 +325,7 @@ export interface TesseraFetchOptions extends AgentOption {
    * `require_binding`, or the daemon's `binding-required` refusal), else bearer.
    */
   bind?: 'auto' | 'dpop' | 'bearer';
+  /** Scopes to ask for. Default: every scope the agent's policy allows (whoami). */
   scopes?: string[];
   ttl?: Ttl;
   /** The underlying fetch (default `globalThis.fetch`); it is given `Request` objects. */
