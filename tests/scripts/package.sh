@@ -13,7 +13,8 @@ rpmf=$(ls dist/tessera-*.rpm | head -1)
 [ -f "$deb" ] && [ -f "$rpmf" ] || fail "packages missing in dist/"
 
 echo "-- lintian"
-lintian --fail-on error --no-tag-display-limit "$deb" | tee /tmp/tessera-lintian.txt || fail "lintian reports errors"
+lintian --fail-on error,warning --no-tag-display-limit "$deb" | tee /tmp/tessera-lintian.txt \
+  || fail "lintian reports errors or warnings (overrides, each with its reason: packaging/debian/lintian-overrides)"
 
 echo "-- install"
 dpkg -P tessera >/dev/null 2>&1 || true
@@ -28,6 +29,24 @@ getent group tessera-admin >/dev/null || fail "group tessera-admin not created"
 /usr/bin/tesserad --check-config /etc/tessera/tesserad.toml || fail "shipped config does not validate"
 file /usr/bin/tesserad | grep -q ", stripped" || fail "binary not stripped"
 /usr/bin/tessera --version >/dev/null
+# Man pages and completions: installed where man and the shells look, and well-formed.
+for p in man1/tessera.1.gz man1/tessera-agent-check.1.gz man8/tesserad.8.gz man5/tesserad.toml.5.gz \
+         man5/tessera-agent.toml.5.gz; do
+  [ -f "/usr/share/man/$p" ] || fail "man page $p not installed"
+done
+for p in tesserad tessera tesserad.toml tessera-agent.toml; do
+  w=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -Tutf8 -Z "$p" 2>&1 >/dev/null) || fail "man $p fails"
+  [ -z "$w" ] || fail "man $p warns: $w"
+done
+man -P cat tessera-agent-check 2>/dev/null | grep -q -- "--as" || fail "generated man page lacks the CLI's options"
+[ -f /usr/share/bash-completion/completions/tessera ] || fail "bash completion not installed"
+[ -f /usr/share/zsh/vendor-completions/_tessera ] || fail "zsh completion not installed"
+[ -f /usr/share/fish/vendor_completions.d/tessera.fish ] || fail "fish completion not installed"
+# bash completes subcommands from the installed file.
+words=$(bash -c 'source /usr/share/bash-completion/completions/tessera
+  COMP_WORDS=(tessera agent ch); COMP_CWORD=2; COMP_LINE="tessera agent ch"; COMP_POINT=${#COMP_LINE}
+  _tessera tessera ch agent; echo "${COMPREPLY[*]}"')
+echo "$words" | grep -qw check || fail "bash completion does not offer 'agent check' (got: $words)"
 
 echo "-- purge"
 dpkg -P tessera || fail "dpkg -P"
@@ -40,8 +59,11 @@ DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" || fail "reinstall"
 dpkg -P tessera >/dev/null
 
 echo "-- rpm"
+# Same files, but where each family looks: Debian's zsh reads vendor-completions, Fedora's
+# site-functions.
 deb_files=$(dpkg-deb -c "$deb" | awk '{print $6}' | sed 's#^\./#/#' | grep -v '/$' \
-  | grep -v -e '^/usr/share/doc/' -e '^/usr/lib/debug/' | sed 's#^/lib/#/usr/lib/#' | sort)
+  | grep -v -e '^/usr/share/doc/' -e '^/usr/lib/debug/' -e '^/usr/share/lintian/' | sed 's#^/lib/#/usr/lib/#' \
+  | sed 's#^/usr/share/zsh/vendor-completions/#/usr/share/zsh/site-functions/#' | sort)
 rpm_files=$(rpm -qlp "$rpmf" | grep -v -e '^/usr/share/doc/' | sort)
 if [ "$deb_files" != "$rpm_files" ]; then
   diff <(echo "$deb_files") <(echo "$rpm_files") || true

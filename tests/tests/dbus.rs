@@ -665,3 +665,61 @@ fn bound_tokens_and_proofs_over_dbus() {
         "{out:?}"
     );
 }
+
+/// `tessera status` (D-Bus `Manager.Status()`): counts that move with what happens, expiry
+/// times from the CA and CRL the daemon serves, a warning for a key left to destroy, and
+/// non-admins refused.
+fn status_shows_the_daemon_on_one_screen(backend: Backend) {
+    let env = start(backend, BusPolicy::Shipped, vec![]);
+    let status = |env: &Env| -> Value {
+        serde_json::from_str(&env.ok(&["--json", "status"])).expect("status JSON")
+    };
+    let s0 = status(&env);
+    assert_eq!(s0["device"], "ok", "{s0}");
+    assert_eq!(s0["issued_last_hour"], 0, "{s0}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        s0["host_ca_not_after"].as_i64().unwrap() > now + 86_400,
+        "{s0}"
+    );
+    assert!(s0["crl_next_update"].as_i64().unwrap() > now, "{s0}");
+    assert!(s0["warnings"].as_array().unwrap().is_empty(), "{s0}");
+    for name in ["one", "two", "three"] {
+        env.ok(&["agent", "enroll", name, "--uid", "0", "--audience", AUD]);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        rt.block_on(
+            env.d
+                .client()
+                .token(&tessera::TokenOptions::new(AUD).agent("one")),
+        )
+        .unwrap();
+    }
+    env.ok(&["agent", "suspend", "two"]);
+    env.ok(&["agent", "revoke", "three"]);
+    let s = status(&env);
+    assert_eq!(s["agents"]["active"], 1, "{s}");
+    assert_eq!(s["agents"]["suspended"], 1, "{s}");
+    assert_eq!(s["agents"]["revoked"], 1, "{s}");
+    assert_eq!(s["issued_last_hour"], 3, "{s}");
+    assert!(
+        s["audit_seq"].as_u64().unwrap() > s0["audit_seq"].as_u64().unwrap(),
+        "{s0} {s}"
+    );
+    assert_eq!(s["destroy_pending"], 0, "{s}");
+    // The human form says the same.
+    let text = env.ok(&["status"]);
+    assert!(text.contains("1 active, 1 suspended, 1 revoked"), "{text}");
+    assert!(text.contains("3 credentials in the last hour"), "{text}");
+    // Admins only.
+    let o = env.cli_as(Some(65534), &["status"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+}
+tessera_e2e::both_backends!(status_shows_the_daemon_on_one_screen);

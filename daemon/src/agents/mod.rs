@@ -303,6 +303,11 @@ impl Agents {
         self.with_registry(|r| r.prune_certificates(now))
     }
 
+    /// Agent records by status ("active", "suspended", "revoked", "pending").
+    pub fn count_by_status(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        self.with_registry(|r| r.count_by_status())
+    }
+
     /// Revoked agents whose key is still to be destroyed (retried in the background).
     pub fn destroy_pending(&self) -> Result<Vec<Agent>, RegistryError> {
         self.with_registry(|r| r.revoked_with_key())

@@ -530,6 +530,21 @@ impl Credentials {
             .filter(|_| !self.crl_stale.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// `nextUpdate` of the CRL last signed (0: none yet).
+    pub fn crl_next_update(&self) -> i64 {
+        self.crl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.next_update)
+            .unwrap_or(0)
+    }
+
+    /// A CRL that should have been re-signed could not be.
+    pub fn crl_is_stale(&self) -> bool {
+        self.crl_stale.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The current CRL, re-signed first if the agents changed since it was built (a
     /// revocation), a signing failed, or it is half way to `nextUpdate`.
     pub async fn current_crl(&self) -> Result<Arc<Crl>, HostCaError> {

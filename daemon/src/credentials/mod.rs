@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod problem;
 pub mod proof;
 pub mod settings;
+pub mod status;
 pub mod svid;
 pub mod tls;
 pub mod x509;
@@ -72,6 +73,8 @@ pub struct Credentials {
     checkpointed: tokio::sync::Mutex<crate::audit::Head>,
     /// Moves whenever a bundle may have (see [`Credentials::bundle_changes`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Credentials issued per minute over the last hour (for `Status()`).
+    activity: status::Activity,
 }
 
 /// Refusals over the audit budget, counted per uid.
@@ -235,6 +238,7 @@ impl Credentials {
             ca_lock: tokio::sync::Mutex::new(()),
             rate: Mutex::new(RateLimiter::default()),
             issued: Mutex::new(HashMap::new()),
+            activity: status::Activity::default(),
             exe_cache: ExeHashCache::default(),
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
@@ -865,6 +869,7 @@ impl Credentials {
 
     /// Count a credential in the agent's issued counters.
     pub(crate) fn count_issued(&self, agent: &Agent, at: i64) {
+        self.activity.note(at);
         let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
         let e = counts.entry(agent.row).or_insert((
             agent.issued_count,

@@ -163,6 +163,20 @@ impl Registry {
         self.query("", [])
     }
 
+    /// How many agent records have each status (revoked ones accumulate: counted, not loaded).
+    pub fn count_by_status(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT status, COUNT(*) FROM agents GROUP BY status ORDER BY status",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (status, n) = r?;
+            out.push((status, n.max(0) as u64));
+        }
+        Ok(out)
+    }
+
     /// Revoked records, newest first (to tell a revoked caller it is revoked).
     pub fn revoked(&self) -> Result<Vec<Agent>, RegistryError> {
         let mut v = self.query("WHERE status = 'revoked'", [])?;

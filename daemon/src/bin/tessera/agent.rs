@@ -28,6 +28,7 @@ pub trait Manager {
     fn reload(&self) -> zbus::Result<()>;
     fn host_certificate_request(&self, common_name: &str) -> zbus::Result<String>;
     fn install_host_certificate(&self, pem: &str) -> zbus::Result<()>;
+    fn status(&self) -> zbus::Result<HashMap<String, zbus::zvariant::OwnedValue>>;
 }
 
 #[derive(Subcommand)]
@@ -67,9 +68,7 @@ pub enum AgentSub {
     /// All live agents.
     List,
     /// One agent's properties.
-    Show {
-        name: String,
-    },
+    Show { name: String },
     /// Revoke one agent (or all with --all): its key is destroyed before this returns.
     Revoke {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -83,17 +82,15 @@ pub enum AgentSub {
         #[arg(long)]
         yes: bool,
     },
-    Suspend {
-        name: String,
-    },
-    Resume {
-        name: String,
-    },
+    /// Suspend one agent: its requests are refused until it is resumed (its key is kept).
+    Suspend { name: String },
+    /// Resume a suspended agent.
+    Resume { name: String },
     /// Re-read the config and agents_dir.
     Reload,
-    /// Validate agent files exactly as the daemon would, without a daemon (exit 0 when all
-    /// are valid, 1 with `file[:line]: problem` lines otherwise): for configuration-management
-    /// hooks such as Ansible's `validate: tessera agent check %s`.
+    /// Validate agent files exactly as enrolment does, without a daemon: exit 0 when all are
+    /// valid, 1 with `file[:line]: problem` lines otherwise (for configuration-management
+    /// hooks such as Ansible's `validate: tessera agent check --as NAME %s`).
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<std::path::PathBuf>,
@@ -209,7 +206,7 @@ pub fn fail(e: &zbus::Error) -> ExitCode {
     }
 }
 
-fn value_json(v: &Value<'_>) -> Json {
+pub fn value_json(v: &Value<'_>) -> Json {
     match v {
         Value::U32(x) => json!(x),
         Value::U64(x) => json!(x),

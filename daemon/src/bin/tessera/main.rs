@@ -13,6 +13,7 @@ use std::time::Duration;
 mod agent;
 mod certs;
 mod host;
+mod status;
 mod tls_proxy;
 
 use clap::{Args, Parser, Subcommand};
@@ -166,11 +167,52 @@ enum Cmd {
     },
     /// The audit trail.
     Audit(AuditCmd),
+    /// The daemon on one screen: backend and device, agents by status, credentials in the
+    /// last hour, audit head, host CA and CRL expiry, warnings (admin, over D-Bus).
+    Status,
     /// Administer agents over D-Bus (root or admin_group).
     Agent {
         #[command(subcommand)]
         cmd: agent::AgentSub,
     },
+    /// Man pages or shell completions from these very definitions, into DIR (for packagers).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// tessera.1 and one page per subcommand (tessera-agent-enroll.1, ...).
+    Man,
+    /// tessera.bash, _tessera (zsh), tessera.fish.
+    Completions,
+}
+
+/// `tessera generate`: what the packages ship, written by the binary they ship.
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let res = std::fs::create_dir_all(dir).and_then(|()| match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            use clap_complete::Shell;
+            [Shell::Bash, Shell::Zsh, Shell::Fish]
+                .into_iter()
+                .try_for_each(|sh| {
+                    clap_complete::generate_to(sh, &mut Cli::command(), "tessera", dir).map(|_| ())
+                })
+        }
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: cannot write into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -648,6 +690,8 @@ async fn run(cli: Cli) -> ExitCode {
         Cmd::Host { cmd } => host::run(cmd, &bus, cli.json).await,
         Cmd::Audit(a) => audit(a.cmd, cli.json).await,
         Cmd::Agent { cmd } => agent::run(cmd, &bus, cli.json).await,
+        Cmd::Generate { what, dir } => generate(what, &dir),
+        Cmd::Status => status::run(&bus, cli.json).await,
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue, Value};
 use zbus::{interface, Connection};
 
 use super::{agent_path, dict_to_json, sync_objects, Ctx, TesseraError};
@@ -143,6 +143,36 @@ impl Manager {
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
         Ok(self.0.svc.install_host_certificate(&pem, &by).await?)
+    }
+
+    /// The daemon on one screen (admin): backend and device, agents by status, credentials in
+    /// the last hour, audit head and last checkpoint, host CA and CRL expiry, warnings.
+    async fn status(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<HashMap<String, OwnedValue>, TesseraError> {
+        self.0.require_admin(conn, &hdr).await?;
+        let s = self.0.svc.status().await;
+        let mut out: HashMap<String, OwnedValue> = HashMap::new();
+        let mut put = |k: &str, v: Value<'_>| {
+            if let Ok(v) = OwnedValue::try_from(v) {
+                out.insert(k.to_string(), v);
+            }
+        };
+        put("version", Value::from(s.version));
+        put("backend", Value::from(s.backend));
+        put("device", Value::from(s.device.as_str()));
+        let agents: HashMap<&str, u64> = s.agents.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        put("agents", Value::from(agents));
+        put("destroy_pending", Value::from(s.destroy_pending));
+        put("issued_last_hour", Value::from(s.issued_last_hour));
+        put("audit_seq", Value::from(s.audit_seq));
+        put("checkpoint_seq", Value::from(s.checkpoint_seq));
+        put("host_ca_not_after", Value::from(s.host_ca_not_after));
+        put("crl_next_update", Value::from(s.crl_next_update));
+        put("warnings", Value::from(s.warnings.clone()));
+        Ok(out)
     }
 
     #[zbus(property)]
