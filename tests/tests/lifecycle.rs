@@ -234,3 +234,58 @@ fn pkcs11_crash_after_enrol_record() {
 fn pkcs11_crash_after_enrol_key() {
     crash_during_enrolment_leaves_no_orphan(Backend::pkcs11(), "enroll-after-key");
 }
+
+/// The registry carries its schema version (`PRAGMA user_version`); state written by a newer
+/// tesserad is refused with a clear message and left byte for byte as it was, and the same
+/// state at the version this daemon knows starts as before.
+#[test]
+fn a_newer_registry_is_refused_and_left_unchanged() {
+    use sha2::{Digest, Sha256};
+    // This tree's schema version (daemon/src/agents/registry/schema.rs SCHEMA_VERSION).
+    const CURRENT: i64 = 1;
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![("bot".into(), agent(0, "\"read\""))],
+            ..Default::default()
+        },
+    );
+    let before = rt().block_on(d.client().whoami_agent(Some("bot"))).unwrap();
+    d.stop();
+    let db = d.state_dir().join("registry.db");
+    let version = |db: &std::path::Path| -> i64 {
+        let c = rusqlite::Connection::open(db).unwrap();
+        c.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(version(&db), CURRENT);
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "user_version", CURRENT + 1).unwrap();
+        // Everything in the main file, so "unchanged" is one file's bytes.
+        c.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+    }
+    let digest = |p: &std::path::Path| hex::encode(Sha256::digest(std::fs::read(p).unwrap()));
+    let bytes = digest(&db);
+    d.spawn();
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", d.log_text());
+    let log = d.log_text();
+    assert!(
+        log.contains("written by a newer tesserad")
+            && log.contains(&format!("schema version {}", CURRENT + 1)),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(digest(&db), bytes, "the newer registry was changed");
+    assert_eq!(version(&db), CURRENT + 1);
+    // Back at this daemon's version: it starts and the agent (same key) is there.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", CURRENT)
+        .unwrap();
+    d.spawn();
+    d.wait_ready();
+    let after = rt().block_on(d.client().whoami_agent(Some("bot"))).unwrap();
+    assert_eq!(after.key_id, before.key_id);
+}

@@ -34,6 +34,16 @@ pub enum RegistryError {
     NotLive(String),
     #[error("the registry is closed (the daemon is stopping)")]
     Closed,
+    #[error(
+        "registry {path} was written by a newer tesserad (schema version {found}; this one knows \
+         up to {known}); it is left unchanged: run the newer tesserad, or restore a backup of \
+         the state dir made with this version"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
 }
 
 pub struct Registry {

@@ -48,16 +48,45 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// The registry's schema version, kept in `PRAGMA user_version`. 0 is a registry from before
+/// versioning (version 1's tables, maybe without `agents.file_hash`). Every schema change bumps
+/// this and adds its step to [`migrate`]; a registry with a higher version than this is from a
+/// newer tesserad and is refused, untouched.
+pub const SCHEMA_VERSION: i64 = 1;
+
 /// Open (or create) the database: WAL, synchronous FULL, every table present.
 pub(super) fn open(path: &Path) -> Result<Connection, RegistryError> {
     let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Before anything is written: a newer daemon's state is left exactly as it is.
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(RegistryError::TooNew {
+            path: path.display().to_string(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a committed enrolment or revocation survives power loss, not just a crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.execute_batch(SCHEMA)?;
-    add_column_if_missing(&conn, "agents", "file_hash", "TEXT")?;
+    migrate(&conn, found)?;
     Ok(conn)
+}
+
+/// From version `found` to [`SCHEMA_VERSION`], in one transaction: a crash leaves the old
+/// version or the new one, never half of a step.
+fn migrate(conn: &Connection, found: i64) -> Result<(), RegistryError> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    if found < 1 {
+        add_column_if_missing(&tx, "agents", "file_hash", "TEXT")?;
+    }
+    if found != SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// Columns added after a table was first shipped: a registry from an earlier version gets
@@ -78,4 +107,47 @@ fn add_column_if_missing(
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(c: &Connection) -> i64 {
+        c.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_unversioned_registry_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        {
+            // What releases before versioning wrote: version 0, no agents.file_hash.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch("ALTER TABLE agents DROP COLUMN file_hash")
+                .unwrap();
+            assert_eq!(version(&c), 0);
+        }
+        let c = open(&path).unwrap();
+        assert_eq!(version(&c), SCHEMA_VERSION);
+        let cols: Vec<String> = c
+            .prepare("PRAGMA table_info(agents)")
+            .unwrap()
+            .query_map([], |r| r.get(1))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(cols.iter().any(|c| c == "file_hash"), "{cols:?}");
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(c);
+        match open(&path) {
+            Err(RegistryError::TooNew { found, known, .. }) => {
+                assert_eq!((found, known), (SCHEMA_VERSION + 1, SCHEMA_VERSION))
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
 }
