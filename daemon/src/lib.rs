@@ -23,4 +23,5 @@ pub mod durable;
 pub mod duration;
 pub mod fault;
 pub mod keystore;
+pub mod metrics;
 pub mod runtime;

@@ -21,10 +21,12 @@ dpkg -P tessera >/dev/null 2>&1 || true
 DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" || fail "dpkg -i"
 for f in /usr/bin/tesserad /usr/bin/tessera /usr/share/dbus-1/system.d/org.tessera.Tessera1.conf \
          /etc/tessera/tesserad.toml /lib/systemd/system/tesserad.service /lib/systemd/system/tesserad.socket \
-         /lib/systemd/system/tesserad-workload.socket; do
+         /lib/systemd/system/tesserad-workload.socket /lib/systemd/system/tesserad-metrics.socket; do
   [ -e "$f" ] || [ -e "/usr$f" ] || fail "$f not installed"
 done
 getent passwd tessera >/dev/null || fail "user tessera not created"
+# Metrics are opt-in: the socket unit is shipped but not enabled.
+[ ! -e /etc/systemd/system/sockets.target.wants/tesserad-metrics.socket ] || fail "metrics socket enabled by the package"
 getent group tessera-admin >/dev/null || fail "group tessera-admin not created"
 /usr/bin/tesserad --check-config /etc/tessera/tesserad.toml || fail "shipped config does not validate"
 file /usr/bin/tesserad | grep -q ", stripped" || fail "binary not stripped"

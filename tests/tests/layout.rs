@@ -3,7 +3,7 @@
 //! on the daemon. A new import that breaks a never fails here with its file and line.
 //!
 //! bin -> runtime -> doors -> credentials -> agents, caller -> keystore, audit; small shared
-//! helpers (durable, fault, duration) below everything. Nevers: keystore or audit importing
+//! helpers (durable, fault, duration, metrics) below everything. Nevers: keystore or audit importing
 //! anything above them; caller importing agents; a door calling keystore or the registry
 //! directly; anything below runtime importing runtime.
 
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// Layer of each part: a part may import parts of a lower layer only (plus itself).
 fn layer(part: &str) -> Option<u8> {
     Some(match part {
-        "durable" | "fault" | "duration" => 0,
+        "durable" | "fault" | "duration" | "metrics" => 0,
         "keystore" | "audit" => 1,
         "caller" => 2,
         "agents" => 3,

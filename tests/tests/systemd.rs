@@ -24,7 +24,11 @@ fn units_for_check() -> tempfile::TempDir {
         svc.replace("/usr/bin/tesserad", bin("tesserad").to_str().unwrap()),
     )
     .unwrap();
-    for unit in ["tesserad.socket", "tesserad-workload.socket"] {
+    for unit in [
+        "tesserad.socket",
+        "tesserad-workload.socket",
+        "tesserad-metrics.socket",
+    ] {
         std::fs::copy(units_dir().join(unit), dir.path().join(unit)).unwrap();
     }
     dir
@@ -38,6 +42,7 @@ fn units_verify_cleanly_and_score_2_or_lower() {
         .arg(dir.path().join("tesserad.service"))
         .arg(dir.path().join("tesserad.socket"))
         .arg(dir.path().join("tesserad-workload.socket"))
+        .arg(dir.path().join("tesserad-metrics.socket"))
         .output()
         .expect("systemd-analyze");
     let text = format!(
@@ -103,10 +108,17 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
 
     // Both sockets, told apart by name as the shipped units name them.
     let workload_path = dir.path().join("activated-workload.sock");
+    // The metrics socket as tesserad-metrics.socket passes it: TCP, named "metrics".
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.arg("-l").arg(&sock_path);
     cmd.arg("-l").arg(&workload_path);
-    cmd.arg("--fdname=agent:workload");
+    cmd.arg("-l").arg(format!("127.0.0.1:{metrics_port}"));
+    cmd.arg("--fdname=agent:workload:metrics");
     cmd.arg("-E")
         .arg(format!("NOTIFY_SOCKET={}", notify_path.display()));
     cmd.arg("-E").arg("WATCHDOG_USEC=1000000");
@@ -136,6 +148,17 @@ fn socket_activation_ready_watchdog_token_and_clean_stop() {
         .block_on(client.token(&TokenOptions::new("https://api.example.com")))
         .expect("token over the inherited socket");
     assert!(!token.token.is_empty());
+    // Metrics answer on the TCP socket systemd passed as "metrics", counting that token.
+    let scrape = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    assert!(
+        scrape.status.success()
+            && text.contains("tessera_credentials_issued_total{type=\"token\",agent=\"svc\"} 1"),
+        "{scrape:?}"
+    );
     // The Workload API answers on the socket systemd passed as "workload".
     let svid = rt.block_on(async {
         let mut c = tessera_e2e::workload::connect(&workload_path).await;

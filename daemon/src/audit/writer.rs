@@ -169,7 +169,9 @@ impl Writer {
         let path = self.current();
         let before = self.size;
         let f = self.file.as_mut().ok_or(AuditError::Stopped)?;
+        let t = std::time::Instant::now();
         let res = f.write_all(data).and_then(|()| f.sync_data());
+        crate::metrics::audit_sync(t.elapsed());
         match res {
             Ok(()) => {
                 self.size += data.len() as u64;

@@ -209,7 +209,7 @@ impl Credentials {
             .caller(caller.record())
             .details(d);
         self.release(caller, agent, ev, "certificate").await?;
-        self.count_issued(agent, now);
+        self.count_issued(agent, "certificate", now);
         Ok(Certified {
             cert,
             der,

@@ -324,6 +324,11 @@ impl Credentials {
         self.keystore.shutdown().await;
     }
 
+    /// Signing requests waiting for a device session (for the metrics door).
+    pub fn device_queue_depth(&self) -> usize {
+        self.keystore.queued()
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.keystore.backend().as_str()
     }
@@ -755,7 +760,7 @@ impl Credentials {
                     .caller(caller.record())
                     .details(details);
                 self.release(caller, &agent, ev, "token").await?;
-                self.count_issued(&agent, issued.iat);
+                self.count_issued(&agent, "token", issued.iat);
                 if let Some(jkt) = &jkt {
                     self.remember_bound(&issued.token, issued.exp, &agent, jkt);
                 }
@@ -868,8 +873,9 @@ impl Credentials {
     }
 
     /// Count a credential in the agent's issued counters.
-    pub(crate) fn count_issued(&self, agent: &Agent, at: i64) {
+    pub(crate) fn count_issued(&self, agent: &Agent, kind: &str, at: i64) {
         self.activity.note(at);
+        crate::metrics::issued(kind, &agent.name);
         let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());
         let e = counts.entry(agent.row).or_insert((
             agent.issued_count,

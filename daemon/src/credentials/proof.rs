@@ -465,7 +465,7 @@ impl Credentials {
             .caller(caller.record())
             .details(details);
         self.release(caller, &agent, ev, "proof").await?;
-        self.count_issued(&agent, iat);
+        self.count_issued(&agent, "proof", iat);
         Ok(match http {
             Some(params) => ProofResponse {
                 proof: None,
@@ -531,7 +531,7 @@ impl Credentials {
                 "proof_key": key.label(), "proof_kid": key.kid(),
             }));
         self.release(caller, &agent, ev, "WIT").await?;
-        self.count_issued(&agent, iat);
+        self.count_issued(&agent, "wit", iat);
         Ok(WitResponse {
             wit,
             expires_at: crate::credentials::rfc3339(claims.exp),

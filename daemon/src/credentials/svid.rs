@@ -173,7 +173,7 @@ impl Credentials {
                     "door": "workload-api",
                 }));
             self.release(caller, &agent, ev, "JWT-SVID").await?;
-            self.count_issued(&agent, issued.iat);
+            self.count_issued(&agent, "jwt-svid", issued.iat);
             tracing::debug!(agent = %agent.name, exp = %rfc3339(issued.exp), "JWT-SVID issued");
             out.push(JwtSvid {
                 spiffe_id: agent.id.clone(),

@@ -134,7 +134,7 @@ impl Credentials {
                 "x5t#S256": req.x5t_s256,
             }));
         self.release(caller, &agent, ev, "TLS signature").await?;
-        self.count_issued(&agent, at);
+        self.count_issued(&agent, "tls-signature", at);
         Ok(TlsSignResponse {
             signature: STANDARD.encode(sig),
         })

@@ -9,6 +9,7 @@
 
 pub mod dbus;
 pub mod limits;
+pub mod metrics;
 pub mod problem;
 pub mod socket;
 pub mod spiffe;

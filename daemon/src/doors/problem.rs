@@ -10,6 +10,7 @@ use crate::credentials::problem::Problem;
 use crate::doors::socket::Resp;
 
 pub fn problem_response(p: &Problem) -> Resp {
+    crate::metrics::refused(p.kind.slug(), "socket");
     let body = serde_json::to_vec(&p.body()).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() =

@@ -51,6 +51,7 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
 /// The gRPC status of a refusal (DESIGN "Workload API": status codes).
 pub fn status_of(p: &Problem) -> Status {
+    crate::metrics::refused(p.kind.slug(), "spiffe");
     let code = match p.kind {
         Kind::MalformedRequest | Kind::BodyTooLarge | Kind::TokenNotAccepted => {
             Code::InvalidArgument

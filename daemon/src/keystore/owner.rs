@@ -189,6 +189,11 @@ impl KeyStoreHandle {
         rx.await.map_err(|_| KeyStoreError::Stopped)?
     }
 
+    /// Signing requests waiting for a device session now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     pub async fn create(&self, id: &str) -> Result<CreatedKey, KeyStoreError> {
         let id = id.to_string();
         self.admin_call(|r| Request::Create(id, r)).await
@@ -253,25 +258,33 @@ fn spawn_signer(
 
 fn serve(store: &mut dyn KeyStore, req: Request) {
     // A caller that went away (dropped receiver) is not an error for the device thread.
-    match req {
+    let t = std::time::Instant::now();
+    let op = match req {
         Request::Create(id, r) => {
             let _ = r.send(store.create(&id));
+            "create"
         }
         Request::Public(id, r) => {
             let _ = r.send(store.public_key(&id));
+            "public_key"
         }
         Request::Sign(id, d, r) => {
             let _ = r.send(store.sign(&id, &d));
+            "sign"
         }
         Request::Destroy(id, r) => {
             let _ = r.send(store.destroy(&id));
+            "destroy"
         }
         Request::List(r) => {
             let _ = r.send(store.list());
+            "list"
         }
         Request::Attest(id, nonce, r) => {
             let _ = r.send(store.attest(&id, &nonce));
+            "attest"
         }
-        Request::Stop => {}
-    }
+        Request::Stop => return,
+    };
+    crate::metrics::device_op(op, t.elapsed());
 }

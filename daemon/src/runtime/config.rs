@@ -57,6 +57,49 @@ pub struct Config {
     pub dbus: DbusConfig,
     #[serde(default)]
     pub spiffe: SpiffeConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus scrape endpoint, off unless `listen` is set (or systemd passes
+/// the `metrics` socket of `tesserad-metrics.socket`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9464"` (TCP) or `"unix:/run/tessera/metrics.sock"`.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// Where `[metrics] listen` says to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl MetricsConfig {
+    pub fn parsed(&self) -> Result<Option<MetricsListen>, String> {
+        let Some(v) = &self.listen else {
+            return Ok(None);
+        };
+        if let Some(p) = v.strip_prefix("unix:") {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err(format!(
+                    "metrics.listen {v:?}: a unix: path must be absolute"
+                ));
+            }
+            return Ok(Some(MetricsListen::Unix(p)));
+        }
+        v.parse::<std::net::SocketAddr>()
+            .map(|a| Some(MetricsListen::Tcp(a)))
+            .map_err(|_| {
+                format!(
+                    "metrics.listen {v:?} is neither HOST:PORT (e.g. \"127.0.0.1:9464\") nor unix:/PATH"
+                )
+            })
+    }
 }
 
 /// `[spiffe]`: the SPIFFE Workload API door.
@@ -255,6 +298,7 @@ impl Config {
             path: origin.to_string(),
             message,
         };
+        self.metrics.parsed().map_err(invalid)?;
         if self.tokens.default_ttl.0 > self.tokens.max_ttl.0 {
             return Err(invalid(format!(
                 "tokens.default_ttl ({}) is above tokens.max_ttl ({})",

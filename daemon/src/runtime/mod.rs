@@ -82,6 +82,50 @@ fn check_state_dir(dir: &Path, socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `[metrics] listen`, bound: the listener and the socket file to remove at stop (Unix). A
+/// Unix socket keeps the daemon's private mode (0700): scrapers run as the daemon's user or
+/// root, or systemd's `tesserad-metrics.socket` sets the mode and group.
+fn bind_metrics(
+    cfg: &Config,
+) -> Result<(Option<doors::metrics::Listener>, Option<std::path::PathBuf>)> {
+    use crate::runtime::config::MetricsListen;
+    match cfg.metrics.parsed().map_err(anyhow::Error::msg)? {
+        None => Ok((None, None)),
+        Some(MetricsListen::Tcp(addr)) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot bind metrics on {addr}"))?;
+            l.set_nonblocking(true)?;
+            tracing::info!(%addr, "metrics served");
+            Ok((
+                Some(doors::metrics::Listener::Tcp(
+                    tokio::net::TcpListener::from_std(l)?,
+                )),
+                None,
+            ))
+        }
+        Some(MetricsListen::Unix(path)) => {
+            if let Ok(md) = std::fs::symlink_metadata(&path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !md.file_type().is_socket() {
+                    bail!(
+                        "{} exists and is not a socket; refusing to replace it",
+                        path.display()
+                    );
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(&path)
+                .with_context(|| format!("cannot bind metrics on {}", path.display()))?;
+            l.set_nonblocking(true)?;
+            tracing::info!(socket = %path.display(), "metrics served");
+            Ok((
+                Some(doors::metrics::Listener::Unix(UnixListener::from_std(l)?)),
+                Some(path),
+            ))
+        }
+    }
+}
+
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(parent) = path.parent() {
         if !parent.exists() {
@@ -403,6 +447,7 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     let listeners = systemd::inherited_listeners()
         .context("cannot use the sockets passed by systemd")
         .and_then(|inh| {
+            let metrics = inh.metrics;
             // The Workload API socket first: once the agent socket answers, both are there.
             let workload = match (cfg.spiffe.enabled, inh.workload) {
                 (false, _) => None,
@@ -431,9 +476,9 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
                     }
                 },
             };
-            Ok((agent, workload))
+            Ok((agent, workload, metrics))
         });
-    let ((listener, owns_socket), workload) = match listeners {
+    let ((listener, owns_socket), workload, metrics) = match listeners {
         Ok(x) => x,
         Err(e) => {
             if let Some(door) = dbus {
@@ -444,6 +489,18 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
         }
     };
     let owns_workload_socket = matches!(workload, Some((_, true)));
+    // Metrics: the socket systemd passed, else `[metrics] listen`, else none. A listen address
+    // that cannot be bound is logged, not fatal: scraping is not what agents depend on.
+    let (metrics, owned_metrics_socket) = match metrics {
+        Some(l) => (Some(l), None),
+        None => match bind_metrics(&cfg) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint not served");
+                (None, None)
+            }
+        },
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -458,6 +515,14 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
         stopped(stop_rx.clone()),
         Duration::from_secs(10),
     ));
+    let metrics_server = metrics.map(|l| {
+        tokio::spawn(doors::metrics::serve(
+            svc.clone(),
+            l,
+            stopped(stop_rx.clone()),
+            8,
+        ))
+    });
     let workload_server = workload.map(|(l, _)| {
         tokio::spawn(doors::spiffe::serve(
             svc.clone(),
@@ -584,6 +649,12 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
     let _ = server.await;
     if let Some(w) = workload_server {
         let _ = w.await;
+    }
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
+    if let Some(p) = owned_metrics_socket {
+        let _ = std::fs::remove_file(p);
     }
     if let Some(w) = watchdog {
         w.abort();

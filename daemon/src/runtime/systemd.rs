@@ -43,6 +43,8 @@ fn try_notify(states: &[NotifyState<'_>]) -> std::io::Result<()> {
 pub struct Inherited {
     pub agent: Option<tokio::net::UnixListener>,
     pub workload: Option<tokio::net::UnixListener>,
+    /// `metrics` (tesserad-metrics.socket): TCP or Unix.
+    pub metrics: Option<crate::doors::metrics::Listener>,
 }
 
 /// The sockets systemd passed, if any.
@@ -54,6 +56,12 @@ pub fn inherited_listeners() -> std::io::Result<Inherited> {
     let mut fds = listenfd::ListenFd::from_env();
     let mut out = Inherited::default();
     for i in 0..fds.len() {
+        if names.get(i).map(String::as_str) == Some("metrics") {
+            if out.metrics.is_none() {
+                out.metrics = take_metrics(&mut fds, i)?;
+            }
+            continue;
+        }
         let Some(l) = fds.take_unix_listener(i)? else {
             continue;
         };
@@ -75,6 +83,25 @@ pub fn inherited_listeners() -> std::io::Result<Inherited> {
         }
     }
     Ok(out)
+}
+
+/// The metrics socket: TCP (`ListenStream=127.0.0.1:9464`) or a Unix socket.
+fn take_metrics(
+    fds: &mut listenfd::ListenFd,
+    i: usize,
+) -> std::io::Result<Option<crate::doors::metrics::Listener>> {
+    use crate::doors::metrics::Listener;
+    if let Ok(Some(l)) = fds.take_tcp_listener(i) {
+        l.set_nonblocking(true)?;
+        return Ok(Some(Listener::Tcp(tokio::net::TcpListener::from_std(l)?)));
+    }
+    match fds.take_unix_listener(i)? {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            Ok(Some(Listener::Unix(tokio::net::UnixListener::from_std(l)?)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Ping the watchdog at half its period while the runtime is healthy enough to run tasks.

@@ -95,6 +95,7 @@ impl From<HostCaError> for TesseraError {
 
 impl From<Problem> for TesseraError {
     fn from(p: Problem) -> Self {
+        crate::metrics::refused(p.kind.slug(), "dbus");
         let msg = p.to_string();
         match p.kind {
             Kind::UnknownCaller => TesseraError::UnknownCaller(msg),
