@@ -31,33 +31,7 @@ impl TestBus {
             BusPolicy::Shipped => format!("<include>{}</include>", shipped_policy().canonicalize().unwrap().display()),
             BusPolicy::AllowAll => "<policy context=\"default\"><allow own=\"*\"/><allow send_destination=\"*\"/></policy>".into(),
         };
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={sock}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  {policy_xml}
-</busconfig>
-"#,
-            sock = sock.display()
-        );
+        let conf = tesserad::runtime::dev::bus_config(&sock, &policy_xml);
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let out = Command::new("dbus-daemon")

@@ -44,6 +44,38 @@ impl Drop for DevEnv {
 /// The shipped bus policy; dev mode substitutes the invoking user for the service's names.
 const SHIPPED_BUS_POLICY: &str = include_str!("../../../systemd/org.tessera.Tessera1.conf");
 
+/// A system-type bus on `sock`: nobody owns or calls anything but what `policy` (the shipped
+/// file's inner rules, or a test's) allows. The dev bus and the tests' buses are this one.
+pub fn bus_config(sock: &Path, policy: &str) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={sock}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+{policy}
+</busconfig>
+"#,
+        sock = sock.display()
+    )
+}
+
 /// A `dbus-daemon` of our own, for `--dev` without `--bus`.
 struct PrivateBus {
     child: Child,
@@ -68,33 +100,7 @@ impl PrivateBus {
             .and_then(|(_, rest)| rest.rsplit_once("</busconfig>"))
             .map(|(inner, _)| inner)
             .context("shipped bus policy has no <busconfig>")?;
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={sock}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-{inner}
-</busconfig>
-"#,
-            sock = dir.join("bus.sock").display()
-        );
+        let conf = bus_config(&dir.join("bus.sock"), inner);
         let conf_path = dir.join("bus.conf");
         std::fs::write(&conf_path, conf)?;
         let mut child = Command::new("dbus-daemon")
