@@ -25,10 +25,16 @@ pub enum Listener {
 fn refresh(svc: &Credentials) {
     let now = crate::credentials::x509::now_unix();
     if let Ok(counts) = svc.agents().count_by_status() {
-        for (status, n) in counts {
+        // Every status, absent ones as 0: a gauge not set again would keep its last value
+        // (one suspended agent resumed would still show as suspended).
+        for status in ["pending", "active", "suspended", "revoked"] {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n);
             METRICS
                 .agents
-                .get_or_create(&vec![("status".to_string(), status)])
+                .get_or_create(&vec![("status".to_string(), status.to_string())])
                 .set(n as i64);
         }
     }
