@@ -152,3 +152,31 @@ def test_percent_encoding_and_default_port_do_not_matter(daemon, agent):
     jkt = jwt.decode(tok, options={"verify_signature": False})["cnf"]["jkt"]
     p = c.dpop_proof("GET", f"{AUD}/caf%c3%a9/%7Euser", access_token=tok, agent=agent).proof
     t.Verifier(AUD).verify_dpop(p, method="GET", url=f"{AUD}:443/caf%C3%A9/~user", access_token=tok, jkt=jkt)
+
+
+def test_htu_and_origin_never_carry_userinfo_query_or_fragment():
+    assert t.htu_of("https://user:pw@API.example.com:443/a/b?q=1#f") == "https://API.example.com:443/a/b"
+    assert t.origin_of("https://user:pw@API.example.com:443/a") == "https://api.example.com"
+    assert t.origin_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
+
+
+def test_problem_types_match_the_daemons_list():
+    """One list on both sides: the slugs the Rust SDK (the daemon's own list) knows."""
+    import re
+
+    from conftest import ROOT
+
+    rust = (ROOT / "agent-sdk/rust/src/error.rs").read_text()
+    slugs = set(re.findall(r'ProblemType::\w+ => "([a-z-]+)"', rust))
+    assert slugs and set(t.PROBLEMS) == slugs
+    assert all(cls.slug == slug for slug, cls in t.PROBLEMS.items())
+
+
+def test_only_a_resource_servers_nonce_challenge_is_retried():
+    """A 400 that carries a nonce may be any error: resending a POST body blindly is wrong."""
+    from tessera_agent.auth import nonce_challenge
+
+    challenge = {"dpop-nonce": "n1", "www-authenticate": 'DPoP error="use_dpop_nonce"'}
+    assert nonce_challenge(401, challenge) == "n1"
+    assert nonce_challenge(400, {"dpop-nonce": "n1"}) is None
+    assert nonce_challenge(401, {"dpop-nonce": "n1", "www-authenticate": 'DPoP error="invalid_token"'}) is None
