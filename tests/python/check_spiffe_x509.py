@@ -35,6 +35,11 @@ pub_of_key = svid.private_key.public_key().public_bytes(
 pub_of_leaf = leaf.public_key().public_bytes(
     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 check("key_matches_certificate", pub_of_key == pub_of_leaf)
+# Labelled as a software key (README: key policies), read by cryptography, not our code.
+policies = leaf.extensions.get_extension_for_class(x509.CertificatePolicies).value
+check("software_key_policy",
+      [p.policy_identifier.dotted_string for p in policies] == [args["software_key_oid"]],
+      policies)
 check("p256", isinstance(svid.private_key, ec.EllipticCurvePrivateKey)
       and svid.private_key.curve.name == "secp256r1", type(svid.private_key))
 

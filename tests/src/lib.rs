@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod devices;
 pub mod floors;
 pub mod http;
+pub mod tls;
 pub mod workload;
 
 pub use daemon::Daemon;

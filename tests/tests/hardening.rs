@@ -572,6 +572,7 @@ fn sdk_query_values_are_encoded() {
         .block_on(c.certificate(&tessera::CertificateOptions {
             ttl: Some("1m 30s".into()),
             agent: Some("bot".into()),
+            ..Default::default()
         }))
         .expect("a TTL with a space");
     let dir = d.scratch_dir();

@@ -606,7 +606,7 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let _proxy = KillOnDrop(proxy);
+    let mut proxy = KillOnDrop(proxy);
     let t0 = std::time::Instant::now();
     while !sock.exists() {
         assert!(t0.elapsed().as_secs() < 20, "the proxy did not listen");
@@ -629,6 +629,37 @@ fn tls_proxy_carries_curl_over_mtls(backend: Backend) {
     let cert = CertificateDer::from_pem_slice(&page.as_bytes()[pem_start..]).unwrap();
     assert!(peer_spiffe_id(&[cert]).unwrap().ends_with("/agent/alpha"));
     assert!(tls_signed(&d).iter().any(|r| r["agent"]["name"] == "alpha"));
+    // The same uid with another gid may open the socket (root), but the proxy turns it away:
+    // a peer must match the proxy's uid, gid and unit.
+    let signed_before = tls_signed(&d).len();
+    let o = {
+        use std::os::unix::process::CommandExt;
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--unix-socket"])
+            .arg(&sock)
+            .arg("http://localhost/")
+            .gid(4321)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("Client certificate"),
+        "{o:?}"
+    );
+    assert_eq!(tls_signed(&d).len(), signed_before, "no handshake for it");
+    let _ = proxy.0.kill();
+    let mut log = String::new();
+    proxy
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("refused a client: uid/gid 0/4321 is not 0/0"),
+        "{log}"
+    );
 
     // Refusals at start.
     let o = proxy_from(&pinned_cli, &["--agent", "pinned", "--listen"])
@@ -727,4 +758,419 @@ fn the_mtls_example_runs_between_two_agents() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "{o:?}");
+}
+
+fn roots_of(ders: &[&[u8]]) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for d in ders {
+        roots.add(CertificateDer::from(d.to_vec())).unwrap();
+    }
+    roots
+}
+
+fn leaf_der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// `?key=session`: an agent with `proof_key = "session"` gets a certificate for its in-memory
+/// session key, labelled `tessera-software-key` and ending with the key; the daemon signs TLS
+/// with the key of the certificate named. openssl accepts it; an SDK server accepts it only
+/// when told to accept software keys; a bound token can name it; revocation ends it.
+fn session_key_certificates_sign_in_memory(backend: Backend) {
+    let policy = "[policy]\naudiences = [\"https://api.example.com\"]\nrate = 100000\n";
+    let d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![
+                (
+                    "hw".into(),
+                    format!("[selectors]\nuid = 0\n{policy}tls_server = true\n"),
+                ),
+                (
+                    "sess".into(),
+                    format!(
+                        "[selectors]\nuid = 0\n{policy}proof_key = \"session\"\nsession_key_ttl = \"2m\"\n"
+                    ),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let rt = rt();
+    let scratch = d.scratch_dir();
+    let session_opts = tessera::CertificateOptions::default()
+        .agent("sess")
+        .ttl(std::time::Duration::from_secs(600));
+    let pem = rt
+        .block_on(c.certificate(&session_opts.clone().session_key()))
+        .unwrap();
+    let hw_pem = rt
+        .block_on(c.certificate(&tessera::CertificateOptions::default().agent("sess")))
+        .unwrap();
+    let (der, hw_der) = (leaf_der(&pem), leaf_der(&hw_pem));
+    // openssl reads the policies: software for the session key, hardware for the identity key.
+    let text = |der: &[u8], name: &str| {
+        let f = scratch.join(name);
+        std::fs::write(&f, der).unwrap();
+        let o = Command::new("openssl")
+            .args(["x509", "-inform", "DER", "-noout", "-text", "-in"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let session_text = text(&der, "session.der");
+    assert!(
+        session_text.contains(&format!(
+            "Policy: {}\n",
+            tessera::key_policy::SOFTWARE_KEY_OID
+        )),
+        "{session_text}"
+    );
+    assert!(text(&hw_der, "hw.der").contains(&format!(
+        "Policy: {}\n",
+        tessera::key_policy::HARDWARE_KEY_OID
+    )));
+    // The certified key is the session key a WIT binds, and the certificate ends with it
+    // (2 minutes, though 10 were asked for).
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let cert_key = p256::ecdsa::VerifyingKey::from_sec1_bytes(
+        &cert.tbs_certificate.subject_pki.subject_public_key.data,
+    )
+    .unwrap();
+    let wit = rt.block_on(c.wit(Some("sess"))).unwrap();
+    let wit_jwk = &tessera_e2e::jwt_claims(&wit.wit)["cnf"]["jwk"];
+    assert_eq!(
+        cert_key,
+        tessera::attestation::key_from_jwk(wit_jwk).unwrap(),
+        "the session key"
+    );
+    let v = cert.validity();
+    assert!(
+        v.not_after.timestamp() - v.not_before.timestamp() <= 120,
+        "the certificate outlives the session key: {v:?}"
+    );
+    // Refusals: no session key for a hardware-only agent, an unknown key name.
+    let e = rt
+        .block_on(
+            c.certificate(
+                &tessera::CertificateOptions::default()
+                    .agent("hw")
+                    .session_key(),
+            ),
+        )
+        .expect_err("hw has no session key");
+    assert_eq!(
+        e.problem(),
+        Some(tessera::ProblemType::MalformedRequest),
+        "{e}"
+    );
+    let (status, _, body) = rt
+        .block_on(c.request(Method::GET, "/v1/certificate?agent=sess&key=device", None))
+        .unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+
+    // openssl s_server (requiring a client certificate from the host CA) accepts the session
+    // key's certificate: the CertificateVerify was made with the session key.
+    let bundle = scratch.join("bundle.pem");
+    std::fs::write(&bundle, rt.block_on(c.bundle()).unwrap()).unwrap();
+    tessera_e2e::openssl_leaf(&scratch, "srv", None);
+    let (server, port) = s_server(&scratch, &bundle);
+    let _kill = KillOnDrop(server);
+    let mut srv_roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(scratch.join("srv.pem")).unwrap() {
+        srv_roots.add(cert.unwrap()).unwrap();
+    }
+    let (session_client, presented) = rt
+        .block_on(client_config_and_resolver(
+            &c,
+            &TlsOptions {
+                agent: Some("sess".into()),
+                roots: Some(srv_roots),
+                session_key: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let page = https_get(Arc::new(session_client), port, "localhost").expect("handshake");
+    assert!(page.contains("Client certificate"), "{page}");
+    let x5t = presented.x5t_s256().unwrap();
+    let signed = tls_signed(&d);
+    let last = signed.last().unwrap();
+    assert_eq!(last["agent"]["name"], "sess");
+    assert_eq!(last["details"]["key"], "session", "{last}");
+    assert_eq!(last["details"]["x5t#S256"], x5t.as_str());
+
+    // An agent server (hardware key, SDK defaults) refuses a software key; told to accept
+    // software keys, it names the client.
+    let host_roots = || {
+        let pem = rt.block_on(c.bundle()).unwrap();
+        roots_of(&[&leaf_der(&pem)])
+    };
+    let hw_id = peer_spiffe_id(&[CertificateDer::from(leaf_der(
+        &rt.block_on(c.certificate(&tessera::CertificateOptions::default().agent("hw")))
+            .unwrap(),
+    ))])
+    .unwrap();
+    let client_to_hw = |session_key: bool| {
+        Arc::new(
+            rt.block_on(client_config(
+                &c,
+                &TlsOptions {
+                    agent: Some("sess".into()),
+                    roots: Some(host_roots()),
+                    server_spiffe_id: Some(hw_id.clone()),
+                    session_key,
+                    ..Default::default()
+                },
+            ))
+            .unwrap(),
+        )
+    };
+    for (allow, want_ok) in [(false, false), (true, true)] {
+        let server = rt
+            .block_on(server_config(
+                &c,
+                &TlsOptions {
+                    agent: Some("hw".into()),
+                    allow_software_keys: allow,
+                    ..Default::default()
+                },
+            ))
+            .unwrap();
+        let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 1);
+        let answer = tessera_e2e::tls::exchange(client_to_hw(true), port, "hw.agent");
+        let served = served.join().unwrap();
+        assert_eq!(
+            answer.is_ok(),
+            want_ok,
+            "allow {allow}: {answer:?} {served:?}"
+        );
+        if want_ok {
+            assert!(answer.unwrap().trim().ends_with("/agent/sess"));
+        } else {
+            let why = format!("{served:?}");
+            assert!(why.contains("tessera-hardware-key"), "{why}");
+        }
+    }
+    // The same agent's hardware certificate passes the default server.
+    let server = rt
+        .block_on(server_config(
+            &c,
+            &TlsOptions {
+                agent: Some("hw".into()),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 1);
+    let answer = tessera_e2e::tls::exchange(client_to_hw(false), port, "hw.agent");
+    served.join().unwrap();
+    assert!(answer
+        .expect("hardware client")
+        .trim()
+        .ends_with("/agent/sess"));
+
+    // A token bound to the session key's certificate ends no later than it.
+    let bound = rt
+        .block_on(
+            c.token(
+                &tessera::TokenOptions::new("https://api.example.com")
+                    .agent("sess")
+                    .ttl(std::time::Duration::from_secs(900))
+                    .bind_mtls(&x5t),
+            ),
+        )
+        .expect("a token bound to the session certificate");
+    let claims = tessera_e2e::jwt_claims(&bound.token);
+    assert_eq!(claims["cnf"]["x5t#S256"], x5t.as_str());
+    // The session key lives 2 minutes; the certificate, and so the token, no longer.
+    assert!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 120,
+        "{claims}"
+    );
+
+    // Revoked: the session key is gone, and with it the signatures for its certificate.
+    let content_b64 = STANDARD.encode(content("client", 32));
+    let body = json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client",
+                      "content": content_b64, "agent": "sess", "x5t#S256": x5t});
+    assert_eq!(sign(&d, &body).0, 200, "signs while live");
+    std::fs::remove_file(d.agents_dir().join("sess.toml")).unwrap();
+    d.reload();
+    let (status, problem) = sign(&d, &body);
+    assert_eq!(status, 403, "{problem}");
+}
+tessera_e2e::both_backends!(session_key_certificates_sign_in_memory);
+
+/// The SDK's check of an agent TLS server: the chain, the validity, serverAuth, the SPIFFE ID
+/// and the key kind. The server certificates are made here with a test CA (so each can be
+/// wrong in one way); the client is a real agent of a real daemon.
+#[test]
+fn an_agent_server_is_checked_for_time_usage_id_and_key_kind() {
+    use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use p256::ecdsa::{Signature, SigningKey};
+    use p256::pkcs8::EncodePrivateKey;
+    use tessera::key_policy::KeyKind;
+    use tesserad::credentials::x509;
+    let dir = exe_dir();
+    let other = helper_copy(dir.path(), "other-agent", "v");
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: agents(&other),
+            ..Default::default()
+        },
+    );
+    let c = d.client();
+    let ca_sk = SigningKey::random(&mut rand::rngs::OsRng);
+    let ca_name = x509::cn_name("test-ca").unwrap();
+    let now = x509::now_unix();
+    let signed = |tbs: x509_cert::TbsCertificate| {
+        let (_, digest) = x509::to_be_signed(&tbs).unwrap();
+        let sig: Signature = ca_sk.sign_prehash(&digest).unwrap();
+        let cert = x509::assemble_certificate(tbs, &sig).unwrap();
+        x509_cert::der::Encode::to_der(&cert).unwrap()
+    };
+    let ca_tbs =
+        x509::host_ca_tbs(&ca_name, ca_sk.verifying_key(), now - 86400, now + 86400).unwrap();
+    let ca_kid = x509::key_identifier(&ca_tbs.subject_public_key_info);
+    let ca_der = signed(ca_tbs);
+    let id = "spiffe://test.example/host/testhost/agent/srv";
+    let leaf = |not_before: i64, not_after: i64, server_auth: bool, key_kind, spiffe_id: &str| {
+        let sk = SigningKey::random(&mut rand::rngs::OsRng);
+        let der = signed(
+            x509::agent_tbs(&x509::AgentCertSpec {
+                issuer: &ca_name,
+                issuer_key_id: &ca_kid,
+                agent_name: "srv",
+                spiffe_id,
+                key: sk.verifying_key(),
+                not_before,
+                not_after,
+                server_auth,
+                key_kind,
+            })
+            .unwrap(),
+        );
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            sk.to_pkcs8_der().unwrap().as_bytes().to_vec().into(),
+        );
+        let config = rustls::ServerConfig::builder_with_provider(tessera::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![CertificateDer::from(der)], key)
+            .unwrap();
+        Arc::new(config)
+    };
+    let other_id = "spiffe://test.example/host/testhost/agent/other";
+    let cases = [
+        (
+            "good",
+            leaf(now - 60, now + 3600, true, KeyKind::Hardware, id),
+            false,
+            true,
+        ),
+        (
+            "expired",
+            leaf(now - 7200, now - 3600, true, KeyKind::Hardware, id),
+            false,
+            false,
+        ),
+        (
+            "not yet valid",
+            leaf(now + 3600, now + 7200, true, KeyKind::Hardware, id),
+            false,
+            false,
+        ),
+        (
+            "no serverAuth",
+            leaf(now - 60, now + 3600, false, KeyKind::Hardware, id),
+            false,
+            false,
+        ),
+        (
+            "software key",
+            leaf(now - 60, now + 3600, true, KeyKind::Software, id),
+            false,
+            false,
+        ),
+        (
+            "software key allowed",
+            leaf(now - 60, now + 3600, true, KeyKind::Software, id),
+            true,
+            true,
+        ),
+        (
+            "another agent",
+            leaf(now - 60, now + 3600, true, KeyKind::Hardware, other_id),
+            false,
+            false,
+        ),
+    ];
+    for (name, server, allow_software_keys, want_ok) in cases {
+        let client = rt()
+            .block_on(client_config(
+                &c,
+                &TlsOptions {
+                    agent: Some("alpha".into()),
+                    roots: Some(roots_of(&[&ca_der])),
+                    server_spiffe_id: Some(id.into()),
+                    allow_software_keys,
+                    ..Default::default()
+                },
+            ))
+            .unwrap();
+        let (port, served) = tessera_e2e::tls::serve(server, 1);
+        let answer = tessera_e2e::tls::exchange(Arc::new(client), port, "srv.agent");
+        let served = served.join().unwrap();
+        assert_eq!(
+            answer.is_ok(),
+            want_ok,
+            "{name}: {answer:?} (server: {served:?})"
+        );
+    }
+}
+
+/// A TLS server signs before its client has proved anything, so its signatures have a rate
+/// budget of their own: remote peers cannot spend the budget the agent's tokens live on.
+#[test]
+fn server_signatures_have_their_own_budget() {
+    let d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![(
+                "srv".into(),
+                "[selectors]\nuid = 0\n[policy]\naudiences = [\"https://api.example.com\"]\nrate = 3\ntls_server = true\n".into(),
+            )],
+            ..Default::default()
+        },
+    );
+    let body = |role: &str| {
+        json!({"scheme": "ecdsa_secp256r1_sha256", "role": role,
+               "content": STANDARD.encode(content(role, 32))})
+    };
+    for _ in 0..3 {
+        assert_eq!(sign(&d, &body("server")).0, 200);
+    }
+    let (status, problem) = sign(&d, &body("server"));
+    assert_eq!(status, 429, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("TLS server signatures"),
+        "{problem}"
+    );
+    // The agent's own budget is untouched.
+    rt().block_on(
+        d.client()
+            .token(&tessera::TokenOptions::new("https://api.example.com")),
+    )
+    .expect("a token after the server budget ran out");
+    assert_eq!(sign(&d, &body("client")).0, 200);
 }

@@ -317,6 +317,7 @@ fn software_x509_svids_rotate_and_stop_at_revocation(backend: Backend) {
             "socket": d.workload_socket(),
             "trust_domain": TD,
             "agent_id": agent_id("legacy"),
+            "software_key_oid": tessera::key_policy::SOFTWARE_KEY_OID,
         }),
     );
     assert!(ok, "py-spiffe X.509-SVID checks failed: {out:#}");

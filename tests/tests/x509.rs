@@ -145,8 +145,15 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
     );
     assert!(text.contains("Digital Signature"), "{text}");
     assert!(!text.contains("Non Repudiation"), "{text}");
+    // serverAuth only for agents with tls_server (this one has not).
+    assert!(text.contains("TLS Web Client Authentication\n"), "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+    // The key is the agent's device key, and the certificate says so (README: key policies).
     assert!(
-        text.contains("TLS Web Client Authentication, TLS Web Server Authentication"),
+        text.contains(&format!(
+            "Policy: {}\n",
+            tessera::key_policy::HARDWARE_KEY_OID
+        )),
         "{text}"
     );
     assert!(text.contains("CA:FALSE"), "{text}");
@@ -181,15 +188,12 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
     let jwk_key = tessera::attestation::key_from_jwk(&agent_jwk(&d)).unwrap();
     assert_eq!(cert_key, jwk_key);
 
-    // rustls-webpki agrees about the chain and both usages.
+    // rustls-webpki agrees about the chain and the usage: a TLS client, not a server.
     let ca_der = CertificateDer::from(der_of(&bundle));
     let anchor = webpki::anchor_from_trusted_cert(&ca_der).unwrap();
     let leaf_der = CertificateDer::from(der_of(&certs[0]));
     let ee = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
-    for usage in [
-        webpki::KeyUsage::client_auth(),
-        webpki::KeyUsage::server_auth(),
-    ] {
+    let verify = |usage| {
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             std::slice::from_ref(&anchor),
@@ -199,8 +203,13 @@ fn agent_certificate_checks_out_with_openssl_and_webpki(backend: Backend) {
             None,
             None,
         )
-        .expect("webpki verifies the agent certificate");
-    }
+        .map(|_| ())
+    };
+    verify(webpki::KeyUsage::client_auth()).expect("webpki verifies the agent certificate");
+    assert!(
+        verify(webpki::KeyUsage::server_auth()).is_err(),
+        "no serverAuth without tls_server"
+    );
 
     // Issuance is audited like tokens.
     let serial = parsed.raw_serial_as_string().replace(':', "");
@@ -306,7 +315,8 @@ fn revocation_reaches_the_crl(backend: Backend) {
 
 tessera_e2e::both_backends!(revocation_reaches_the_crl);
 
-/// `tessera host csr`, signed by an openssl test CA, `tessera host install-cert`.
+/// `tessera host csr`, signed by an openssl test CA, `tessera host install-cert`; then keyless
+/// mTLS through the fleet chain.
 #[test]
 fn fleet_ca_csr_round_trip() {
     let bus = TestBus::start(BusPolicy::Shipped);
@@ -314,7 +324,7 @@ fn fleet_ca_csr_round_trip() {
         Backend::pkcs11(),
         Options {
             bus: bus.address.clone(),
-            agents: vec![("bot".into(), agent_toml(0, ""))],
+            agents: vec![("bot".into(), agent_toml(0, "tls_server = true"))],
             ..Default::default()
         },
     );
@@ -622,6 +632,29 @@ fn fleet_ca_csr_round_trip() {
         .audit_records()
         .iter()
         .any(|r| r["event"] == "hostca.certificate_installed"));
+
+    // Keyless mTLS with the fleet CA as the root (the default: it is the bundle now). The
+    // server's client verifier checks the CRL for the client's own certificate only: the host
+    // CA certificate is the fleet CA's to revoke, in a CRL the daemon does not have, and
+    // demanding one would refuse every client.
+    let c = d.client();
+    let server = rt()
+        .block_on(tessera::tls::server_config(&c, &Default::default()))
+        .expect("server config");
+    let (port, served) = tessera_e2e::tls::serve(std::sync::Arc::new(server), 1);
+    let id = "spiffe://test.example/host/testhost/agent/bot";
+    let client = rt()
+        .block_on(tessera::tls::client_config(
+            &c,
+            &tessera::tls::TlsOptions {
+                server_spiffe_id: Some(id.into()),
+                ..Default::default()
+            },
+        ))
+        .expect("client config");
+    let answer = tessera_e2e::tls::exchange(std::sync::Arc::new(client), port, "bot.agent");
+    let served = served.join().unwrap();
+    assert_eq!(answer, Ok(format!("hello {id}\n")), "server saw {served:?}");
 }
 
 /// A crash while the host CA is being made leaves exactly one working CA key.

@@ -250,6 +250,9 @@ pub struct ProofResponse {
 pub struct CertificateOptions {
     pub ttl: Option<String>,
     pub agent: Option<String>,
+    /// Certify the agent's session key (`?key=session`; policy `proof_key = "session"`)
+    /// instead of its hardware identity key.
+    pub session_key: bool,
 }
 
 impl CertificateOptions {
@@ -261,6 +264,12 @@ impl CertificateOptions {
         self.agent = Some(name.into());
         self
     }
+    /// Certify the session key: cheap TLS signatures in memory, a certificate labelled
+    /// `tessera-software-key` that lives no longer than the key.
+    pub fn session_key(mut self) -> Self {
+        self.session_key = true;
+        self
+    }
 
     /// `GET` path of this certificate request.
     pub(crate) fn path(&self) -> String {
@@ -270,6 +279,9 @@ impl CertificateOptions {
         }
         if let Some(a) = &self.agent {
             q.push(format!("agent={}", query_value(a)));
+        }
+        if self.session_key {
+            q.push("key=session".to_string());
         }
         if q.is_empty() {
             "/v1/certificate".to_string()

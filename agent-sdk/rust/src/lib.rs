@@ -7,6 +7,7 @@
 //!   WIMSE WIT+WPT pairs and RFC 9421 signatures.
 //! - `reqwest` (feature `reqwest`): send a request with a DPoP-bound token and a fresh proof.
 //! - [`attestation`]: check key attestation evidence (the agent key was made inside a TPM).
+//! - [`key_policy`]: whether a tessera certificate certifies a hardware or a software key.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tessera::Error> {
@@ -19,6 +20,7 @@
 pub mod attestation;
 mod client;
 mod error;
+pub mod key_policy;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 #[cfg(feature = "rustls")]

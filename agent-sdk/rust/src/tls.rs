@@ -7,6 +7,10 @@
 //!   the agent's certificate, renewed at half-life; the server verifies clients against the
 //!   host CA (or given roots) and the daemon's CRL, re-fetched every [`CRL_REFRESH`].
 //! - [`peer_spiffe_id`]: the SPIFFE ID (URI SAN) of the peer's certificate.
+//! - Agent peers must present a certificate labelled `tessera-hardware-key`
+//!   ([`crate::key_policy`]) unless [`TlsOptions::allow_software_keys`]; an agent whose policy
+//!   has `proof_key = "session"` may present its session key instead
+//!   ([`TlsOptions::session_key`]), signed in memory.
 //!
 //! The signer makes a blocking call over the agent socket (inside a multi-threaded tokio
 //! runtime it steps aside with `block_in_place`); a handshake costs one device signature.
@@ -67,6 +71,12 @@ pub struct TlsOptions {
     /// Client side: the server is another agent, known by its SPIFFE ID (the URI SAN of its
     /// certificate) rather than a DNS name; the chain is still checked against `roots`.
     pub server_spiffe_id: Option<String>,
+    /// Present a certificate for the agent's session key (policy `proof_key = "session"`):
+    /// signatures are made in memory, not in the device. Peers see `tessera-software-key`.
+    pub session_key: bool,
+    /// Accept agent peers whose certificate says `tessera-software-key` (session keys,
+    /// software SVIDs). By default an agent peer must present a hardware key's certificate.
+    pub allow_software_keys: bool,
 }
 
 /// The ring provider with TLS 1.3 only.
@@ -102,6 +112,7 @@ pub async fn client_config_and_resolver(
             .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
                 roots,
                 id: id.clone(),
+                allow_software_keys: opts.allow_software_keys,
             }))
             .with_client_cert_resolver(resolver),
     };
@@ -111,12 +122,38 @@ pub async fn client_config_and_resolver(
     Ok((config, presented))
 }
 
-/// An agent as TLS server: the chain must lead to `roots` (serverAuth), and the certificate's
-/// SPIFFE ID must be `id`; the DNS name the client dialled plays no part.
+/// An agent as TLS server: the chain must lead to `roots` (serverAuth), the certificate's
+/// SPIFFE ID must be `id`, and its key a hardware key (unless software keys are allowed); the
+/// DNS name the client dialled plays no part.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: RootCertStore,
     id: String,
+    allow_software_keys: bool,
+}
+
+/// The peer's certificate must say `tessera-hardware-key`, unless software keys are allowed.
+fn check_key_kind(
+    end_entity: &CertificateDer<'_>,
+    allow_software: bool,
+) -> Result<(), rustls::Error> {
+    use crate::key_policy::{key_kind, KeyKind};
+    match key_kind(end_entity.as_ref()) {
+        Some(KeyKind::Hardware) => Ok(()),
+        Some(KeyKind::Software) if allow_software => Ok(()),
+        kind => Err(rustls::Error::General(format!(
+            "the peer's certificate is {} (tessera-hardware-key required{})",
+            match kind {
+                Some(_) => "for a software key",
+                None => "not labelled with a tessera key policy",
+            },
+            if allow_software {
+                ""
+            } else {
+                "; allow_software_keys accepts session and software keys"
+            }
+        ))),
+    }
 }
 
 impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
@@ -138,6 +175,7 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
         )?;
         match peer_spiffe_id(std::slice::from_ref(end_entity)) {
             Some(id) if id == self.id => {
+                check_key_kind(end_entity, self.allow_software_keys)?;
                 Ok(rustls::client::danger::ServerCertVerified::assertion())
             }
             other => Err(rustls::Error::General(format!(
@@ -179,13 +217,18 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
 
 /// A server config presenting the agent's certificate (its policy needs `tls_server = true`)
 /// and requiring client certificates from the given roots (default: the host CA), checked
-/// against the daemon's CRL.
+/// against the daemon's CRL, for hardware keys (unless `allow_software_keys`).
 pub async fn server_config(agent: &Client, opts: &TlsOptions) -> Result<ServerConfig, TlsError> {
     let roots = match &opts.roots {
         Some(r) => r.clone(),
         None => roots_from_pem(&agent.bundle().await?)?,
     };
-    let verifier = CrlRefreshingVerifier::new(agent, Arc::new(roots), agent.crl().await?)?;
+    let verifier = CrlRefreshingVerifier::new(
+        agent,
+        Arc::new(roots),
+        agent.crl().await?,
+        opts.allow_software_keys,
+    )?;
     let resolver = AgentCertResolver::fetch(agent, opts).await?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -302,11 +345,13 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, Error> {
     }
 }
 
-/// The agent's key, as rustls sees it: P-256, signed by the daemon.
+/// The agent's key, as rustls sees it: P-256, signed by the daemon with the key of the
+/// certificate `x5t` names.
 #[derive(Debug)]
 struct AgentKey {
     socket: PathBuf,
     agent: Option<String>,
+    x5t: String,
 }
 
 impl SigningKey for AgentKey {
@@ -317,6 +362,7 @@ impl SigningKey for AgentKey {
                 Box::new(AgentSigner {
                     socket: self.socket.clone(),
                     agent: self.agent.clone(),
+                    x5t: self.x5t.clone(),
                 }) as Box<dyn Signer>
             })
     }
@@ -330,6 +376,7 @@ impl SigningKey for AgentKey {
 struct AgentSigner {
     socket: PathBuf,
     agent: Option<String>,
+    x5t: String,
 }
 
 impl Signer for AgentSigner {
@@ -342,6 +389,7 @@ impl Signer for AgentSigner {
         let body = serde_json::json!({
             "scheme": "ecdsa_secp256r1_sha256", "role": role,
             "content": STANDARD.encode(message), "agent": self.agent,
+            "x5t#S256": self.x5t,
         })
         .to_string();
         let (_, answer) = blocking(|| call(&self.socket, "POST", "/v1/tls/sign", Some(&body)))
@@ -390,6 +438,9 @@ impl AgentCertResolver {
         if let Some(t) = opts.cert_ttl {
             request = request.ttl(t);
         }
+        if opts.session_key {
+            request = request.session_key();
+        }
         let pem = agent.certificate(&request).await?;
         let current = Self::load(agent.socket().to_path_buf(), request.agent.clone(), &pem)?;
         Ok(Arc::new(AgentCertResolver {
@@ -412,9 +463,10 @@ impl AgentCertResolver {
         let v = &cert.tbs_certificate.validity;
         let (nb, na) = (v.not_before.to_system_time(), v.not_after.to_system_time());
         let life = na.duration_since(nb).unwrap_or_default();
+        let x5t = crate::verify::x5t_s256(leaf.as_ref());
         let key = Arc::new(CertifiedKey::new(
             chain,
-            Arc::new(AgentKey { socket, agent }),
+            Arc::new(AgentKey { socket, agent, x5t }),
         ));
         Ok(Current {
             key,
@@ -507,6 +559,7 @@ struct CrlRefreshingVerifier {
     socket: PathBuf,
     roots: Arc<RootCertStore>,
     inner: Mutex<CrlState>,
+    allow_software_keys: bool,
 }
 
 #[derive(Debug)]
@@ -518,11 +571,17 @@ struct CrlState {
 }
 
 impl CrlRefreshingVerifier {
-    fn new(agent: &Client, roots: Arc<RootCertStore>, crl_pem: String) -> Result<Self, TlsError> {
+    fn new(
+        agent: &Client,
+        roots: Arc<RootCertStore>,
+        crl_pem: String,
+        allow_software_keys: bool,
+    ) -> Result<Self, TlsError> {
         let verifier = Self::build(&roots, &crl_pem)?;
         Ok(CrlRefreshingVerifier {
             socket: agent.socket().to_path_buf(),
             roots,
+            allow_software_keys,
             inner: Mutex::new(CrlState {
                 verifier,
                 next: Instant::now() + CRL_REFRESH,
@@ -601,8 +660,11 @@ impl ClientCertVerifier for CrlRefreshingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verifier()?
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .verifier()?
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_key_kind(end_entity, self.allow_software_keys)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

@@ -21,14 +21,53 @@ use tessera::attestation::key_from_jwk;
 pub(crate) enum KeyKind {
     /// The agent's device key.
     Hardware,
+    /// The agent's in-memory session key (`?key=session`, policy `proof_key = "session"`).
+    Session,
     /// A key the daemon made in software and handed out (Workload API X.509-SVIDs).
     Software,
+}
+
+impl KeyKind {
+    fn policy(self) -> tessera::key_policy::KeyKind {
+        match self {
+            KeyKind::Hardware => tessera::key_policy::KeyKind::Hardware,
+            KeyKind::Session | KeyKind::Software => tessera::key_policy::KeyKind::Software,
+        }
+    }
+}
+
+/// Certificates issued for session keys, by `x5t#S256`: the key signs for its certificate
+/// while both live. Memory only, like the keys: after a restart they are gone together.
+#[derive(Default)]
+pub(crate) struct SessionCerts {
+    by_x5t: std::collections::HashMap<String, SessionCert>,
+}
+
+#[derive(Clone)]
+pub(crate) struct SessionCert {
+    pub agent_row: i64,
+    /// Thumbprint of the session key.
+    pub kid: String,
+    pub not_after: i64,
+}
+
+impl SessionCerts {
+    fn insert(&mut self, x5t: String, cert: SessionCert, now: i64) {
+        self.by_x5t.retain(|_, c| c.not_after > now);
+        self.by_x5t.insert(x5t, cert);
+    }
+
+    pub fn get(&self, x5t: &str, now: i64) -> Option<SessionCert> {
+        self.by_x5t.get(x5t).filter(|c| c.not_after > now).cloned()
+    }
 }
 
 /// A certificate just issued, with the CA that signed it.
 pub(crate) struct Certified {
     pub cert: x509_cert::Certificate,
     pub der: Vec<u8>,
+    /// `x5t#S256` of `der`.
+    pub x5t: String,
     pub not_before: i64,
     pub not_after: i64,
     pub ca: std::sync::Arc<crate::credentials::hostca::HostCa>,
@@ -48,6 +87,12 @@ pub(crate) fn hostca_problem(e: HostCaError) -> Problem {
             Problem::new(Kind::Internal, other.to_string())
         }
     }
+}
+
+fn chain_pem(c: &Certified) -> Result<String, Problem> {
+    let mut pem = x509::to_pem(&c.cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
+    pem.push_str(&c.ca.chain_pem);
+    Ok(pem)
 }
 
 impl Credentials {
@@ -92,18 +137,28 @@ impl Credentials {
         self.check_rate(agent, &self.settings())
     }
 
-    /// A short-lived X.509 certificate for the caller's hardware key, signed by the host CA:
-    /// PEM, the agent certificate, then the host CA (and intermediates).
+    /// A short-lived X.509 certificate signed by the host CA for the caller's hardware key, or
+    /// with `key = "session"` for its current session key: PEM, the agent certificate, then
+    /// the host CA (and intermediates).
     pub async fn issue_certificate(
         &self,
         caller: &Caller,
         wanted: Option<&str>,
         ttl: Option<&str>,
+        key: Option<&str>,
     ) -> Result<String, Problem> {
-        let summary = json!({"credential": "certificate", "agent": wanted, "ttl": ttl});
+        let summary = json!({"credential": "certificate", "agent": wanted, "ttl": ttl, "key": key});
         let agent = match self.match_agent(caller, wanted) {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
+        };
+        let session = match key {
+            None | Some("identity") => false,
+            Some("session") => true,
+            Some(_) => {
+                let p = Problem::new(Kind::MalformedRequest, "key is \"identity\" or \"session\"");
+                return Err(self.deny(caller, Some(&agent), p, summary).await);
+            }
         };
         let ttl = match self
             .cert_ttl(&agent, ttl)
@@ -112,6 +167,11 @@ impl Credentials {
             Ok(t) => t,
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
+        if session {
+            return self
+                .issue_session_certificate(caller, &agent, ttl, summary)
+                .await;
+        }
         // The public key the device gave at enrolment, kept in the registry as the agent's JWK
         // (no device round trip per certificate).
         let key = agent
@@ -130,10 +190,62 @@ impl Credentials {
                 json!({"kid": agent.kid}),
             )
             .await?;
-        let mut chain_pem =
-            x509::to_pem(&c.cert).map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
-        chain_pem.push_str(&c.ca.chain_pem);
-        Ok(chain_pem)
+        chain_pem(&c)
+    }
+
+    /// `?key=session`: the session key is made or rotated as for a bound token, and the
+    /// certificate ends no later than the key.
+    async fn issue_session_certificate(
+        &self,
+        caller: &Caller,
+        agent: &Agent,
+        ttl: Duration,
+        summary: serde_json::Value,
+    ) -> Result<String, Problem> {
+        if agent.policy.proof_key.as_deref() != Some("session") {
+            let p = Problem::new(
+                Kind::MalformedRequest,
+                format!(
+                    "agent {} has no session key (its policy does not say proof_key = \"session\")",
+                    agent.name
+                ),
+            );
+            return Err(self.deny(caller, Some(agent), p, summary).await);
+        }
+        let crate::credentials::proof::ProofKey::Session(key) = self.proof_key_for_new(agent)?
+        else {
+            return Err(Problem::new(
+                Kind::Internal,
+                "policy session key is not a session key",
+            ));
+        };
+        let now = x509::now_unix();
+        let ttl = ttl.min(Duration::from_secs(
+            key.expires.saturating_sub(now).max(0) as u64
+        ));
+        let c = self
+            .certify(
+                caller,
+                agent,
+                &key.verifying_key(),
+                ttl,
+                KeyKind::Session,
+                json!({"key": "session", "proof_kid": key.kid}),
+            )
+            .await?;
+        self.session_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                c.x5t.clone(),
+                SessionCert {
+                    agent_row: agent.row,
+                    kid: key.kid.clone(),
+                    not_after: c.not_after,
+                },
+                now,
+            );
+        chain_pem(&c)
     }
 
     /// Certify `key` for `agent` with the host CA for `ttl` (cut at the CA's end), record the
@@ -166,6 +278,8 @@ impl Credentials {
             key,
             not_before: now,
             not_after,
+            server_auth: agent.policy.tls_server,
+            key_kind: kind.policy(),
         })
         .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
         let serial = x509::serial_hex(&tbs.serial_number);
@@ -178,8 +292,9 @@ impl Credentials {
             .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
         let x5t = tessera::verify::x5t_s256(&der);
         // Recorded only while the agent is live, so a racing revocation's CRL includes it. A
-        // software key's certificate is on the CRL like any other, but no bound token or TLS
-        // signature may name it: the daemon does not hold that key.
+        // software or session key's certificate is on the CRL like any other, but is not named
+        // in the registry: the daemon does not hold a software key, and a session key's
+        // certificate is known in memory only, where the key is.
         let named = (kind == KeyKind::Hardware).then_some(x5t.as_str());
         match self
             .agents
@@ -213,10 +328,32 @@ impl Credentials {
         Ok(Certified {
             cert,
             der,
+            x5t,
             not_before: now,
             not_after,
             ca,
         })
+    }
+
+    /// A session-key certificate this agent may sign TLS with: issued to it, unexpired, its
+    /// key still live.
+    pub(crate) fn session_certificate(
+        &self,
+        agent: &Agent,
+        x5t: &str,
+    ) -> Option<(
+        SessionCert,
+        std::sync::Arc<crate::keystore::session::SessionKey>,
+    )> {
+        let now = x509::now_unix();
+        let cert = self
+            .session_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(x5t, now)
+            .filter(|c| c.agent_row == agent.row)?;
+        let key = self.keystore.sessions().find(agent.row, &cert.kid, now)?;
+        Some((cert, key))
     }
 
     pub fn bundle_pem(&self) -> Result<String, Problem> {

@@ -67,6 +67,8 @@ pub struct Credentials {
     hashing: Mutex<HashMap<u32, Arc<tokio::sync::Semaphore>>>,
     /// `ath` of the DPoP-bound tokens issued and not yet expired (for the bare-`ath` rule).
     bound: Mutex<proof::BoundTokens>,
+    /// Certificates of session keys (`?key=session`), by `x5t#S256`.
+    session_certs: Mutex<certificate::SessionCerts>,
     /// `<state>/audit`: where the checkpoint file goes.
     audit_dir: PathBuf,
     /// The seq of the newest signed checkpoint; also serialises signing them.
@@ -75,6 +77,11 @@ pub struct Credentials {
     changes: tokio::sync::watch::Sender<u64>,
     /// Credentials issued per minute over the last hour (for `Status()`).
     activity: status::Activity,
+}
+
+/// The rate bucket of an agent's TLS server signatures (key ids hold no `#`).
+fn server_bucket(key_id: &str) -> String {
+    format!("{key_id}#tls-server")
 }
 
 /// Refusals over the audit budget, counted per uid.
@@ -243,6 +250,7 @@ impl Credentials {
             refusals: Mutex::new(Refusals::default()),
             hashing: Mutex::new(HashMap::new()),
             bound: Mutex::new(proof::BoundTokens::default()),
+            session_certs: Mutex::new(certificate::SessionCerts::default()),
             audit_dir: state_dir.join("audit"),
             checkpointed: tokio::sync::Mutex::new(crate::audit::Head {
                 seq: 0,
@@ -790,6 +798,9 @@ impl Credentials {
                     "\"bind\": \"mtls\" needs \"x5t#S256\": the base64url SHA-256 of the certificate",
                 )
             })?;
+        if let Some((cert, _)) = self.session_certificate(agent, x5t) {
+            return Ok((x5t.to_string(), cert.not_after));
+        }
         let found = self
             .agents
             .certificate_by_thumbprint(x5t)
@@ -801,7 +812,7 @@ impl Credentials {
             _ => Err(Problem::new(
                 Kind::TokenNotAccepted,
                 format!(
-                    "x5t#S256 names no unexpired certificate issued to agent {}",
+                    "x5t#S256 names no unexpired certificate issued to agent {} (or its session key has expired)",
                     agent.name
                 ),
             )),
@@ -860,12 +871,34 @@ impl Credentials {
 
     /// One per-agent budget for every credential it is issued (tokens, certificates, evidence).
     pub(crate) fn check_rate(&self, agent: &Agent, cfg: &Settings) -> Result<(), Problem> {
+        self.check_budget(agent, cfg, &agent.key_id, "credentials")
+    }
+
+    /// TLS server signatures have a budget of their own, of the same size: a server signs
+    /// before its client has proved anything, so remote peers must not be able to spend the
+    /// budget the agent's tokens and proofs live on.
+    pub(crate) fn check_server_rate(&self, agent: &Agent, cfg: &Settings) -> Result<(), Problem> {
+        self.check_budget(
+            agent,
+            cfg,
+            &server_bucket(&agent.key_id),
+            "TLS server signatures",
+        )
+    }
+
+    fn check_budget(
+        &self,
+        agent: &Agent,
+        cfg: &Settings,
+        bucket: &str,
+        what: &str,
+    ) -> Result<(), Problem> {
         let rate = agent.policy.rate.unwrap_or(cfg.default_rate);
         let mut rl = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(wait) = rl.check(&agent.key_id, rate, Instant::now()) {
+        if let Err(wait) = rl.check(bucket, rate, Instant::now()) {
             return Err(Problem::new(
                 Kind::RateLimited,
-                format!("agent {} may get {rate} credentials per minute", agent.name),
+                format!("agent {} may get {rate} {what} per minute", agent.name),
             )
             .retry_after(wait.as_secs_f64().ceil() as u64));
         }
@@ -922,10 +955,9 @@ impl Credentials {
     }
 
     pub(crate) fn forget_rate(&self, key_id: &str) {
-        self.rate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .forget(key_id);
+        let mut rl = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        rl.forget(key_id);
+        rl.forget(&server_bucket(key_id));
     }
 
     /// RFC 7517 key set of every live agent key (a revoked key is gone at once).

@@ -2,8 +2,9 @@
 //! agent's key, its CertificateVerify (RFC 8446 §4.4.3). The daemon signs exactly that content —
 //! 64 spaces, the context string of the caller's role, 0x00, a SHA-256 or SHA-384 transcript
 //! hash — and nothing else: no TLS 1.2 (its signed data names no protocol), no JWT signing input,
-//! no DER. It hashes the content itself and signs with the agent's device key, for the
-//! kernel-identified caller only, audited (`tls.signed`) before the signature leaves.
+//! no DER. It hashes the content itself and signs with the agent's device key (or the session
+//! key a `?key=session` certificate names), for the kernel-identified caller only, audited
+//! (`tls.signed`) before the signature leaves. Server-role signatures have their own rate budget.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -33,7 +34,8 @@ pub struct TlsSignRequest {
     #[serde(default)]
     pub agent: Option<String>,
     /// The certificate presented (base64url SHA-256 of its DER): it must be an unexpired one
-    /// the daemon issued to this agent; its key (the identity key) signs.
+    /// the daemon issued to this agent; its key signs (the session key for a `?key=session`
+    /// certificate, else the identity key).
     #[serde(default, rename = "x5t#S256")]
     pub x5t_s256: Option<String>,
 }
@@ -108,18 +110,43 @@ impl Credentials {
                     ),
                 ));
             }
-            if let Some(x5t) = req.x5t_s256.as_deref() {
-                self.bound_certificate(&agent, Some(x5t))?;
+            // The certificate named picks the key: a session key's certificate signs with
+            // that session key, any other with the identity key.
+            let session = match req.x5t_s256.as_deref() {
+                Some(x5t) => match self.session_certificate(&agent, x5t) {
+                    Some((_, key)) => Some(key),
+                    None => {
+                        self.bound_certificate(&agent, Some(x5t))?;
+                        None
+                    }
+                },
+                None => None,
+            };
+            crate::credentials::check_not_suspended(&agent)?;
+            let cfg = self.settings();
+            if req.role == "server" {
+                self.check_server_rate(&agent, &cfg)?;
+            } else {
+                self.check_rate(&agent, &cfg)?;
             }
-            self.may_issue(&agent)?;
-            Ok((content, hash_len))
+            Ok((content, hash_len, session))
         })();
-        let (content, hash_len) = match checked {
+        let (content, hash_len, session) = match checked {
             Ok(c) => c,
             Err(p) => return Err(self.deny(caller, Some(&agent), p, summary).await),
         };
         let digest: [u8; 32] = Sha256::digest(&content).into();
-        let sig = match self.issuer.tls_certificate_verify(&agent, digest).await {
+        let signed = match &session {
+            Some(key) => key
+                .sign(&digest)
+                .map(|s| s.to_der().as_bytes().to_vec())
+                .ok_or(crate::keystore::KeyStoreError::Device {
+                    op: "session key sign",
+                    detail: "ECDSA signing failed".into(),
+                }),
+            None => self.issuer.tls_certificate_verify(&agent, digest).await,
+        };
+        let sig = match signed {
             Ok(s) => s,
             Err(e) => return Err(self.signing_problem(&agent, e)),
         };
@@ -132,6 +159,7 @@ impl Credentials {
                 "transcript_hash_len": hash_len,
                 "content_sha256": hex::encode(digest),
                 "x5t#S256": req.x5t_s256,
+                "key": if session.is_some() { "session" } else { "identity" },
             }));
         self.release(caller, &agent, ev, "TLS signature").await?;
         self.count_issued(&agent, "tls-signature", at);

@@ -169,10 +169,15 @@ pub struct AgentCertSpec<'a> {
     pub key: &'a VerifyingKey,
     pub not_before: i64,
     pub not_after: i64,
+    /// Policy `tls_server`: only then does the certificate carry serverAuth.
+    pub server_auth: bool,
+    /// Where the key lives, stated as a certificate policy.
+    pub key_kind: tessera::key_policy::KeyKind,
 }
 
 /// An agent certificate (SPIFFE X509-SVID shape): not a CA, digitalSignature only,
-/// clientAuth + serverAuth, URI SAN = SPIFFE ID, random serial.
+/// clientAuth (+ serverAuth for TLS server agents), the key-kind certificate policy, URI SAN =
+/// SPIFFE ID, random serial.
 pub fn agent_tbs(spec: &AgentCertSpec<'_>) -> Result<TbsCertificate, X509Error> {
     let subject = cn_name(spec.agent_name)?;
     let spki = spki_of(spec.key)?;
@@ -191,9 +196,19 @@ pub fn agent_tbs(spec: &AgentCertSpec<'_>) -> Result<TbsCertificate, X509Error> 
             // Not critical (x509-cert would mark it so): the usual profile for TLS clients.
             critical: false,
             ..ext(
-                &ExtendedKeyUsage(vec![rfc5280::ID_KP_CLIENT_AUTH, rfc5280::ID_KP_SERVER_AUTH]),
+                &ExtendedKeyUsage(if spec.server_auth {
+                    vec![rfc5280::ID_KP_CLIENT_AUTH, rfc5280::ID_KP_SERVER_AUTH]
+                } else {
+                    vec![rfc5280::ID_KP_CLIENT_AUTH]
+                }),
                 &subject,
             )?
+        },
+        Extension {
+            // Built by hand: the OIDs' UUID arc does not fit const-oid's 32-bit arcs.
+            extn_id: rfc5280::ID_CE_CERTIFICATE_POLICIES,
+            critical: false,
+            extn_value: OctetString::new(spec.key_kind.extension_value())?,
         },
         ext(
             &SubjectAltName(vec![GeneralName::UniformResourceIdentifier(uri)]),
@@ -381,6 +396,8 @@ mod tests {
             key: leaf_sk.verifying_key(),
             not_before: now,
             not_after: now + 600,
+            server_auth: false,
+            key_kind: tessera::key_policy::KeyKind::Hardware,
         })
         .unwrap();
         let (_, d) = to_be_signed(&tbs).unwrap();
@@ -394,6 +411,58 @@ mod tests {
         assert!(ca_p.is_ca());
         assert!(!leaf_p.is_ca());
         assert_eq!(cert_p256_key(&leaf).unwrap(), *leaf_sk.verifying_key());
+        // clientAuth only (no tls_server), and the hardware-key policy.
+        let eku = leaf_p.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let policies = leaf_p
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::CertificatePolicies(p) => Some(p),
+                _ => None,
+            })
+            .expect("a certificate policies extension x509-parser can read")
+            .iter()
+            .map(|p| hex::encode(p.policy_id.as_bytes()))
+            .collect::<Vec<_>>();
+        // What `openssl asn1parse -genstr OID:<HARDWARE_KEY_OID>` encodes, after tag and length.
+        assert_eq!(
+            policies,
+            vec!["6982a7fdd397d2dd8ab58398ab80c8bfeca18f4d01"],
+            "{}",
+            tessera::key_policy::HARDWARE_KEY_OID
+        );
+        assert_eq!(
+            tessera::key_policy::key_kind(&leaf_der),
+            Some(tessera::key_policy::KeyKind::Hardware)
+        );
+        assert_eq!(tessera::key_policy::key_kind(&ca_der), None);
+
+        // A TLS server's software-key certificate.
+        let tbs = agent_tbs(&AgentCertSpec {
+            issuer: &ca_name,
+            issuer_key_id: &kid,
+            agent_name: "bot",
+            spiffe_id: "spiffe://example.org/host/h/agent/bot",
+            key: leaf_sk.verifying_key(),
+            not_before: now,
+            not_after: now + 600,
+            server_auth: true,
+            key_kind: tessera::key_policy::KeyKind::Software,
+        })
+        .unwrap();
+        let (_, d) = to_be_signed(&tbs).unwrap();
+        let der = assemble_certificate(tbs, &sign(&ca_sk, &d))
+            .unwrap()
+            .to_der()
+            .unwrap();
+        let (_, p) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        let eku = p.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && eku.server_auth);
+        assert_eq!(
+            tessera::key_policy::key_kind(&der),
+            Some(tessera::key_policy::KeyKind::Software)
+        );
     }
 
     #[test]

@@ -164,6 +164,7 @@ async fn route(
                     &caller,
                     query_param(&req, "agent").as_deref(),
                     query_param(&req, "ttl").as_deref(),
+                    query_param(&req, "key").as_deref(),
                 )
                 .await?;
             Ok(pem_response("application/pem-certificate-chain", chain))

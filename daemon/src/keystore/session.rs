@@ -44,6 +44,10 @@ impl SessionKey {
         })
     }
 
+    pub fn verifying_key(&self) -> p256::ecdsa::VerifyingKey {
+        *self.secret.key().verifying_key()
+    }
+
     /// ES256 over a digest the daemon computed of a structure it built.
     pub fn sign(&self, digest: &[u8; 32]) -> Option<Signature> {
         self.secret.key().sign_prehash(digest).ok()

@@ -10,14 +10,8 @@ use tessera::{CertificateOptions, Client};
 
 use crate::{client_error, print_json, EXIT_UNVERIFIED};
 
-pub async fn cert(
-    client: &Client,
-    ttl: Option<String>,
-    agent: Option<String>,
-    as_json: bool,
-) -> ExitCode {
-    let opts = CertificateOptions { ttl, agent };
-    match client.certificate(&opts).await {
+pub async fn cert(client: &Client, opts: &CertificateOptions, as_json: bool) -> ExitCode {
+    match client.certificate(opts).await {
         Ok(pem) if as_json => {
             print_json(&json!({"chain": pem}));
             ExitCode::SUCCESS

@@ -130,6 +130,10 @@ enum Cmd {
         ttl: Option<String>,
         #[arg(long)]
         agent: Option<String>,
+        /// Certify the agent's session key (policy proof_key = "session"), not its hardware
+        /// key; the certificate ends with the key.
+        #[arg(long)]
+        session_key: bool,
     },
     /// Print the host CA certificate relying parties trust (PEM).
     Bundle,
@@ -667,7 +671,18 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Cmd::Cert { ttl, agent } => certs::cert(&client, ttl, agent, cli.json).await,
+        Cmd::Cert {
+            ttl,
+            agent,
+            session_key,
+        } => {
+            let opts = tessera::CertificateOptions {
+                ttl,
+                agent,
+                session_key,
+            };
+            certs::cert(&client, &opts, cli.json).await
+        }
         Cmd::Bundle => certs::text(&client, "bundle", cli.json).await,
         Cmd::Crl => certs::text(&client, "crl", cli.json).await,
         Cmd::Attest { nonce, agent } => certs::attest(&client, &nonce, agent).await,

@@ -258,36 +258,56 @@ fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
 }
 
 /// Bind `path` in a directory only this user can enter (made 0700 if missing; an existing one
-/// must be ours and 0700), the socket itself 0600.
+/// must be ours and 0700), the socket itself 0600. The directory is opened once and checked
+/// through that descriptor; the socket is bound, replaced and chmod'ed relative to it
+/// (`/proc/self/fd/N/NAME`), so swapping a path component afterwards changes nothing.
 fn unix_listener(path: &Path) -> Result<UnixListener, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .ok_or("--listen needs a directory part")?;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or("--listen needs a file name after the directory")?;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
     }
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(format!(
+    let not_private = || {
+        format!(
             "{} must be a directory of this user with mode 0700 (whoever can reach the socket acts as the agent)",
             dir.display()
-        ));
+        )
+    };
+    // O_NOFOLLOW: a symlink in the directory's place is refused, not followed.
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| format!("{}: {e} ({})", dir.display(), not_private()))?;
+    let meta = d
+        .metadata()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(not_private());
+    }
+    let at = PathBuf::from(format!("/proc/self/fd/{}", d.as_raw_fd())).join(name);
+    if at.as_os_str().len() >= 108 {
+        return Err(format!("{}: the socket name is too long", path.display()));
     }
     // A socket left by an earlier run is replaced; anything else at the path is not ours.
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(&at) {
         if !m.file_type().is_socket() {
             return Err(format!("{} exists and is not a socket", path.display()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::remove_file(&at).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let l =
+        UnixListener::bind(&at).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(l)
 }
