@@ -702,7 +702,7 @@ fn tls_rows(n: usize) {
             Options {
                 agents: vec![(
                     "bench".into(),
-                    format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\n"),
+                    format!("[selectors]\nuid = 0\n[policy]\naudiences = [\"{AUD}\"]\nrate = 100000000\nproof_key = \"session\"\nsession_key_ttl = \"1h\"\n"),
                 )],
                 ..Default::default()
             },
@@ -746,6 +746,19 @@ fn tls_rows(n: usize) {
             ))
             .unwrap(),
         );
+        // The same agent presenting its session key (`?key=session`): signed by the daemon in
+        // memory, one device signature per key rotation.
+        let session = Arc::new(
+            rt.block_on(tessera::tls::client_config(
+                &d.client(),
+                &tessera::tls::TlsOptions {
+                    roots: Some(srv_roots.clone()),
+                    session_key: true,
+                    ..Default::default()
+                },
+            ))
+            .unwrap(),
+        );
         let mut software = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -760,6 +773,10 @@ fn tls_rows(n: usize) {
                 (
                     "TLS 1.3 mTLS handshake, key in device (daemon signs)",
                     &hardware,
+                ),
+                (
+                    "TLS 1.3 mTLS handshake, session key (daemon signs in memory)",
+                    &session,
                 ),
                 ("TLS 1.3 mTLS handshake, software key in-process", &software),
             ] {

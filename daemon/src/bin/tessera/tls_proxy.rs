@@ -46,6 +46,12 @@ pub struct ProxyArgs {
     /// The upstream is an agent: check its certificate's SPIFFE ID instead of HOST.
     #[arg(long, value_name = "ID")]
     pub upstream_spiffe_id: Option<String>,
+    /// Accept an agent upstream (--upstream-spiffe-id) whose certificate is for a software key.
+    #[arg(long)]
+    pub allow_software_keys: bool,
+    /// Present the agent's session key (policy proof_key = "session"), signed in memory.
+    #[arg(long)]
+    pub session_key: bool,
     #[arg(long)]
     pub agent: Option<String>,
 }
@@ -122,6 +128,8 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
         agent: Some(me.name.clone()),
         roots: Some(roots),
         server_spiffe_id: a.upstream_spiffe_id.clone(),
+        session_key: a.session_key,
+        allow_software_keys: a.allow_software_keys,
         ..Default::default()
     };
     let connector = match client_config(client, &opts).await {
