@@ -780,7 +780,7 @@ fn leaf_der(pem: &str) -> Vec<u8> {
 /// when told to accept software keys; a bound token can name it; revocation ends it.
 fn session_key_certificates_sign_in_memory(backend: Backend) {
     let policy = "[policy]\naudiences = [\"https://api.example.com\"]\nrate = 100000\n";
-    let d = Daemon::start_with(
+    let mut d = Daemon::start_with(
         backend,
         Options {
             agents: vec![
@@ -896,13 +896,22 @@ fn session_key_certificates_sign_in_memory(backend: Backend) {
             },
         ))
         .unwrap();
-    let page = https_get(Arc::new(session_client), port, "localhost").expect("handshake");
+    let session_client = Arc::new(session_client);
+    let page = https_get(session_client.clone(), port, "localhost").expect("handshake");
     assert!(page.contains("Client certificate"), "{page}");
     let x5t = presented.x5t_s256().unwrap();
     let signed = tls_signed(&d);
     let last = signed.last().unwrap();
     assert_eq!(last["agent"]["name"], "sess");
     assert_eq!(last["details"]["key"], "session", "{last}");
+    let session_kid = serde_json::from_value::<jsonwebtoken::jwk::Jwk>(wit_jwk.clone())
+        .unwrap()
+        .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256);
+    assert_eq!(
+        last["details"]["kid"],
+        session_kid.as_str(),
+        "the session key's id"
+    );
     assert_eq!(last["details"]["x5t#S256"], x5t.as_str());
 
     // An agent server (hardware key, SDK defaults) refuses a software key; told to accept
@@ -994,15 +1003,77 @@ fn session_key_certificates_sign_in_memory(backend: Backend) {
         "{claims}"
     );
 
-    // Revoked: the session key is gone, and with it the signatures for its certificate.
-    let content_b64 = STANDARD.encode(content("client", 32));
-    let body = json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client",
-                      "content": content_b64, "agent": "sess", "x5t#S256": x5t});
-    assert_eq!(sign(&d, &body).0, 200, "signs while live");
-    std::fs::remove_file(d.agents_dir().join("sess.toml")).unwrap();
-    d.reload();
-    let (status, problem) = sign(&d, &body);
+    // Only the agent the certificate was issued to signs with its key.
+    let sign_as = |d: &Daemon, agent: &str, x5t: &str| {
+        sign(
+            d,
+            &json!({"scheme": "ecdsa_secp256r1_sha256", "role": "client",
+                    "content": STANDARD.encode(content("client", 32)),
+                    "agent": agent, "x5t#S256": x5t}),
+        )
+    };
+    assert_eq!(sign_as(&d, "sess", &x5t).0, 200, "signs while live");
+    let (status, problem) = sign_as(&d, "hw", &x5t);
     assert_eq!(status, 403, "{problem}");
+    assert_eq!(problem["type"], "urn:tessera:problem:token-not-accepted");
+
+    // A restart ends the session key and its certificates; the SDK's next handshake is
+    // refused, and the one after it presents a new certificate.
+    let server = rt
+        .block_on(server_config(
+            &c,
+            &TlsOptions {
+                agent: Some("hw".into()),
+                allow_software_keys: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 3);
+    let (to_hw, resolver) = rt
+        .block_on(client_config_and_resolver(
+            &c,
+            &TlsOptions {
+                agent: Some("sess".into()),
+                roots: Some(host_roots()),
+                server_spiffe_id: Some(hw_id.clone()),
+                session_key: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let to_hw = Arc::new(to_hw);
+    let before = resolver.x5t_s256().unwrap();
+    tessera_e2e::tls::exchange(to_hw.clone(), port, "hw.agent").expect("before the restart");
+    d.restart();
+    let (status, problem) = sign_as(&d, "sess", &before);
+    assert_eq!(status, 403, "{problem}");
+    assert!(
+        tessera_e2e::tls::exchange(to_hw.clone(), port, "hw.agent").is_err(),
+        "a dead session certificate"
+    );
+    let answer = tessera_e2e::tls::exchange(to_hw, port, "hw.agent");
+    let served = served.join().unwrap();
+    assert!(
+        answer
+            .as_deref()
+            .is_ok_and(|a| a.trim().ends_with("/agent/sess")),
+        "renewed at once: {answer:?} {served:?}"
+    );
+    let renewed = resolver.x5t_s256().unwrap();
+    assert_ne!(renewed, before);
+    assert_eq!(sign_as(&d, "sess", &renewed).0, 200);
+
+    // The policy no longer says session keys: the live one signs no more.
+    std::fs::write(
+        d.agents_dir().join("sess.toml"),
+        format!("[selectors]\nuid = 0\n{policy}"),
+    )
+    .unwrap();
+    d.reload();
+    let (status, problem) = sign_as(&d, "sess", &renewed);
+    assert_eq!(status, 403, "{problem}");
+    assert_eq!(problem["type"], "urn:tessera:problem:token-not-accepted");
 }
 tessera_e2e::both_backends!(session_key_certificates_sign_in_memory);
 

@@ -20,6 +20,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -142,15 +143,15 @@ fn check_key_kind(
         Some(KeyKind::Hardware) => Ok(()),
         Some(KeyKind::Software) if allow_software => Ok(()),
         kind => Err(rustls::Error::General(format!(
-            "the peer's certificate is {} (tessera-hardware-key required{})",
+            "the peer's certificate is {} ({})",
             match kind {
                 Some(_) => "for a software key",
                 None => "not labelled with a tessera key policy",
             },
             if allow_software {
-                ""
+                "tessera-hardware-key or tessera-software-key required"
             } else {
-                "; allow_software_keys accepts session and software keys"
+                "tessera-hardware-key required; allow_software_keys accepts session and software keys"
             }
         ))),
     }
@@ -352,6 +353,8 @@ struct AgentKey {
     socket: PathBuf,
     agent: Option<String>,
     x5t: String,
+    /// Shared with the resolver: set when the daemon no longer signs for this certificate.
+    stale: Arc<AtomicBool>,
 }
 
 impl SigningKey for AgentKey {
@@ -363,6 +366,7 @@ impl SigningKey for AgentKey {
                     socket: self.socket.clone(),
                     agent: self.agent.clone(),
                     x5t: self.x5t.clone(),
+                    stale: self.stale.clone(),
                 }) as Box<dyn Signer>
             })
     }
@@ -377,6 +381,7 @@ struct AgentSigner {
     socket: PathBuf,
     agent: Option<String>,
     x5t: String,
+    stale: Arc<AtomicBool>,
 }
 
 impl Signer for AgentSigner {
@@ -393,7 +398,15 @@ impl Signer for AgentSigner {
         })
         .to_string();
         let (_, answer) = blocking(|| call(&self.socket, "POST", "/v1/tls/sign", Some(&body)))
-            .map_err(|e| rustls::Error::General(format!("tesserad refused to sign: {e}")))?;
+            .map_err(|e| {
+                // The certificate is dead to the daemon (a session key gone with a restart or
+                // a suspension): the next handshake fetches a new one rather than waiting for
+                // the half-life renewal.
+                if e.problem() == Some(crate::ProblemType::TokenNotAccepted) {
+                    self.stale.store(true, Ordering::SeqCst);
+                }
+                rustls::Error::General(format!("tesserad refused to sign: {e}"))
+            })?;
         let v: serde_json::Value = serde_json::from_slice(&answer)
             .map_err(|e| rustls::Error::General(format!("tesserad answer: {e}")))?;
         v["signature"]
@@ -414,6 +427,8 @@ pub struct AgentCertResolver {
     socket: PathBuf,
     request: CertificateOptions,
     current: Mutex<Current>,
+    /// The daemon refused to sign for the current certificate: renew before the next use.
+    stale: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -442,15 +457,27 @@ impl AgentCertResolver {
             request = request.session_key();
         }
         let pem = agent.certificate(&request).await?;
-        let current = Self::load(agent.socket().to_path_buf(), request.agent.clone(), &pem)?;
+        let stale = Arc::new(AtomicBool::new(false));
+        let current = Self::load(
+            agent.socket().to_path_buf(),
+            request.agent.clone(),
+            &pem,
+            stale.clone(),
+        )?;
         Ok(Arc::new(AgentCertResolver {
             socket: agent.socket().to_path_buf(),
             request,
             current: Mutex::new(current),
+            stale,
         }))
     }
 
-    fn load(socket: PathBuf, agent: Option<String>, pem: &str) -> Result<Current, TlsError> {
+    fn load(
+        socket: PathBuf,
+        agent: Option<String>,
+        pem: &str,
+        stale: Arc<AtomicBool>,
+    ) -> Result<Current, TlsError> {
         use x509_cert::der::Decode;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
@@ -466,7 +493,12 @@ impl AgentCertResolver {
         let x5t = crate::verify::x5t_s256(leaf.as_ref());
         let key = Arc::new(CertifiedKey::new(
             chain,
-            Arc::new(AgentKey { socket, agent, x5t }),
+            Arc::new(AgentKey {
+                socket,
+                agent,
+                x5t,
+                stale,
+            }),
         ));
         Ok(Current {
             key,
@@ -490,7 +522,7 @@ impl AgentCertResolver {
         let now = SystemTime::now();
         let renew = {
             let mut cur = lock();
-            let due = now >= cur.renew_at && !cur.renewing;
+            let due = (now >= cur.renew_at || self.stale.load(Ordering::SeqCst)) && !cur.renewing;
             if due {
                 // One thread renews; the lock is not held across the call.
                 cur.renewing = true;
@@ -506,15 +538,21 @@ impl AgentCertResolver {
                         self.socket.clone(),
                         self.request.agent.clone(),
                         &String::from_utf8_lossy(&pem),
+                        self.stale.clone(),
                     )
                 });
             let mut cur = lock();
             match renewed {
-                Ok(c) => *cur = c,
+                Ok(c) => {
+                    *cur = c;
+                    self.stale.store(false, Ordering::SeqCst);
+                }
                 Err(e) => {
                     // Keep the current one while it is valid; try again after a pause.
                     cur.renewing = false;
                     cur.renew_at = now + RETRY;
+                    // Stale or not, the next attempt waits out the pause.
+                    self.stale.store(false, Ordering::SeqCst);
                     tracing_free_log(&format!("certificate renewal failed: {e}"));
                 }
             }

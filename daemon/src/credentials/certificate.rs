@@ -36,29 +36,47 @@ impl KeyKind {
     }
 }
 
-/// Certificates issued for session keys, by `x5t#S256`: the key signs for its certificate
-/// while both live. Memory only, like the keys: after a restart they are gone together.
+/// Certificates issued for session keys, per agent: the key signs for its certificate while
+/// both live. Memory only, like the keys: after a restart they are gone together. At most
+/// [`SESSION_CERTS_PER_AGENT`] per agent (the oldest goes first: an agent presents the newest),
+/// so an agent asking in a loop costs a bounded, per-agent amount.
 #[derive(Default)]
 pub(crate) struct SessionCerts {
-    by_x5t: std::collections::HashMap<String, SessionCert>,
+    by_agent: std::collections::HashMap<i64, std::collections::VecDeque<SessionCert>>,
 }
+
+const SESSION_CERTS_PER_AGENT: usize = 16;
 
 #[derive(Clone)]
 pub(crate) struct SessionCert {
-    pub agent_row: i64,
+    pub x5t: String,
     /// Thumbprint of the session key.
     pub kid: String,
     pub not_after: i64,
 }
 
 impl SessionCerts {
-    fn insert(&mut self, x5t: String, cert: SessionCert, now: i64) {
-        self.by_x5t.retain(|_, c| c.not_after > now);
-        self.by_x5t.insert(x5t, cert);
+    fn insert(&mut self, agent_row: i64, cert: SessionCert, now: i64) {
+        let certs = self.by_agent.entry(agent_row).or_default();
+        certs.retain(|c| c.not_after > now);
+        if certs.len() >= SESSION_CERTS_PER_AGENT {
+            certs.pop_front();
+        }
+        certs.push_back(cert);
     }
 
-    pub fn get(&self, x5t: &str, now: i64) -> Option<SessionCert> {
-        self.by_x5t.get(x5t).filter(|c| c.not_after > now).cloned()
+    pub fn get(&self, agent_row: i64, x5t: &str, now: i64) -> Option<SessionCert> {
+        self.by_agent
+            .get(&agent_row)?
+            .iter()
+            .find(|c| c.x5t == x5t && c.not_after > now)
+            .cloned()
+    }
+
+    /// Keep the certificates of the agents `keep` names (after a revocation, suspension or
+    /// policy change, the others' keys are gone or may not sign).
+    pub fn retain_agents(&mut self, keep: impl Fn(i64) -> bool) {
+        self.by_agent.retain(|row, _| keep(*row));
     }
 }
 
@@ -154,7 +172,17 @@ impl Credentials {
         };
         let session = match key {
             None | Some("identity") => false,
-            Some("session") => true,
+            Some("session") if agent.policy.proof_key.as_deref() == Some("session") => true,
+            Some("session") => {
+                let p = Problem::new(
+                    Kind::MalformedRequest,
+                    format!(
+                        "agent {} has no session key (its policy does not say proof_key = \"session\")",
+                        agent.name
+                    ),
+                );
+                return Err(self.deny(caller, Some(&agent), p, summary).await);
+            }
             Some(_) => {
                 let p = Problem::new(Kind::MalformedRequest, "key is \"identity\" or \"session\"");
                 return Err(self.deny(caller, Some(&agent), p, summary).await);
@@ -186,6 +214,7 @@ impl Credentials {
                 &agent,
                 &key,
                 ttl,
+                None,
                 KeyKind::Hardware,
                 json!({"kid": agent.kid}),
             )
@@ -202,33 +231,21 @@ impl Credentials {
         ttl: Duration,
         summary: serde_json::Value,
     ) -> Result<String, Problem> {
-        if agent.policy.proof_key.as_deref() != Some("session") {
-            let p = Problem::new(
-                Kind::MalformedRequest,
-                format!(
-                    "agent {} has no session key (its policy does not say proof_key = \"session\")",
-                    agent.name
-                ),
-            );
-            return Err(self.deny(caller, Some(agent), p, summary).await);
-        }
-        let crate::credentials::proof::ProofKey::Session(key) = self.proof_key_for_new(agent)?
-        else {
-            return Err(Problem::new(
-                Kind::Internal,
-                "policy session key is not a session key",
-            ));
+        let key = match self.proof_key_for_new(agent) {
+            Ok(crate::credentials::proof::ProofKey::Session(k)) => k,
+            Ok(_) => {
+                let p = Problem::new(Kind::Internal, "the policy's session key is not one");
+                return Err(self.deny(caller, Some(agent), p, summary).await);
+            }
+            Err(p) => return Err(self.deny(caller, Some(agent), p, summary).await),
         };
-        let now = x509::now_unix();
-        let ttl = ttl.min(Duration::from_secs(
-            key.expires.saturating_sub(now).max(0) as u64
-        ));
         let c = self
             .certify(
                 caller,
                 agent,
                 &key.verifying_key(),
                 ttl,
+                Some(key.expires),
                 KeyKind::Session,
                 json!({"key": "session", "proof_kid": key.kid}),
             )
@@ -237,38 +254,50 @@ impl Credentials {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
-                c.x5t.clone(),
+                agent.row,
                 SessionCert {
-                    agent_row: agent.row,
+                    x5t: c.x5t.clone(),
                     kid: key.kid.clone(),
                     not_after: c.not_after,
                 },
-                now,
+                x509::now_unix(),
             );
         chain_pem(&c)
     }
 
-    /// Certify `key` for `agent` with the host CA for `ttl` (cut at the CA's end), record the
-    /// certificate so a revocation's CRL lists it, audit `certificate.issued` (with `details`
-    /// added) and let it leave only if the agent is still live.
+    /// Certify `key` for `agent` with the host CA for `ttl` (cut at the CA's end and at
+    /// `until`, the end of a session key), record the certificate so a revocation's CRL lists
+    /// it, audit `certificate.issued` (with `details` added) and let it leave only if the agent
+    /// is still live.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn certify(
         &self,
         caller: &Caller,
         agent: &Agent,
         key: &p256::ecdsa::VerifyingKey,
         ttl: Duration,
+        until: Option<i64>,
         kind: KeyKind,
         details: serde_json::Value,
     ) -> Result<Certified, Problem> {
         let ca = self.host_ca().map_err(hostca_problem)?;
         let now = x509::now_unix();
-        let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
-        if not_after <= now {
+        if ca.not_after <= now {
             return Err(Problem::new(
                 Kind::BackendUnavailable,
                 "the host CA certificate has expired; install a new one (tessera host install-cert)",
             )
             .retry_after(60));
+        }
+        let not_after = (now + ttl.as_secs() as i64)
+            .min(ca.not_after)
+            .min(until.unwrap_or(i64::MAX));
+        if not_after <= now {
+            return Err(Problem::new(
+                Kind::BackendUnavailable,
+                "the session key expires now; ask again for its successor",
+            )
+            .retry_after(1));
         }
         let tbs = x509::agent_tbs(&x509::AgentCertSpec {
             issuer: &ca.subject,
@@ -278,7 +307,10 @@ impl Credentials {
             key,
             not_before: now,
             not_after,
-            server_auth: agent.policy.tls_server,
+            // The daemon signs server handshakes only with tls_server; a software SVID's key is
+            // the workload's, which serves as it likes, and SPIFFE X509-SVIDs with an EKU carry
+            // both usages.
+            server_auth: agent.policy.tls_server || kind == KeyKind::Software,
             key_kind: kind.policy(),
         })
         .map_err(|e| Problem::new(Kind::Internal, e.to_string()))?;
@@ -346,12 +378,14 @@ impl Credentials {
         std::sync::Arc<crate::keystore::session::SessionKey>,
     )> {
         let now = x509::now_unix();
+        if agent.policy.proof_key.as_deref() != Some("session") {
+            return None;
+        }
         let cert = self
             .session_certs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(x5t, now)
-            .filter(|c| c.agent_row == agent.row)?;
+            .get(agent.row, x5t, now)?;
         let key = self.keystore.sessions().find(agent.row, &cert.kid, now)?;
         Some((cert, key))
     }

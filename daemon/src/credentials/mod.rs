@@ -298,6 +298,21 @@ impl Credentials {
                 };
                 // Every agent change may change the JWT bundle.
                 me.bundles_changed();
+                if matches!(
+                    ev.kind,
+                    EventKind::Suspended | EventKind::Revoked { .. } | EventKind::Updated
+                ) {
+                    let live = me.agents.live();
+                    me.session_certs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain_agents(|row| {
+                            live.by_row(row).is_some_and(|a| {
+                                a.status == Status::Active
+                                    && a.policy.proof_key.as_deref() == Some("session")
+                            })
+                        });
+                }
                 if let EventKind::Revoked { .. } = ev.kind {
                     if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
                         me.forget_rate(&a.key_id);
@@ -812,8 +827,13 @@ impl Credentials {
             _ => Err(Problem::new(
                 Kind::TokenNotAccepted,
                 format!(
-                    "x5t#S256 names no unexpired certificate issued to agent {} (or its session key has expired)",
-                    agent.name
+                    "x5t#S256 names no unexpired certificate issued to agent {}{}",
+                    agent.name,
+                    if agent.policy.proof_key.as_deref() == Some("session") {
+                        " (a session key's certificate ends with the key, at a restart, suspension or revocation)"
+                    } else {
+                        ""
+                    }
                 ),
             )),
         }

@@ -302,11 +302,14 @@ impl Credentials {
         key: &ProofKey,
         input: &str,
     ) -> Result<String, crate::keystore::KeyStoreError> {
-        let digest = jwt::digest(input);
         let sig = match key {
-            ProofKey::Hardware { .. } => self.keystore.sign(&agent.key_id, digest).await?,
+            ProofKey::Hardware { .. } => {
+                self.keystore
+                    .sign(&agent.key_id, jwt::digest(input))
+                    .await?
+            }
             ProofKey::Session(k) => {
-                k.sign(&digest)
+                k.sign(input.as_bytes())
                     .ok_or_else(|| crate::keystore::KeyStoreError::Device {
                         op: "session key sign",
                         detail: "ECDSA signing failed".into(),

@@ -231,6 +231,7 @@ impl Credentials {
                 agent,
                 &public,
                 ttl,
+                None,
                 super::certificate::KeyKind::Software,
                 json!({
                     "key": "software",

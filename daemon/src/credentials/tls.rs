@@ -84,7 +84,7 @@ impl Credentials {
         req: TlsSignRequest,
     ) -> Result<TlsSignResponse, Problem> {
         let summary = json!({"credential": "tls-signature", "scheme": req.scheme,
-                             "role": req.role, "agent": req.agent});
+                             "role": req.role, "agent": req.agent, "x5t#S256": req.x5t_s256});
         let agent = match self.match_agent(caller, req.agent.as_deref()) {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
@@ -138,7 +138,7 @@ impl Credentials {
         let digest: [u8; 32] = Sha256::digest(&content).into();
         let signed = match &session {
             Some(key) => key
-                .sign(&digest)
+                .sign(&content)
                 .map(|s| s.to_der().as_bytes().to_vec())
                 .ok_or(crate::keystore::KeyStoreError::Device {
                     op: "session key sign",
@@ -155,7 +155,8 @@ impl Credentials {
             .agent(&agent.name, &agent.id)
             .caller(caller.record())
             .details(json!({
-                "role": req.role, "scheme": SCHEME, "kid": agent.kid,
+                "role": req.role, "scheme": SCHEME,
+                "kid": session.as_ref().map_or(agent.kid.as_deref(), |k| Some(k.kid.as_str())),
                 "transcript_hash_len": hash_len,
                 "content_sha256": hex::encode(digest),
                 "x5t#S256": req.x5t_s256,

@@ -112,6 +112,9 @@ pub async fn run(client: &Client, a: ProxyArgs) -> ExitCode {
             me.name
         ));
     }
+    if a.allow_software_keys && a.upstream_spiffe_id.is_none() {
+        return fail("--allow-software-keys is about an agent upstream: give --upstream-spiffe-id");
+    }
     // An agent upstream is vouched for by the host CA, never by any public CA.
     let roots = match (&a.upstream_ca, &a.upstream_spiffe_id) {
         (None, Some(_)) => match client.bundle().await {
