@@ -122,9 +122,12 @@ impl Agents {
         by: &str,
     ) -> Result<Agent, AdminError> {
         self.validate_spec(name, &selectors, &policy)?;
-        let _guard = self.admin.lock().await;
+        // Model steps (lifecycle.pml): E0 admin lock, E1 pending record, E2 key, E3 activate,
+        // E4 memory, E5 audit and unlock.
+        let _guard = self.admin.lock().await; // model: E0
         let spiffe_id = self.settings().ids.agent_id(name);
         let key_id = new_key_id(AGENT_KEY_PREFIX);
+        // model: E1
         let row = self.with_registry(|r| {
             r.insert_pending(&NewAgent {
                 name,
@@ -137,6 +140,7 @@ impl Agents {
             })
         })?;
         fault::point("enroll-after-record");
+        // model: E2
         let created = match self.keystore.create(&key_id).await {
             Ok(k) => k,
             Err(e) => {
@@ -146,11 +150,11 @@ impl Agents {
         };
         fault::point("enroll-after-key");
         let (kid, jwk) = jwk_of(&created.public);
-        self.with_registry(|r| r.activate(row, &kid, &jwk))?;
+        self.with_registry(|r| r.activate(row, &kid, &jwk))?; // model: E3
         let agent = self.with_registry(|r| r.get_live(name))?.ok_or_else(|| {
             AdminError::NotFound(format!("agent {name} vanished during enrolment"))
         })?;
-        let generation = self.apply(std::slice::from_ref(&agent));
+        let generation = self.apply(std::slice::from_ref(&agent)); // model: E4
         self.audit_admin(Event::new("agent.enrolled").agent(name, &spiffe_id).details(json!({
             "by": by, "source": source, "selectors": selectors, "policy": policy, "kid": kid,
         })))
@@ -200,6 +204,8 @@ impl Agents {
         suspended: bool,
         by: &str,
     ) -> Result<(), AdminError> {
+        // Model steps: S0-S5 (suspend), R6-R11 (resume): lock, live_by_name, gate, status,
+        // memory, unlock.
         let _guard = self.admin.lock().await;
         let a = self.live_by_name(name)?;
         let (status, event) = if suspended {
@@ -212,9 +218,9 @@ impl Agents {
         }
         let generation = {
             // Under the gate: no credential leaves after a suspension is recorded.
-            let _gate = self.gate.write().await;
-            self.with_registry(|r| r.set_status(a.row, status))?;
-            self.apply(&[self.live_by_name(name)?])
+            let _gate = self.gate.write().await; // model: S2/R8
+            self.with_registry(|r| r.set_status(a.row, status))?; // model: S3/R9
+            self.apply(&[self.live_by_name(name)?]) // model: S4/R10
         };
         if suspended {
             self.keystore.sessions().drop_agent(a.row);
@@ -248,6 +254,8 @@ impl Agents {
         by: &str,
         hold: bool,
     ) -> Result<(), AdminError> {
+        // Model steps: V0 lock, V1 get_live, V2-V4 mark_revoked, V5 destroy, V6 mark destroyed,
+        // V7 unlock.
         let _guard = self.admin.lock().await;
         let a = match self.with_registry(|r| r.get_live(name))? {
             Some(a) => a,
@@ -295,12 +303,12 @@ impl Agents {
         by: &str,
         hold: bool,
     ) -> Result<u64, AdminError> {
-        let _gate = self.gate.write().await;
+        let _gate = self.gate.write().await; // model: V2
         let rows: Vec<i64> = agents.iter().map(|a| a.row).collect();
-        self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?;
-        // Memory follows the durable records at once, without re-reading every agent: these
-        // records as `mark_all_revoked` left them (only the revoked set, which words refusals,
-        // holds them; the CRL and everything durable come from the registry).
+        self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?; // model: V3
+                                                                          // Memory follows the durable records at once, without re-reading every agent: these
+                                                                          // records as `mark_all_revoked` left them (only the revoked set, which words refusals,
+                                                                          // holds them; the CRL and everything durable come from the registry).
         let now = super::now_unix();
         let revoked: Vec<Agent> = agents
             .iter()
@@ -317,7 +325,7 @@ impl Agents {
                 r
             })
             .collect();
-        let generation = self.apply(&revoked);
+        let generation = self.apply(&revoked); // model: V4
         let mut records = tokio::task::JoinSet::new();
         for a in agents {
             let audit = self.audit.clone();
@@ -332,6 +340,7 @@ impl Agents {
     }
 
     async fn destroy_key(&self, a: &Agent, by: &str) -> Result<(), AdminError> {
+        // model: V5 (and C2 at start-up)
         match self.keystore.destroy(&a.key_id).await {
             Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
             Err(e) => {
@@ -348,7 +357,7 @@ impl Agents {
                 return Err(e.into());
             }
         }
-        self.with_registry(|r| r.mark_key_destroyed(a.row))?;
+        self.with_registry(|r| r.mark_key_destroyed(a.row))?; // model: V6
         self.audit_admin(
             Event::new("key.destroyed")
                 .agent(&a.name, &a.id)
@@ -421,6 +430,7 @@ impl Agents {
         let _guard = self.admin.lock().await;
         let mut report = RepairReport::default();
         let in_store = self.keystore.list().await?;
+        // model: C1
         for p in self.with_registry(|r| r.pending())? {
             if in_store.contains(&p.key_id) {
                 match self.keystore.destroy(&p.key_id).await {
@@ -436,6 +446,7 @@ impl Agents {
             .await;
             report.rolled_back.push(p.name);
         }
+        // model: C2
         for a in self.with_registry(|r| r.revoked_with_key())? {
             match self.destroy_key(&a, "tesserad").await {
                 Ok(()) => report.keys_destroyed.push(a.key_id.clone()),

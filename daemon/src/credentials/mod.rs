@@ -596,6 +596,8 @@ impl Credentials {
         what: &str,
     ) -> Result<(), Problem> {
         let refused = {
+            // Model steps (agents/lifecycle.pml): T2 gate read, T3 may_release, T4 the durable
+            // record and release, T5 the gate dropped.
             let _gate = self.agents.issuance().await;
             if self.agents.may_release(agent) {
                 return self.audit.record(ev).await.map(|_| ()).map_err(|e| {
