@@ -195,3 +195,56 @@ fn sdk_does_not_depend_on_the_daemon() {
         "the SDK depends on the daemon:\n{text}"
     );
 }
+
+/// The daemon depends on the SDK without its rustls and reqwest helpers (DESIGN, keyless TLS):
+/// only the CLI crate (`cli/`, the tls-proxy) turns them on.
+#[test]
+fn the_daemon_links_no_tls_client_stack() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "tesserad",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .output()
+        .expect("cargo tree");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cargo tree failed: {out:?}");
+    assert!(text.contains("tesserad v"), "{text}");
+    for krate in ["rustls ", "tokio-rustls ", "reqwest "] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(krate)),
+            "tesserad depends on {krate}:\n{text}"
+        );
+    }
+}
+
+/// The CLI (`cli/src`) reaches the daemon's code only through its parts, like `bin`.
+#[test]
+fn the_cli_imports_known_parts() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/src");
+    let mut files = vec![];
+    rust_files(&src, &mut files);
+    assert!(!files.is_empty(), "CLI sources not found at {src:?}");
+    let mut bad = vec![];
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (line, path) in imports(&text, "tesserad") {
+            let to = path.split("::").next().unwrap_or("");
+            if layer(to).is_none_or(|l| l >= layer("bin").unwrap_or(7)) {
+                bad.push(format!("{}:{line}: tesserad::{path}", f.display()));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "CLI imports outside the daemon's parts:\n{}",
+        bad.join("\n")
+    );
+}

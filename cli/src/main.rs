@@ -407,7 +407,7 @@ async fn run(cli: Cli) -> ExitCode {
                 None => client.whoami().await,
                 Some(a) => {
                     let path = format!("/v1/whoami?agent={a}");
-                    match client.request(hyper::Method::GET, &path, None).await {
+                    match client.request(tessera::Method::GET, &path, None).await {
                         Ok((200, _, b)) => {
                             serde_json::from_slice(&b).map_err(|e| Error::Protocol(e.to_string()))
                         }
