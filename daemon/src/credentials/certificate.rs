@@ -11,6 +11,7 @@ use crate::audit::Event;
 use crate::caller::Caller;
 use crate::credentials::hostca::HostCaError;
 use crate::credentials::problem::{Kind, Problem};
+use crate::credentials::proof::uses_session_key;
 use crate::credentials::x509;
 use crate::credentials::{check_not_suspended, keystore_problem, Credentials};
 use crate::duration::{format_duration, parse_duration};
@@ -172,7 +173,7 @@ impl Credentials {
         };
         let session = match key {
             None | Some("identity") => false,
-            Some("session") if agent.policy.proof_key.as_deref() == Some("session") => true,
+            Some("session") if uses_session_key(&agent) => true,
             Some("session") => {
                 let p = Problem::new(
                     Kind::MalformedRequest,
@@ -378,7 +379,7 @@ impl Credentials {
         std::sync::Arc<crate::keystore::session::SessionKey>,
     )> {
         let now = x509::now_unix();
-        if agent.policy.proof_key.as_deref() != Some("session") {
+        if !uses_session_key(agent) {
             return None;
         }
         let cert = self

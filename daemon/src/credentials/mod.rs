@@ -308,8 +308,7 @@ impl Credentials {
                         .unwrap_or_else(|p| p.into_inner())
                         .retain_agents(|row| {
                             live.by_row(row).is_some_and(|a| {
-                                a.status == Status::Active
-                                    && a.policy.proof_key.as_deref() == Some("session")
+                                a.status == Status::Active && proof::uses_session_key(a)
                             })
                         });
                 }
@@ -831,7 +830,7 @@ impl Credentials {
                 format!(
                     "x5t#S256 names no unexpired certificate issued to agent {}{}",
                     agent.name,
-                    if agent.policy.proof_key.as_deref() == Some("session") {
+                    if proof::uses_session_key(agent) {
                         " (a session key's certificate ends with the key, at a restart, suspension or revocation)"
                     } else {
                         ""

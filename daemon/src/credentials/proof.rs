@@ -229,7 +229,9 @@ impl ProofKey {
     }
 }
 
-fn uses_session_key(agent: &Agent) -> bool {
+/// Policy `proof_key = "session"`: the agent's proofs, and its `?key=session` certificates,
+/// use an in-memory session key.
+pub(crate) fn uses_session_key(agent: &Agent) -> bool {
     agent.policy.proof_key.as_deref() == Some("session")
 }
 
@@ -308,13 +310,7 @@ impl Credentials {
                     .sign(&agent.key_id, jwt::digest(input))
                     .await?
             }
-            ProofKey::Session(k) => {
-                k.sign(input.as_bytes())
-                    .ok_or_else(|| crate::keystore::KeyStoreError::Device {
-                        op: "session key sign",
-                        detail: "ECDSA signing failed".into(),
-                    })?
-            }
+            ProofKey::Session(k) => k.sign(input.as_bytes())?,
         };
         Ok(jwt::compact(input, &sig))
     }

@@ -15,7 +15,7 @@ use p256::pkcs8::EncodePrivateKey;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::Value;
 
-use crate::keystore::ecdsa;
+use crate::keystore::{ecdsa, KeyStoreError};
 
 /// Default and longest life of a session key.
 pub const DEFAULT_TTL: i64 = 600;
@@ -65,13 +65,17 @@ impl SessionKey {
 
     /// ES256 over `message` (a structure the daemon built: a JWS signing input, an RFC 9421
     /// base, a TLS 1.3 CertificateVerify content), hashed with SHA-256 here.
-    pub fn sign(&self, message: &[u8]) -> Option<Signature> {
+    pub fn sign(&self, message: &[u8]) -> Result<Signature, KeyStoreError> {
+        let failed = || KeyStoreError::Device {
+            op: "session key sign",
+            detail: "ECDSA signing failed".into(),
+        };
         let sig = self
             .secret
             .key()
             .sign(&ring::rand::SystemRandom::new(), message)
-            .ok()?;
-        Signature::from_slice(sig.as_ref()).ok()
+            .map_err(|_| failed())?;
+        Signature::from_slice(sig.as_ref()).map_err(|_| failed())
     }
 }
 
