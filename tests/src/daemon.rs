@@ -174,6 +174,19 @@ impl Daemon {
         }
     }
 
+    /// Start with fault point `point` armed (`TESSERA_FAULT`) and assert that the daemon
+    /// killed itself there (SIGKILL); the state is left as the crash left it.
+    pub fn crash_at(&mut self, point: &str) {
+        self.spawn_with_env(&[("TESSERA_FAULT", point)]);
+        let st = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "the daemon did not die at fault point {point}: {}",
+            self.log_text()
+        );
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

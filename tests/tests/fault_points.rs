@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
 
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::daemon::Options;
@@ -66,14 +65,7 @@ fn crash_at(backend: Backend, point: &str) {
         }
         other => panic!("fault point {other} has no crash scenario in this test: add one"),
     }
-    d.spawn_with_env(&[("TESSERA_FAULT", point)]);
-    let st = d.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&st),
-        Some(9),
-        "{point}: the daemon did not die at the point: {}",
-        d.log_text()
-    );
+    d.crash_at(point);
     let revoked_before: BTreeSet<String> = records(&d)
         .into_iter()
         .filter(|(_, _, s)| s == "revoked")

@@ -940,18 +940,22 @@ fn session_key_certificates_sign_in_memory(backend: Backend) {
             .unwrap(),
         )
     };
-    for (allow, want_ok) in [(false, false), (true, true)] {
-        let server = rt
-            .block_on(server_config(
+    // hw as a TLS server, accepting software-key clients or not.
+    let hw_server = |allow_software_keys: bool| {
+        Arc::new(
+            rt.block_on(server_config(
                 &c,
                 &TlsOptions {
                     agent: Some("hw".into()),
-                    allow_software_keys: allow,
+                    allow_software_keys,
                     ..Default::default()
                 },
             ))
-            .unwrap();
-        let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 1);
+            .unwrap(),
+        )
+    };
+    for (allow, want_ok) in [(false, false), (true, true)] {
+        let (port, served) = tessera_e2e::tls::serve(hw_server(allow), 1);
         let answer = tessera_e2e::tls::exchange(client_to_hw(true), port, "hw.agent");
         let served = served.join().unwrap();
         assert_eq!(
@@ -967,16 +971,7 @@ fn session_key_certificates_sign_in_memory(backend: Backend) {
         }
     }
     // The same agent's hardware certificate passes the default server.
-    let server = rt
-        .block_on(server_config(
-            &c,
-            &TlsOptions {
-                agent: Some("hw".into()),
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 1);
+    let (port, served) = tessera_e2e::tls::serve(hw_server(false), 1);
     let answer = tessera_e2e::tls::exchange(client_to_hw(false), port, "hw.agent");
     served.join().unwrap();
     assert!(answer
@@ -1019,17 +1014,7 @@ fn session_key_certificates_sign_in_memory(backend: Backend) {
 
     // A restart ends the session key and its certificates; the SDK's next handshake is
     // refused, and the one after it presents a new certificate.
-    let server = rt
-        .block_on(server_config(
-            &c,
-            &TlsOptions {
-                agent: Some("hw".into()),
-                allow_software_keys: true,
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    let (port, served) = tessera_e2e::tls::serve(Arc::new(server), 3);
+    let (port, served) = tessera_e2e::tls::serve(hw_server(true), 3);
     let (to_hw, resolver) = rt
         .block_on(client_config_and_resolver(
             &c,

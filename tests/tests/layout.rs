@@ -171,14 +171,14 @@ fn the_checker_sees_a_broken_arrow() {
     assert!(forbidden("credentials", "keystore").is_none());
 }
 
-#[test]
-fn sdk_does_not_depend_on_the_daemon() {
+/// `cargo tree` of a package's normal dependencies, one crate per line.
+fn normal_dependencies(package: &str) -> String {
     let out = std::process::Command::new(env!("CARGO"))
         .args([
             "tree",
             "--offline",
             "-p",
-            "tessera",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -187,9 +187,15 @@ fn sdk_does_not_depend_on_the_daemon() {
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .output()
         .expect("cargo tree");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "cargo tree failed: {out:?}");
-    assert!(text.contains("tessera v"), "{text}");
+    assert!(text.contains(&format!("{package} v")), "{text}");
+    text
+}
+
+#[test]
+fn sdk_does_not_depend_on_the_daemon() {
+    let text = normal_dependencies("tessera");
     assert!(
         !text.lines().any(|l| l.starts_with("tesserad ")),
         "the SDK depends on the daemon:\n{text}"
@@ -200,23 +206,7 @@ fn sdk_does_not_depend_on_the_daemon() {
 /// only the CLI crate (`cli/`, the tls-proxy) turns them on.
 #[test]
 fn the_daemon_links_no_tls_client_stack() {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            "tesserad",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .output()
-        .expect("cargo tree");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "cargo tree failed: {out:?}");
-    assert!(text.contains("tesserad v"), "{text}");
+    let text = normal_dependencies("tesserad");
     for krate in ["rustls ", "tokio-rustls ", "reqwest "] {
         assert!(
             !text.lines().any(|l| l.starts_with(krate)),

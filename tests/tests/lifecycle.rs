@@ -177,14 +177,7 @@ fn crash_during_enrolment_leaves_no_orphan(backend: Backend, point: &str) {
     let mut d = Daemon::start(backend);
     d.stop();
     d.write_agent("crashy", &agent(0, ""));
-    d.spawn_with_env(&[("TESSERA_FAULT", point)]);
-    let st = d.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&st),
-        Some(9),
-        "daemon died at the fault point: {}",
-        d.log_text()
-    );
+    d.crash_at(point);
     // What the crash left: a pending record, maybe a key.
     let keys_after_crash = d.device_keys();
     if point == "enroll-after-key" {

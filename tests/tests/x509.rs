@@ -666,14 +666,7 @@ fn host_ca_creation_survives_a_crash(backend: Backend, point: &str) {
             ..Default::default()
         },
     );
-    d.spawn_with_env(&[("TESSERA_FAULT", point)]);
-    let st = d.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&st),
-        Some(9),
-        "died at {point}: {}",
-        d.log_text()
-    );
+    d.crash_at(point);
     d.spawn();
     d.wait_ready();
     assert_eq!(

@@ -388,20 +388,24 @@ mod tests {
         let ca = assemble_certificate(tbs, &sign(&ca_sk, &d)).unwrap();
         let ca_der = ca.to_der().unwrap();
         let kid = key_identifier(&ca.tbs_certificate.subject_public_key_info);
-        let tbs = agent_tbs(&AgentCertSpec {
-            issuer: &ca_name,
-            issuer_key_id: &kid,
-            agent_name: "bot",
-            spiffe_id: "spiffe://example.org/host/h/agent/bot",
-            key: leaf_sk.verifying_key(),
-            not_before: now,
-            not_after: now + 600,
-            server_auth: false,
-            key_kind: tessera::key_policy::KeyKind::Hardware,
-        })
-        .unwrap();
-        let (_, d) = to_be_signed(&tbs).unwrap();
-        let leaf = assemble_certificate(tbs, &sign(&ca_sk, &d)).unwrap();
+        // A leaf for `leaf_sk`, signed by the CA, with the given usage and key kind.
+        let leaf_of = |server_auth, key_kind| {
+            let tbs = agent_tbs(&AgentCertSpec {
+                issuer: &ca_name,
+                issuer_key_id: &kid,
+                agent_name: "bot",
+                spiffe_id: "spiffe://example.org/host/h/agent/bot",
+                key: leaf_sk.verifying_key(),
+                not_before: now,
+                not_after: now + 600,
+                server_auth,
+                key_kind,
+            })
+            .unwrap();
+            let (_, d) = to_be_signed(&tbs).unwrap();
+            assemble_certificate(tbs, &sign(&ca_sk, &d)).unwrap()
+        };
+        let leaf = leaf_of(false, tessera::key_policy::KeyKind::Hardware);
         let leaf_der = leaf.to_der().unwrap();
         // An independent parser checks both signatures.
         let (_, ca_p) = x509_parser::certificate::X509Certificate::from_der(&ca_der).unwrap();
@@ -439,21 +443,7 @@ mod tests {
         assert_eq!(tessera::key_policy::key_kind(&ca_der), None);
 
         // A TLS server's software-key certificate.
-        let tbs = agent_tbs(&AgentCertSpec {
-            issuer: &ca_name,
-            issuer_key_id: &kid,
-            agent_name: "bot",
-            spiffe_id: "spiffe://example.org/host/h/agent/bot",
-            key: leaf_sk.verifying_key(),
-            not_before: now,
-            not_after: now + 600,
-            server_auth: true,
-            key_kind: tessera::key_policy::KeyKind::Software,
-        })
-        .unwrap();
-        let (_, d) = to_be_signed(&tbs).unwrap();
-        let der = assemble_certificate(tbs, &sign(&ca_sk, &d))
-            .unwrap()
+        let der = leaf_of(true, tessera::key_policy::KeyKind::Software)
             .to_der()
             .unwrap();
         let (_, p) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
