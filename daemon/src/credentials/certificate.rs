@@ -404,3 +404,42 @@ impl Credentials {
             .clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(x5t: &str, not_after: i64) -> SessionCert {
+        SessionCert {
+            x5t: x5t.into(),
+            kid: "k".into(),
+            not_after,
+        }
+    }
+
+    /// Session certificates are found only for their own agent and until they end, and an
+    /// agent asking in a loop keeps at most the newest `SESSION_CERTS_PER_AGENT`.
+    #[test]
+    fn session_certificates_are_per_agent_bounded_and_expire() {
+        let mut s = SessionCerts::default();
+        s.insert(1, cert("a", 200), 100);
+        assert!(s.get(1, "a", 150).is_some());
+        assert!(s.get(2, "a", 150).is_none(), "another agent's");
+        assert!(s.get(1, "a", 200).is_none(), "ended");
+        for i in 0..(SESSION_CERTS_PER_AGENT + 4) {
+            s.insert(1, cert(&format!("c{i}"), 1000), 100);
+        }
+        assert_eq!(s.by_agent[&1].len(), SESSION_CERTS_PER_AGENT);
+        assert!(s.get(1, "a", 150).is_none(), "the oldest went first");
+        assert!(s.get(1, "c0", 150).is_none());
+        assert!(s
+            .get(1, &format!("c{}", SESSION_CERTS_PER_AGENT + 3), 150)
+            .is_some());
+        // An expired one is pruned at the next insert.
+        s.insert(3, cert("old", 110), 100);
+        s.insert(3, cert("new", 1000), 120);
+        assert_eq!(s.by_agent[&3].len(), 1);
+        s.retain_agents(|row| row == 3);
+        assert!(s.get(1, "c19", 150).is_none() && s.get(3, "new", 150).is_some());
+    }
+}
