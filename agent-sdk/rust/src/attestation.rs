@@ -162,13 +162,16 @@ impl<'a> Reader<'a> {
 }
 
 /// The fields of a TPMS_ATTEST of type certify that matter here.
-struct CertifyInfo {
-    extra_data: Vec<u8>,
-    clock: u64,
-    name: Vec<u8>,
+#[derive(Debug, Clone)]
+pub struct CertifyInfo {
+    pub extra_data: Vec<u8>,
+    pub clock: u64,
+    pub name: Vec<u8>,
 }
 
-fn parse_attest(bytes: &[u8]) -> Result<CertifyInfo, String> {
+/// Unmarshal a TPMS_ATTEST of type certify (TPM 2.0 Part 2, 10.12.12), bounds-checked, with
+/// no trailing bytes. [`verify`] calls it only on bytes whose signature checked.
+pub fn parse_attest(bytes: &[u8]) -> Result<CertifyInfo, String> {
     let mut r = Reader {
         buf: bytes,
         what: "attest",
@@ -197,12 +200,15 @@ fn parse_attest(bytes: &[u8]) -> Result<CertifyInfo, String> {
 }
 
 /// The parts of an ECC TPMT_PUBLIC this checks.
-struct EccPublic {
-    object_attributes: u32,
-    key: VerifyingKey,
+#[derive(Debug, Clone)]
+pub struct EccPublic {
+    pub object_attributes: u32,
+    pub key: VerifyingKey,
 }
 
-fn parse_ecc_public(bytes: &[u8]) -> Result<EccPublic, String> {
+/// Unmarshal a TPMT_PUBLIC of an ECDSA P-256 signing key (TPM 2.0 Part 2, 12.2.4); anything
+/// else is an error.
+pub fn parse_ecc_public(bytes: &[u8]) -> Result<EccPublic, String> {
     let mut r = Reader {
         buf: bytes,
         what: "key_public",

@@ -50,14 +50,17 @@ type Parsed = Option<Spec>;
 
 fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
     let shown = path.display();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_text(&text, &shown.to_string(), report),
         Err(e) => {
             report.errors.push(format!("{shown}: cannot read: {e}"));
-            return None;
+            None
         }
-    };
-    match toml::from_str::<AgentFile>(&text) {
+    }
+}
+
+fn parse_text(text: &str, shown: &str, report: &mut ReconcileReport) -> Parsed {
+    match toml::from_str::<AgentFile>(text) {
         Ok(f) => Some(Spec {
             selectors: f.selectors,
             policy: f.policy,
@@ -66,7 +69,13 @@ fn parse_file(path: &Path, report: &mut ReconcileReport) -> Parsed {
         Err(e) => {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .map(|s| {
+                    text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1
+                })
                 .unwrap_or(1);
             report
                 .errors
@@ -97,11 +106,24 @@ pub fn check_file(
             "{shown}: an agent file is named <agent>.toml (agents_dir ignores other names)"
         )]);
     };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
+    check_text(&text, name, &shown.to_string(), max_token_ttl, max_cert_ttl)
+}
+
+/// [`check_file`] on text already read: the agent `name`, `shown` as the file in messages.
+pub fn check_text(
+    text: &str,
+    name: &str,
+    shown: &str,
+    max_token_ttl: std::time::Duration,
+    max_cert_ttl: std::time::Duration,
+) -> Result<(), Vec<String>> {
     if let Err(e) = validate_name(name) {
         return Err(vec![format!("{shown}: {e}")]);
     }
     let mut report = ReconcileReport::default();
-    let Some(spec) = parse_file(path, &mut report) else {
+    let Some(spec) = parse_text(text, shown, &mut report) else {
         return Err(report.errors);
     };
     crate::agents::lifecycle::spec_problem(
