@@ -15,7 +15,41 @@ pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub struct Swtpm {
     pub dir: tempfile::TempDir,
     pub port: u16,
-    pid: i32,
+    pub pid: i32,
+}
+
+/// Start swtpm on `port` (and `port + 1` for control) over the state in `dir`: its pid once it
+/// answers, `None` if it could not start (a port taken).
+fn launch(dir: &Path, port: u16) -> Option<i32> {
+    let pidfile = dir.join("pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let status = Command::new("swtpm")
+        .args(["socket", "--tpm2", "--tpmstate"])
+        .arg(format!("dir={}", dir.display()))
+        .arg("--server")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .args(["--flags", "not-need-init,startup-clear", "--pid"])
+        .arg(format!("file={}", pidfile.display()))
+        .arg("-d")
+        .status()
+        .expect("run swtpm (is it installed? scripts/setup)");
+    if !status.success() {
+        return None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(&pidfile) {
+            if let Ok(pid) = s.trim().parse::<i32>() {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(pid);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("swtpm did not come up on port {port}");
 }
 
 fn port_pair_free(p: u16) -> bool {
@@ -36,37 +70,43 @@ impl Swtpm {
             if !port_pair_free(port) {
                 continue;
             }
-            let pidfile = dir.path().join("pid");
-            let _ = std::fs::remove_file(&pidfile);
-            let status = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", dir.path().display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .args(["--flags", "not-need-init,startup-clear", "--pid"])
-                .arg(format!("file={}", pidfile.display()))
-                .arg("-d")
-                .status()
-                .expect("run swtpm (is it installed? scripts/setup)");
-            if !status.success() {
-                continue; // port taken in between: try another
+            match launch(dir.path(), port) {
+                Some(pid) => return Swtpm { dir, port, pid },
+                None => continue, // port taken in between: try another
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(s) = std::fs::read_to_string(&pidfile) {
-                    if let Ok(pid) = s.trim().parse::<i32>() {
-                        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                            return Swtpm { dir, port, pid };
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            panic!("swtpm did not come up on port {port}");
         }
         panic!("no free port pair for swtpm");
+    }
+
+    /// Kill -9, as a crash or a power loss would; the state dir stays.
+    pub fn kill9(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "swtpm {} did not die", self.pid);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start again on the same ports with the same state (a TPM that came back).
+    pub fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = launch(self.dir.path(), self.port) {
+                self.pid = pid;
+                return;
+            }
+            // The killed process's ports may linger a moment.
+            assert!(
+                Instant::now() < deadline,
+                "swtpm did not restart on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// A TPM manufactured by `swtpm_setup` with EK certificates (RSA 2048 and ECC P-384) in

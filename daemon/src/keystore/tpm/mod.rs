@@ -64,6 +64,11 @@ pub const MAX_SAVED_CONTEXTS: usize = 16_384;
 pub struct TpmKeyStore {
     ctx: Context,
     primary: KeyHandle,
+    /// Where the TPM is, to connect again after the transport failed (a TPM or swtpm that
+    /// restarted): the next operation reconnects instead of failing until the daemon restarts.
+    tcti: String,
+    /// The transport failed: `ctx` and every handle in it are dead.
+    broken: bool,
     keys_dir: PathBuf,
     max_loaded: usize,
     /// Most recently used last.
@@ -167,39 +172,46 @@ fn flush_stale_transients(ctx: &mut Context) -> Result<usize, KeyStoreError> {
     Ok(n)
 }
 
+/// Connect through `tcti`, flush what a previous run left, recreate the storage primary.
+fn connect(tcti: &str) -> Result<(Context, KeyHandle), KeyStoreError> {
+    let conf = TctiNameConf::from_str(tcti)
+        .map_err(|e| KeyStoreError::DeviceUnavailable(format!("invalid TCTI {tcti:?}: {e}")))?;
+    let mut ctx = Context::new(conf).map_err(|e| {
+        KeyStoreError::DeviceUnavailable(format!("cannot open TPM at {tcti:?}: {e}"))
+    })?;
+    let stale = flush_stale_transients(&mut ctx)?;
+    if stale > 0 {
+        tracing::warn!(
+            objects = stale,
+            "flushed transient objects left in the TPM by a previous run"
+        );
+    }
+    ctx.set_sessions((Some(AuthSession::Password), None, None));
+    let template = primary_template().map_err(|e| tpm_err("primary template", e))?;
+    let primary = ctx
+        .create_primary(Hierarchy::Owner, template, None, None, None, None)
+        .map_err(|e| match tpm_err("create storage primary", e) {
+            // A TPM that does not answer at all shows up here first.
+            KeyStoreError::Device { detail, .. } => {
+                KeyStoreError::DeviceUnavailable(format!("TPM at {tcti:?}: {detail}"))
+            }
+            other => other,
+        })?
+        .key_handle;
+    Ok((ctx, primary))
+}
+
 impl TpmKeyStore {
     /// Open the TPM through `tcti` and recreate the storage primary. `state_dir` holds the key blobs.
     pub fn open(tcti: &str, state_dir: &Path, max_loaded: usize) -> Result<Self, KeyStoreError> {
         let keys_dir = state_dir.join("tpm").join("keys");
         fs::create_dir_all(&keys_dir).map_err(|e| state_err(&keys_dir, e))?;
-        let conf = TctiNameConf::from_str(tcti)
-            .map_err(|e| KeyStoreError::DeviceUnavailable(format!("invalid TCTI {tcti:?}: {e}")))?;
-        let mut ctx = Context::new(conf).map_err(|e| {
-            KeyStoreError::DeviceUnavailable(format!("cannot open TPM at {tcti:?}: {e}"))
-        })?;
-        let stale = flush_stale_transients(&mut ctx)?;
-        if stale > 0 {
-            tracing::warn!(
-                objects = stale,
-                "flushed transient objects left in the TPM by a previous run"
-            );
-        }
-        ctx.set_sessions((Some(AuthSession::Password), None, None));
-        let template = primary_template().map_err(|e| tpm_err("primary template", e))?;
-        let primary = ctx
-            .create_primary(Hierarchy::Owner, template, None, None, None, None)
-            .map_err(|e| match tpm_err("create storage primary", e) {
-                // A TPM that does not answer at all shows up here first.
-                KeyStoreError::Device { detail, .. } => {
-                    KeyStoreError::DeviceUnavailable(format!("TPM at {tcti:?}: {detail}"))
-                }
-                other => other,
-            })?
-            .key_handle;
-        let ek_certificates = read_ek_certificates(&mut ctx);
-        Ok(TpmKeyStore {
+        let (ctx, primary) = connect(tcti)?;
+        let mut store = TpmKeyStore {
             ctx,
             primary,
+            tcti: tcti.to_string(),
+            broken: false,
             keys_dir,
             max_loaded: max_loaded.max(1),
             loaded: Vec::new(),
@@ -207,8 +219,41 @@ impl TpmKeyStore {
             seen: Default::default(),
             ak_dir: state_dir.join("tpm"),
             ak: None,
-            ek_certificates,
-        })
+            ek_certificates: Vec::new(),
+        };
+        store.ek_certificates = read_ek_certificates(&mut store.ctx);
+        Ok(store)
+    }
+
+    /// Run `op` on the TPM, connecting again first if the transport failed before. A
+    /// transport failure marks the connection dead, so the call after it reconnects.
+    fn on_device<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, KeyStoreError>,
+    ) -> Result<T, KeyStoreError> {
+        if self.broken {
+            self.reconnect()?;
+        }
+        let res = op(self);
+        if matches!(res, Err(KeyStoreError::DeviceUnavailable(_))) {
+            tracing::warn!(tcti = %self.tcti, "TPM transport failed; the next operation reconnects");
+            self.broken = true;
+        }
+        res
+    }
+
+    fn reconnect(&mut self) -> Result<(), KeyStoreError> {
+        let (ctx, primary) = connect(&self.tcti)?;
+        // Handles and saved contexts belonged to the old connection (and a restarted TPM
+        // forgot them): keys load from their blobs again.
+        self.loaded.clear();
+        self.saved.clear();
+        self.seen.clear();
+        self.ctx = ctx;
+        self.primary = primary;
+        self.broken = false;
+        tracing::info!(tcti = %self.tcti, "reconnected to the TPM");
+        Ok(())
     }
 
     /// TPM2_Create under the primary, both halves saved as blobs (.pub first: a lone .pub is
@@ -329,19 +374,7 @@ impl KeyStore for TpmKeyStore {
 
     fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
         validate_key_id(id)?;
-        if self.pub_path(id).exists() || self.priv_path(id).exists() {
-            return Err(KeyStoreError::KeyExists(id.to_string()));
-        }
-        // TPM2_Create needs a free object slot of its own while it works.
-        self.evict_to(self.max_loaded.saturating_sub(1))?;
-        let template = agent_key_template().map_err(|e| tpm_err("key template", e))?;
-        let (out_public, _) =
-            self.create_saved(template, &self.pub_path(id), &self.priv_path(id))?;
-        let public = verifying_key_of(&out_public)?;
-        Ok(CreatedKey {
-            id: id.to_string(),
-            public,
-        })
+        self.on_device(|s| s.create_key(id))
     }
 
     fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
@@ -354,46 +387,13 @@ impl KeyStore for TpmKeyStore {
 
     fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
         validate_key_id(id)?;
-        let h = self.handle(id)?;
-        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-            tag: TPM2_ST_HASHCHECK,
-            hierarchy: TPM2_RH_NULL,
-            digest: Default::default(),
-        })
-        .map_err(|e| tpm_err("hashcheck ticket", e))?;
-        let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-        };
-        let sig = self
-            .ctx
-            .sign(h, digest, scheme, ticket)
-            .map_err(|e| tpm_err("sign", e))?;
-        ecdsa_of("sign", sig)
+        self.on_device(|s| s.sign_digest(id, digest))
     }
 
     fn destroy(&mut self, id: &str) -> Result<(), KeyStoreError> {
         validate_key_id(id)?;
-        let priv_path = self.priv_path(id);
-        let pub_path = self.pub_path(id);
-        // Whatever of it is in the TPM or in memory goes first, even if the blobs are gone.
-        self.unload(id)?;
-        if !priv_path.exists() && !pub_path.exists() {
-            return Err(KeyStoreError::KeyNotFound(id.to_string()));
-        }
-        for path in [&priv_path, &pub_path] {
-            match fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(state_err(path, e)),
-            }
-        }
-        fs::File::open(&self.keys_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| state_err(&self.keys_dir, e))?;
-        Ok(())
+        self.on_device(|s| s.destroy_key(id))
     }
-
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError> {
         let mut ids = Vec::new();
         let rd = fs::read_dir(&self.keys_dir).map_err(|e| state_err(&self.keys_dir, e))?;
@@ -415,6 +415,65 @@ impl KeyStore for TpmKeyStore {
     }
 
     fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
-        self.certify(id, nonce)
+        self.on_device(|s| s.certify(id, nonce))
+    }
+}
+
+/// The device operations [`KeyStore`] runs through [`TpmKeyStore::on_device`].
+impl TpmKeyStore {
+    fn create_key(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
+        if self.pub_path(id).exists() || self.priv_path(id).exists() {
+            return Err(KeyStoreError::KeyExists(id.to_string()));
+        }
+        // TPM2_Create needs a free object slot of its own while it works.
+        self.evict_to(self.max_loaded.saturating_sub(1))?;
+        let template = agent_key_template().map_err(|e| tpm_err("key template", e))?;
+        let (out_public, _) =
+            self.create_saved(template, &self.pub_path(id), &self.priv_path(id))?;
+        let public = verifying_key_of(&out_public)?;
+        Ok(CreatedKey {
+            id: id.to_string(),
+            public,
+        })
+    }
+
+    fn sign_digest(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
+        let h = self.handle(id)?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(|e| tpm_err("hashcheck ticket", e))?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let sig = self
+            .ctx
+            .sign(h, digest, scheme, ticket)
+            .map_err(|e| tpm_err("sign", e))?;
+        ecdsa_of("sign", sig)
+    }
+
+    fn destroy_key(&mut self, id: &str) -> Result<(), KeyStoreError> {
+        let priv_path = self.priv_path(id);
+        let pub_path = self.pub_path(id);
+        // Whatever of it is in the TPM or in memory goes first, even if the blobs are gone.
+        self.unload(id)?;
+        if !priv_path.exists() && !pub_path.exists() {
+            return Err(KeyStoreError::KeyNotFound(id.to_string()));
+        }
+        for path in [&priv_path, &pub_path] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(path, e)),
+            }
+        }
+        fs::File::open(&self.keys_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| state_err(&self.keys_dir, e))?;
+        Ok(())
     }
 }

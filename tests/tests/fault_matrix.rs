@@ -1,0 +1,359 @@
+//! The fault matrix (device and disk failures): each gives a clear refusal or a clear start-up
+//! error, never a panic, and recovery where recovery is possible, without a restart. The crash
+//! points are in fault_points.rs; SIGTERM under load is in shutdown.rs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tessera::{ProblemType, TokenOptions};
+use tessera_e2e::daemon::Options;
+use tessera_e2e::{bin, Backend, Daemon};
+
+const AUD: &str = "https://api.example.com";
+
+fn agent() -> (String, String) {
+    let uid = nix::unistd::getuid().as_raw();
+    (
+        "worker".into(),
+        format!(
+            "[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\"]\nscopes = [\"read\"]\n"
+        ),
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mount that goes away with the test (lazily, so an open file cannot keep it).
+struct Mount(PathBuf);
+
+impl Mount {
+    /// A tmpfs of `size` on `dir` (root only: CI runs the suite as root).
+    fn tmpfs(dir: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir));
+        Mount(dir.to_path_buf())
+    }
+
+    /// `dir` bound onto itself, read-only.
+    fn read_only(dir: &Path) -> Mount {
+        run(Command::new("mount").args(["--bind"]).arg(dir).arg(dir));
+        let m = Mount(dir.to_path_buf());
+        run(Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(dir));
+        m
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn audit_verify(dir: &Path) {
+    let out = Command::new(bin("tessera"))
+        .args(["audit", "verify"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn no_panic(d: &Daemon) {
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+}
+
+/// Fill the filesystem of `dir` until a write fails with ENOSPC; the filler is returned.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 4096];
+    loop {
+        match f.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    let _ = f.sync_all();
+    filler
+}
+
+/// The audit trail's filesystem fills up: tokens are refused with `audit_unavailable` (503,
+/// Retry-After), nothing torn is left in the trail, and issuance resumes by itself once space
+/// is freed. The trail verifies and holds exactly the tokens delivered.
+#[test]
+fn a_full_audit_filesystem_refuses_then_recovers() {
+    let mut d = Daemon::prepare(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
+    let _mount = Mount::tmpfs(&d.audit_dir(), "512k");
+    d.spawn();
+    d.wait_ready();
+    let mut delivered = 0;
+    rt().block_on(async {
+        let c = d.client();
+        c.token(&TokenOptions::new(AUD)).await.unwrap();
+        delivered += 1;
+        let filler = fill(&d.audit_dir());
+        // The trail's last page may still have room for a few records: those tokens are
+        // audited and delivered. Then every request is refused.
+        let mut refused = 0;
+        for _ in 0..40 {
+            if refused == 5 {
+                break;
+            }
+            let e = match c.token(&TokenOptions::new(AUD)).await {
+                Ok(_) if refused == 0 => {
+                    delivered += 1;
+                    continue;
+                }
+                Ok(_) => panic!("a token between refusals while the filesystem is full"),
+                Err(e) => e,
+            };
+            refused += 1;
+            assert_eq!(e.problem(), Some(ProblemType::AuditUnavailable), "{e}");
+            match &e {
+                tessera::Error::Problem(p) => {
+                    assert_eq!(p.status, 503);
+                    assert!(p.retry_after.is_some(), "503 without Retry-After");
+                }
+                other => panic!("{other}"),
+            }
+        }
+        assert_eq!(refused, 5, "tokens kept coming on a full filesystem");
+        std::fs::remove_file(filler).unwrap();
+        // Recovery without a restart: the next request after the space is back succeeds.
+        let mut ok = false;
+        for _ in 0..50 {
+            if c.token(&TokenOptions::new(AUD)).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "issuance did not resume:\n{}", d.log_text());
+        delivered += 1;
+    });
+    d.stop();
+    no_panic(&d);
+    audit_verify(&d.audit_dir());
+    let issued = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .count();
+    assert_eq!(issued, delivered, "every delivered token, and only those");
+    // A restart finds no torn tail to repair.
+    d.spawn();
+    d.wait_ready();
+    d.stop();
+    assert!(
+        !d.audit_records()
+            .iter()
+            .any(|r| r["event"] == "audit.tail_recovered"),
+        "the full filesystem left a torn record"
+    );
+}
+
+/// A state dir on a read-only mount: the daemon refuses to start with a message naming it,
+/// exits non-zero (systemd restarts it), and starts normally once the mount is writable.
+fn read_only_state_dir_at_start(backend: Backend) {
+    let mut d = Daemon::start_with(
+        backend,
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
+    d.stop();
+    // The daemon's log cannot live in a read-only state dir.
+    let logs = tempfile::tempdir().unwrap();
+    d.log = logs.path().join("tesserad.log");
+    let state = d.state_dir().to_path_buf();
+    {
+        let _ro = Mount::read_only(&state);
+        d.spawn();
+        let st = d.wait_exit(Duration::from_secs(30));
+        assert!(!st.success(), "started on a read-only state dir");
+        assert_eq!(st.code(), Some(1), "{st}: {}", d.log_text());
+        let log = d.log_text();
+        assert!(
+            log.contains("is not writable") && log.contains(&state.display().to_string()),
+            "the error does not name the state dir:\n{log}"
+        );
+    }
+    no_panic(&d);
+    d.spawn();
+    d.wait_ready();
+    rt().block_on(async {
+        d.client().token(&TokenOptions::new(AUD)).await.unwrap();
+    });
+    d.stop();
+    audit_verify(&d.audit_dir());
+}
+
+tessera_e2e::both_backends!(read_only_state_dir_at_start);
+
+/// The TPM is gone when the daemon starts: a clear error naming the TPM and a non-zero exit,
+/// quickly (systemd's restart policy retries), and nothing written that a later start trips on.
+#[test]
+fn a_missing_tpm_at_start_is_a_clear_error() {
+    let mut d = Daemon::prepare(
+        Backend::tpm(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
+    let Backend::Tpm(tpm) = &d.backend else {
+        unreachable!()
+    };
+    tpm.kill9();
+    d.spawn();
+    let st = d.wait_exit(Duration::from_secs(60));
+    assert!(!st.success());
+    no_panic(&d);
+    let log = d.log_text().to_lowercase();
+    assert!(
+        log.contains("tpm"),
+        "the error does not name the TPM:\n{log}"
+    );
+    assert!(
+        !d.audit_dir().join("audit.log").exists()
+            || d.audit_records()
+                .iter()
+                .all(|r| r["event"] != "agent.enrolled"),
+        "an agent was enrolled without a device"
+    );
+}
+
+/// swtpm is killed -9 while agents ask for tokens, then comes back: meanwhile every answer is a
+/// token or `backend_unavailable` (503, Retry-After), never anything else; once the TPM is back
+/// the daemon reconnects by itself (no restart) and the same keys sign again. Every delivered
+/// token is in a trail that verifies.
+#[test]
+fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
+    let mut d = Daemon::start_with(
+        Backend::tpm(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
+    let keys = d.device_keys();
+    let delivered = std::sync::atomic::AtomicUsize::new(0);
+    let unavailable = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let socket = d.socket.clone();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                rt().block_on(async {
+                    let c = tessera::Client::with_socket(&socket);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match c.token(&TokenOptions::new(AUD)).await {
+                            Ok(_) => {
+                                delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                assert_eq!(
+                                    e.problem(),
+                                    Some(ProblemType::BackendUnavailable),
+                                    "{e}"
+                                );
+                                if let tessera::Error::Problem(p) = &e {
+                                    assert_eq!(p.status, 503);
+                                    assert!(p.retry_after.is_some());
+                                }
+                                unavailable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            });
+        }
+        let Backend::Tpm(tpm) = &mut d.backend else {
+            unreachable!()
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        tpm.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        tpm.restart();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(
+        unavailable.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no request saw the TPM gone"
+    );
+    // Back without a restart: the same key signs, and the token verifies with the JWKS.
+    rt().block_on(async {
+        let c = d.client();
+        let mut token = None;
+        for _ in 0..50 {
+            match c.token(&TokenOptions::new(AUD)).await {
+                Ok(t) => {
+                    token = Some(t);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let t =
+            token.unwrap_or_else(|| panic!("no token after the TPM came back:\n{}", d.log_text()));
+        delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let jwks = c.jwks().await.unwrap();
+        tessera::verify::verify(&t.token, &jwks, &tessera::verify::Options::new(AUD)).unwrap();
+    });
+    assert_eq!(d.device_keys(), keys, "the same keys, none lost or added");
+    d.stop();
+    no_panic(&d);
+    audit_verify(&d.audit_dir());
+    let issued = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .count();
+    assert_eq!(
+        issued,
+        delivered.load(std::sync::atomic::Ordering::Relaxed),
+        "every delivered token, and only those, is in the trail"
+    );
+}
