@@ -357,3 +357,149 @@ fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
         "every delivered token, and only those, is in the trail"
     );
 }
+
+/// The SoftHSM token directory becomes unreadable (an empty filesystem mounted over it, as a
+/// lost mount or a broken disk would leave it), then comes back. Meanwhile tokens are refused
+/// with `backend_unavailable` (503, Retry-After) and nothing is destroyed or revoked because of
+/// it. SoftHSM reads its token directory at C_Initialize only, so the key is usable again after
+/// a restart of the daemon (systemd: `systemctl restart tesserad`), the same key.
+#[test]
+fn an_unreadable_softhsm_token_dir_refuses_and_destroys_nothing() {
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            ..Default::default()
+        },
+    );
+    let keys = d.device_keys();
+    let Backend::Pkcs11(hsm) = &d.backend else {
+        unreachable!()
+    };
+    let tokens = hsm.dir.path().join("tokens");
+    let before = rt().block_on(async {
+        let c = d.client();
+        c.token(&TokenOptions::new(AUD)).await.unwrap();
+        let _gone = Mount::tmpfs(&tokens, "1m");
+        for _ in 0..3 {
+            let e = c
+                .token(&TokenOptions::new(AUD))
+                .await
+                .expect_err("a token while the token directory is gone");
+            assert_eq!(e.problem(), Some(ProblemType::BackendUnavailable), "{e}");
+            if let tessera::Error::Problem(p) = &e {
+                assert_eq!(p.status, 503);
+                assert!(p.retry_after.is_some());
+            }
+        }
+        c.whoami().await.unwrap()
+    });
+    assert_eq!(d.device_keys(), keys, "nothing destroyed");
+    d.restart();
+    rt().block_on(async {
+        let c = d.client();
+        c.token(&TokenOptions::new(AUD)).await.unwrap();
+        let after = c.whoami().await.unwrap();
+        assert_eq!(before.key_id, after.key_id, "the same key");
+        assert_eq!(after.status, "active");
+    });
+    d.stop();
+    no_panic(&d);
+    assert!(
+        !d.audit_records().iter().any(|r| r["event"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("agent.revoked")),
+        "an agent was revoked because its device was unreadable"
+    );
+    audit_verify(&d.audit_dir());
+}
+
+/// `chattr +i` (immutable, so even root cannot write) on the registry and its WAL files, or
+/// lifts it.
+fn registry_immutable(d: &Daemon, on: bool) {
+    for name in ["registry.db", "registry.db-wal", "registry.db-shm"] {
+        let path = d.state_dir().join(name);
+        if path.exists() {
+            run(Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(&path));
+        }
+    }
+}
+
+/// The registry cannot be written: admin changes fail with a clear error (a D-Bus error, a CLI
+/// message and a non-zero exit) and change nothing (no key created for a refused enrolment,
+/// no key destroyed for a refused revocation); agents already enrolled keep working; once the
+/// registry is writable the same commands succeed, without a restart.
+#[test]
+fn a_read_only_registry_refuses_admin_changes_and_recovers() {
+    let bus = tessera_e2e::bus::TestBus::start(tessera_e2e::bus::BusPolicy::AllowAll);
+    let mut d = Daemon::start_with(
+        Backend::pkcs11(),
+        Options {
+            agents: vec![agent()],
+            bus: bus.address.clone(),
+            ..Default::default()
+        },
+    );
+    let tessera = |args: &[&str]| {
+        Command::new(bin("tessera"))
+            .arg("--bus")
+            .arg(&bus.address)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let keys = d.device_keys();
+    registry_immutable(&d, true);
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let enroll = [
+            "agent",
+            "enroll",
+            "second",
+            "--uid",
+            "4242",
+            "--audience",
+            AUD,
+        ];
+        let o = tessera(&enroll);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "enrolled with a read-only registry");
+        assert!(
+            err.to_lowercase().contains("registry"),
+            "unclear error: {err}"
+        );
+        let o = tessera(&["agent", "revoke", "worker", "--reason", "test"]);
+        assert!(!o.status.success(), "revoked with a read-only registry");
+        assert_eq!(d.device_keys(), keys, "a key created or destroyed anyway");
+        // The agent already enrolled still gets tokens (reading needs no write).
+        rt().block_on(async {
+            d.client().token(&TokenOptions::new(AUD)).await.unwrap();
+        });
+    }));
+    registry_immutable(&d, false);
+    if let Err(p) = refused {
+        std::panic::resume_unwind(p);
+    }
+    let o = tessera(&[
+        "agent",
+        "enroll",
+        "second",
+        "--uid",
+        "4242",
+        "--audience",
+        AUD,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tessera(&["agent", "revoke", "worker", "--reason", "test"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    rt().block_on(async {
+        assert!(d.client().token(&TokenOptions::new(AUD)).await.is_err());
+    });
+    d.stop();
+    no_panic(&d);
+    audit_verify(&d.audit_dir());
+}

@@ -35,6 +35,8 @@ fn declare_agents(d: &Daemon) {
 /// 16 clients asking for tokens for agents spread over all 300 until `stop` is set, a
 /// request fails (the daemon went away), or each has `limit` tokens.
 struct Load {
+    /// `jti` of every token a client received.
+    jtis: Arc<std::sync::Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     issued: Arc<AtomicUsize>,
     thread: std::thread::JoinHandle<()>,
@@ -43,8 +45,9 @@ struct Load {
 fn start_load(d: &Daemon, limit: usize) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicUsize::new(0));
+    let jtis = Arc::new(std::sync::Mutex::new(Vec::new()));
     let socket = d.socket.clone();
-    let (s, n) = (stop.clone(), issued.clone());
+    let (s, n, delivered) = (stop.clone(), issued.clone(), jtis.clone());
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -55,7 +58,7 @@ fn start_load(d: &Daemon, limit: usize) -> Load {
             let mut tasks = vec![];
             for c in 0..CLIENTS {
                 let client = tessera::Client::with_socket(&socket);
-                let (s, n) = (s.clone(), n.clone());
+                let (s, n, delivered) = (s.clone(), n.clone(), delivered.clone());
                 tasks.push(tokio::spawn(async move {
                     for j in 0..limit {
                         if s.load(Ordering::Relaxed) {
@@ -63,9 +66,10 @@ fn start_load(d: &Daemon, limit: usize) -> Load {
                         }
                         let mut opts = TokenOptions::new(AUD);
                         opts.agent = Some(agent_name((c * 37 + j * 7) % AGENTS));
-                        if client.token(&opts).await.is_err() {
+                        let Ok(t) = client.token(&opts).await else {
                             return;
-                        }
+                        };
+                        delivered.lock().unwrap().push(jti_of(&t.token));
                         n.fetch_add(1, Ordering::Relaxed);
                     }
                 }));
@@ -76,10 +80,39 @@ fn start_load(d: &Daemon, limit: usize) -> Load {
         });
     });
     Load {
+        jtis,
         stop,
         issued,
         thread,
     }
+}
+
+fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWS");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url"),
+    )
+    .expect("JSON claims");
+    claims["jti"].as_str().expect("jti").to_string()
+}
+
+/// Every token a client received (up to the signal) is in the trail: answered means audited.
+fn check_delivered_audited(d: &Daemon, jtis: &[String], what: &str) {
+    let audited: std::collections::HashSet<String> = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .filter_map(|r| r["details"]["jti"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<&String> = jtis.iter().filter(|j| !audited.contains(*j)).collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: {} delivered tokens not in the trail: {missing:?}",
+        missing.len()
+    );
 }
 
 impl Load {
@@ -94,10 +127,11 @@ impl Load {
         }
     }
 
-    /// Stop the clients (if still asking) and wait for them.
-    fn finish(self) -> usize {
+    /// Stop the clients (if still asking) and wait for them; the jti of every token delivered.
+    fn finish(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.join()
+        self.thread.join().expect("load thread");
+        std::mem::take(&mut *self.jtis.lock().unwrap())
     }
 
     /// Wait until every client is done; the number of tokens issued.
@@ -175,8 +209,9 @@ fn stop_under_load_is_orderly(backend: Backend) {
         } else {
             Signal::SIGTERM
         };
-        check_stopped(&mut d, sig, &format!("round {round}, during load"));
-        load.finish();
+        let what = format!("round {round}, during load");
+        check_stopped(&mut d, sig, &what);
+        check_delivered_audited(&d, &load.finish(), &what);
 
         d.spawn();
         d.wait_ready();
