@@ -1,7 +1,8 @@
 //! The SDK's TPM attestation check, as a relying party runs it on evidence it was sent.
 //! First byte even: the rest is evidence JSON, checked against fixed expectations. Odd: the
 //! rest is `TPMS_ATTEST \0 TPMT_PUBLIC`, signed here with the expected AK so that the checks
-//! after the signature (structure, nonce, name, attributes, key) are reached.
+//! after the signature (structure, nonce, name, attributes, key) are reached; with bit 1 set
+//! too, the TPMS_ATTEST is made here for the fuzzed TPMT_PUBLIC.
 
 #![no_main]
 
@@ -15,6 +16,25 @@ use p256::pkcs8::{EncodePublicKey, LineEnding};
 use tessera::attestation::{self, Expectations};
 
 const NONCE: &[u8] = b"fuzz-nonce";
+
+/// A TPMS_ATTEST of type certify over `key_public` (TPM 2.0 Part 2, 10.12.12).
+fn certify_attest(key_public: &[u8]) -> Vec<u8> {
+    let tpm2b = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let mut a = Vec::new();
+    a.extend_from_slice(&0xff54_4347u32.to_be_bytes());
+    a.extend_from_slice(&0x8017u16.to_be_bytes());
+    tpm2b(&mut a, b"");
+    tpm2b(&mut a, NONCE);
+    a.extend_from_slice(&[0u8; 8 + 4 + 4]);
+    a.push(1);
+    a.extend_from_slice(&[0u8; 8]);
+    tpm2b(&mut a, &attestation::tpm_name(key_public));
+    tpm2b(&mut a, b"");
+    a
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
@@ -32,6 +52,15 @@ fuzz_target!(|data: &[u8]| {
         }
     } else {
         let (attest, key_public) = common::split(rest, 0);
+        // Bit 1: the attest is made here, with our nonce and the name of `key_public`, so
+        // that the fuzzed public area reaches the attribute and key checks behind the name.
+        let made;
+        let attest = if pick & 2 != 0 {
+            made = certify_attest(key_public);
+            &made[..]
+        } else {
+            attest
+        };
         let ak = common::signing_key(3);
         let sig: Signature = ak.sign(attest);
         let json = serde_json::json!({

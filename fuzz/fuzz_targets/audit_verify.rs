@@ -61,7 +61,8 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     // A checkpoint over the record the input's last byte names.
-    if let Some((seq, hash)) = heads.get(pick as usize % heads.len().max(1)) {
+    let last = rest.last().copied().unwrap_or(0) as usize;
+    if let Some((seq, hash)) = heads.get(last % heads.len().max(1)) {
         let key = common::signing_key(5);
         let cp = Checkpoint {
             seq: (*seq).max(1),

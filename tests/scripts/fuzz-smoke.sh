@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+unset FUZZ_RUNS
 FUZZ_JOBS=2 scripts/fuzz "${FUZZ_SMOKE_SECONDS:-30}"
 echo "fuzz smoke: ok"

@@ -79,7 +79,7 @@ impl Swtpm {
     }
 
     /// Kill -9, as a crash or a power loss would; the state dir stays.
-    pub fn kill9(&self) {
+    pub fn kill9(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -89,6 +89,8 @@ impl Swtpm {
             assert!(Instant::now() < deadline, "swtpm {} did not die", self.pid);
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Its pid may be another process's soon: drop must not signal it.
+        self.pid = 0;
     }
 
     /// Start again on the same ports with the same state (a TPM that came back).
@@ -169,6 +171,9 @@ impl Swtpm {
 
 impl Drop for Swtpm {
     fn drop(&mut self) {
+        if self.pid == 0 {
+            return;
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
             nix::sys::signal::Signal::SIGTERM,

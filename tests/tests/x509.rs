@@ -461,6 +461,16 @@ fn fleet_ca_csr_round_trip() {
         cli(&["host", "install-cert", s(&junk)]).status.code(),
         Some(5)
     );
+    // Refused: an empty file (x509-cert's PEM chain reader overflowed on it; found by fuzzing).
+    for (name, text) in [("empty.pem", ""), ("newlines.pem", "\n\r\n")] {
+        let empty = write(&dir, name, text);
+        let o = cli(&["host", "install-cert", s(&empty)]);
+        assert_eq!(o.status.code(), Some(5), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("no certificate"),
+            "{o:?}"
+        );
+    }
     assert_eq!(
         rt().block_on(d.client().bundle()).unwrap(),
         bundle_before,

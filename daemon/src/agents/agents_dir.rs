@@ -106,6 +106,10 @@ pub fn check_file(
             "{shown}: an agent file is named <agent>.toml (agents_dir ignores other names)"
         )]);
     };
+    // The name first: a file agents_dir would ignore is not even opened (it may be a FIFO).
+    if let Err(e) = validate_name(name) {
+        return Err(vec![format!("{shown}: {e}")]);
+    }
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
     check_text(&text, name, &shown.to_string(), max_token_ttl, max_cert_ttl)

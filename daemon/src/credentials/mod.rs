@@ -939,21 +939,18 @@ impl Credentials {
         *e = (e.0 + 1, at as u64, true);
     }
 
-    /// (issued count, last issued at) of an agent record.
-    pub fn issued(&self, row: i64) -> (u64, u64) {
+    /// (issued count, last issued at) of an agent: the counters of this process, else what
+    /// its record holds (written by the last flush).
+    pub fn issued(&self, agent: &Agent) -> (u64, u64) {
         if let Some((c, l, _)) = self
             .issued
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&row)
+            .get(&agent.row)
         {
             return (*c, *l);
         }
-        self.agents
-            .live()
-            .by_row(row)
-            .map(|a| (a.issued_count, a.last_issued_at.unwrap_or(0) as u64))
-            .unwrap_or((0, 0))
+        (agent.issued_count, agent.last_issued_at.unwrap_or(0) as u64)
     }
 
     /// Write changed issue counters to the registry.
@@ -969,10 +966,17 @@ impl Credentials {
                 })
                 .collect()
         };
-        if dirty.is_empty() {
-            return Ok(());
+        if !dirty.is_empty() {
+            self.agents.set_issued(&dirty)?;
         }
-        self.agents.set_issued(&dirty)
+        // Revoked agents' counters are written: forget them, or every enrolment ever made
+        // stays in memory.
+        let live = self.agents.live();
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|row, v| v.2 || live.by_row(*row).is_some());
+        Ok(())
     }
 
     pub(crate) fn forget_rate(&self, key_id: &str) {

@@ -357,15 +357,44 @@ pub fn cert_p256_key(cert: &Certificate) -> Option<VerifyingKey> {
     VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes()).ok()
 }
 
-/// Every certificate in a PEM bundle, in order.
+/// Every certificate in a PEM bundle, in order. Only whitespace may come between the blocks.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<Certificate>, X509Error> {
-    // x509-cert 0.2.5's load_pem_chain takes 1 from the length of the input without its
-    // trailing line breaks: nothing else overflows (a panic where overflow checks are on).
-    // Found by the install_cert fuzz target.
-    if pem.trim_end_matches(['\r', '\n']).is_empty() {
-        return Err(X509Error::Invalid("no certificate in the PEM input".into()));
+    // Block by block with pem-rfc7468, then DER from a slice. Not x509-cert 0.2.5's
+    // load_pem_chain: it overflows on an empty input, and der 0.7's PEM reader under it loops
+    // forever on a truncated body (a 146-byte chain hung `host install-cert`, holding the CA
+    // lock). Both found by the install_cert fuzz target.
+    const BEGIN: &str = "-----BEGIN ";
+    const END: &str = "-----END ";
+    let mut certs = Vec::new();
+    let mut rest = pem;
+    loop {
+        let skipped = rest.trim_start();
+        if skipped.is_empty() {
+            break;
+        }
+        if !skipped.starts_with(BEGIN) {
+            return Err(X509Error::Invalid(
+                "text outside the PEM blocks (expected -----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        let end = skipped
+            .find(END)
+            .ok_or_else(|| X509Error::Invalid("a PEM block has no END line".into()))?;
+        let after_end = &skipped[end + END.len()..];
+        let close = after_end
+            .find("-----")
+            .ok_or_else(|| X509Error::Invalid("a PEM END line is not closed".into()))?;
+        let block_len = end + END.len() + close + "-----".len();
+        let (label, der) = pem_rfc7468::decode_vec(&skipped.as_bytes()[..block_len])
+            .map_err(|e| X509Error::Invalid(format!("PEM: {e}")))?;
+        if label != "CERTIFICATE" {
+            return Err(X509Error::Invalid(format!(
+                "a PEM block is a {label}, not a CERTIFICATE"
+            )));
+        }
+        certs.push(Certificate::from_der(&der)?);
+        rest = &skipped[block_len..];
     }
-    let certs = Certificate::load_pem_chain(pem.as_bytes())?;
     if certs.is_empty() {
         return Err(X509Error::Invalid("no certificate in the PEM input".into()));
     }
@@ -379,6 +408,24 @@ mod tests {
         for pem in ["", "\n", "\r\n\n"] {
             assert!(super::certs_from_pem(pem).is_err(), "{pem:?}");
         }
+    }
+
+    /// The fuzzer's 146-byte input that kept der 0.7's PEM reader looping forever.
+    #[test]
+    fn a_truncated_pem_body_is_an_error_not_a_hang() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n------END CERTIFBT2oBYE/pEk9\nEg==\n-----END CERTIFICATE-----\n------END CERTIFICAT";
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(super::certs_from_pem(pem).is_err());
+        });
+        let refused = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("certs_from_pem did not return within 10 s");
+        assert!(refused);
+        assert!(super::certs_from_pem(
+            "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n"
+        )
+        .is_err());
     }
 
     use super::*;

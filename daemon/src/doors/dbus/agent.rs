@@ -140,7 +140,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<u64> {
-        Ok(self.ctx.svc.issued(self.read(conn, hdr).await?.row).0)
+        Ok(self.ctx.svc.issued(&self.read(conn, hdr).await?).0)
     }
     #[zbus(property)]
     async fn last_issued_at(
@@ -148,7 +148,7 @@ impl AgentObject {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<u64> {
-        Ok(self.ctx.svc.issued(self.read(conn, hdr).await?.row).1)
+        Ok(self.ctx.svc.issued(&self.read(conn, hdr).await?).1)
     }
 
     async fn revoke(

@@ -67,9 +67,10 @@ impl TpmKeyStore {
                 blobs
             }
         };
+        let primary = self.primary;
         let h = self
-            .ctx
-            .load(self.primary, private, public.clone())
+            .ctx()?
+            .load(primary, private, public.clone())
             .map_err(|e| tpm_err("load attestation key", e))?;
         Ok((h, public))
     }
@@ -92,7 +93,7 @@ impl TpmKeyStore {
         let (ak, ak_pub) = self.load_ak()?;
         let qualifying = Data::try_from(nonce.to_vec()).map_err(|e| tpm_err("nonce", e));
         let result = qualifying.and_then(|q| {
-            self.ctx
+            self.ctx()?
                 .execute_with_sessions(
                     (
                         Some(AuthSession::Password),
@@ -105,7 +106,7 @@ impl TpmKeyStore {
         });
         // The AK is loaded only for this call; give its slot back whatever happened.
         let flushed = self
-            .ctx
+            .ctx()?
             .flush_context(ak.into())
             .map_err(|e| tpm_err("flush attestation key", e));
         let (attest, sig) = result?;

@@ -62,13 +62,17 @@ pub const DEFAULT_MAX_LOADED: usize = 2;
 pub const MAX_SAVED_CONTEXTS: usize = 16_384;
 
 pub struct TpmKeyStore {
-    ctx: Context,
+    /// `None` only between dropping a failed connection and making the next one.
+    ctx: Option<Context>,
     primary: KeyHandle,
     /// Where the TPM is, to connect again after the transport failed (a TPM or swtpm that
     /// restarted): the next operation reconnects instead of failing until the daemon restarts.
     tcti: String,
     /// The transport failed: `ctx` and every handle in it are dead.
     broken: bool,
+    /// The storage primary's public area as first created: a TPM that answers at `tcti`
+    /// after a reconnect must derive the same one, or it is another TPM.
+    primary_public: Vec<u8>,
     keys_dir: PathBuf,
     max_loaded: usize,
     /// Most recently used last.
@@ -173,7 +177,7 @@ fn flush_stale_transients(ctx: &mut Context) -> Result<usize, KeyStoreError> {
 }
 
 /// Connect through `tcti`, flush what a previous run left, recreate the storage primary.
-fn connect(tcti: &str) -> Result<(Context, KeyHandle), KeyStoreError> {
+fn connect(tcti: &str) -> Result<(Context, KeyHandle, Vec<u8>), KeyStoreError> {
     let conf = TctiNameConf::from_str(tcti)
         .map_err(|e| KeyStoreError::DeviceUnavailable(format!("invalid TCTI {tcti:?}: {e}")))?;
     let mut ctx = Context::new(conf).map_err(|e| {
@@ -188,7 +192,7 @@ fn connect(tcti: &str) -> Result<(Context, KeyHandle), KeyStoreError> {
     }
     ctx.set_sessions((Some(AuthSession::Password), None, None));
     let template = primary_template().map_err(|e| tpm_err("primary template", e))?;
-    let primary = ctx
+    let created = ctx
         .create_primary(Hierarchy::Owner, template, None, None, None, None)
         .map_err(|e| match tpm_err("create storage primary", e) {
             // A TPM that does not answer at all shows up here first.
@@ -196,9 +200,12 @@ fn connect(tcti: &str) -> Result<(Context, KeyHandle), KeyStoreError> {
                 KeyStoreError::DeviceUnavailable(format!("TPM at {tcti:?}: {detail}"))
             }
             other => other,
-        })?
-        .key_handle;
-    Ok((ctx, primary))
+        })?;
+    let public = created
+        .out_public
+        .marshall()
+        .map_err(|e| tpm_err("marshal primary public", e))?;
+    Ok((ctx, created.key_handle, public))
 }
 
 impl TpmKeyStore {
@@ -206,12 +213,14 @@ impl TpmKeyStore {
     pub fn open(tcti: &str, state_dir: &Path, max_loaded: usize) -> Result<Self, KeyStoreError> {
         let keys_dir = state_dir.join("tpm").join("keys");
         fs::create_dir_all(&keys_dir).map_err(|e| state_err(&keys_dir, e))?;
-        let (ctx, primary) = connect(tcti)?;
-        let mut store = TpmKeyStore {
-            ctx,
+        let (mut ctx, primary, primary_public) = connect(tcti)?;
+        let ek_certificates = read_ek_certificates(&mut ctx);
+        Ok(TpmKeyStore {
+            ctx: Some(ctx),
             primary,
             tcti: tcti.to_string(),
             broken: false,
+            primary_public,
             keys_dir,
             max_loaded: max_loaded.max(1),
             loaded: Vec::new(),
@@ -219,10 +228,15 @@ impl TpmKeyStore {
             seen: Default::default(),
             ak_dir: state_dir.join("tpm"),
             ak: None,
-            ek_certificates: Vec::new(),
-        };
-        store.ek_certificates = read_ek_certificates(&mut store.ctx);
-        Ok(store)
+            ek_certificates,
+        })
+    }
+
+    /// The live connection (`DeviceUnavailable` while there is none).
+    fn ctx(&mut self) -> Result<&mut Context, KeyStoreError> {
+        self.ctx.as_mut().ok_or_else(|| {
+            KeyStoreError::DeviceUnavailable(format!("no connection to the TPM at {:?}", self.tcti))
+        })
     }
 
     /// Run `op` on the TPM, connecting again first if the transport failed before. A
@@ -243,13 +257,23 @@ impl TpmKeyStore {
     }
 
     fn reconnect(&mut self) -> Result<(), KeyStoreError> {
-        let (ctx, primary) = connect(&self.tcti)?;
-        // Handles and saved contexts belonged to the old connection (and a restarted TPM
-        // forgot them): keys load from their blobs again.
+        // The old connection goes first: a device node admits one opener, swtpm serves one
+        // client at a time, and its handles must be flushed before new objects can take
+        // the same handle numbers. Keys load from their blobs again.
         self.loaded.clear();
         self.saved.clear();
         self.seen.clear();
-        self.ctx = ctx;
+        self.ctx = None;
+        let (mut ctx, primary, public) = connect(&self.tcti)?;
+        if public != self.primary_public {
+            // Flush what we made on it; keep refusing until our TPM is back.
+            let _ = ctx.flush_context(primary.into());
+            return Err(KeyStoreError::DeviceUnavailable(format!(
+                "the TPM at {:?} is not the one this daemon opened (another storage primary); refusing it",
+                self.tcti
+            )));
+        }
+        self.ctx = Some(ctx);
         self.primary = primary;
         self.broken = false;
         tracing::info!(tcti = %self.tcti, "reconnected to the TPM");
@@ -264,9 +288,10 @@ impl TpmKeyStore {
         pub_path: &Path,
         priv_path: &Path,
     ) -> Result<(Public, Private), KeyStoreError> {
+        let primary = self.primary;
         let created = self
-            .ctx
-            .create(self.primary, template, None, None, None, None)
+            .ctx()?
+            .create(primary, template, None, None, None, None)
             .map_err(|e| tpm_err("create key", e))?;
         let pub_bytes = created
             .out_public
@@ -287,7 +312,7 @@ impl TpmKeyStore {
         }
         self.evict_to(self.max_loaded - 1)?;
         if let Some(saved) = self.saved.get(id).cloned() {
-            match self.ctx.context_load(saved) {
+            match self.ctx()?.context_load(saved) {
                 Ok(obj) => {
                     let h = KeyHandle::from(obj);
                     self.loaded.push((id.to_string(), h));
@@ -302,9 +327,10 @@ impl TpmKeyStore {
         }
         let public = self.read_public(id)?;
         let private = self.read_private(id)?;
+        let primary = self.primary;
         let h = self
-            .ctx
-            .load(self.primary, private, public)
+            .ctx()?
+            .load(primary, private, public)
             .map_err(|e| tpm_err("load key", e))?;
         self.loaded.push((id.to_string(), h));
         Ok(h)
@@ -325,14 +351,14 @@ impl TpmKeyStore {
                         self.saved.remove(&k);
                     }
                 }
-                match self.ctx.context_save(old.into()) {
+                match self.ctx()?.context_save(old.into()) {
                     Ok(c) => {
                         self.saved.insert(id, c);
                     }
                     Err(e) => tracing::debug!(error = %e, "cannot save a key context"),
                 }
             }
-            self.ctx
+            self.ctx()?
                 .flush_context(old.into())
                 .map_err(|e| tpm_err("flush key", e))?;
         }
@@ -344,7 +370,7 @@ impl TpmKeyStore {
         self.seen.remove(id);
         if let Some(pos) = self.loaded.iter().position(|(k, _)| k == id) {
             let (_, h) = self.loaded.remove(pos);
-            self.ctx
+            self.ctx()?
                 .flush_context(h.into())
                 .map_err(|e| tpm_err("flush key", e))?;
         }
@@ -360,10 +386,13 @@ impl TpmKeyStore {
 impl Drop for TpmKeyStore {
     fn drop(&mut self) {
         // Without a resource manager transient objects outlive us: give the slots back.
+        let Some(ctx) = self.ctx.as_mut() else {
+            return;
+        };
         for (_, h) in std::mem::take(&mut self.loaded) {
-            let _ = self.ctx.flush_context(h.into());
+            let _ = ctx.flush_context(h.into());
         }
-        let _ = self.ctx.flush_context(self.primary.into());
+        let _ = ctx.flush_context(self.primary.into());
     }
 }
 
@@ -450,7 +479,7 @@ impl TpmKeyStore {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
         let sig = self
-            .ctx
+            .ctx()?
             .sign(h, digest, scheme, ticket)
             .map_err(|e| tpm_err("sign", e))?;
         ecdsa_of("sign", sig)
