@@ -400,8 +400,7 @@ pub fn key_from_certificate_pem(pem: &str) -> Result<VerifyingKey, AttestationEr
         what: "PEM certificate with a P-256 key",
         detail,
     };
-    let chain =
-        x509_cert::Certificate::load_pem_chain(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let chain = crate::pem::certificates(pem).map_err(|e| bad(e.to_string()))?;
     let first = chain.first().ok_or_else(|| bad("no certificate".into()))?;
     VerifyingKey::from_sec1_bytes(
         first

@@ -21,6 +21,7 @@ pub mod attestation;
 mod client;
 mod error;
 pub mod key_policy;
+pub mod pem;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 #[cfg(feature = "rustls")]

@@ -358,47 +358,9 @@ pub fn cert_p256_key(cert: &Certificate) -> Option<VerifyingKey> {
 }
 
 /// Every certificate in a PEM bundle, in order. Only whitespace may come between the blocks.
+/// (Not x509-cert's `load_pem_chain`: see `tessera::pem`.)
 pub fn certs_from_pem(pem: &str) -> Result<Vec<Certificate>, X509Error> {
-    // Block by block with pem-rfc7468, then DER from a slice. Not x509-cert 0.2.5's
-    // load_pem_chain: it overflows on an empty input, and der 0.7's PEM reader under it loops
-    // forever on a truncated body (a 146-byte chain hung `host install-cert`, holding the CA
-    // lock). Both found by the install_cert fuzz target.
-    const BEGIN: &str = "-----BEGIN ";
-    const END: &str = "-----END ";
-    let mut certs = Vec::new();
-    let mut rest = pem;
-    loop {
-        let skipped = rest.trim_start();
-        if skipped.is_empty() {
-            break;
-        }
-        if !skipped.starts_with(BEGIN) {
-            return Err(X509Error::Invalid(
-                "text outside the PEM blocks (expected -----BEGIN CERTIFICATE-----)".into(),
-            ));
-        }
-        let end = skipped
-            .find(END)
-            .ok_or_else(|| X509Error::Invalid("a PEM block has no END line".into()))?;
-        let after_end = &skipped[end + END.len()..];
-        let close = after_end
-            .find("-----")
-            .ok_or_else(|| X509Error::Invalid("a PEM END line is not closed".into()))?;
-        let block_len = end + END.len() + close + "-----".len();
-        let (label, der) = pem_rfc7468::decode_vec(&skipped.as_bytes()[..block_len])
-            .map_err(|e| X509Error::Invalid(format!("PEM: {e}")))?;
-        if label != "CERTIFICATE" {
-            return Err(X509Error::Invalid(format!(
-                "a PEM block is a {label}, not a CERTIFICATE"
-            )));
-        }
-        certs.push(Certificate::from_der(&der)?);
-        rest = &skipped[block_len..];
-    }
-    if certs.is_empty() {
-        return Err(X509Error::Invalid("no certificate in the PEM input".into()));
-    }
-    Ok(certs)
+    tessera::pem::certificates(pem).map_err(|e| X509Error::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
