@@ -31,7 +31,14 @@ pub fn verifying_key(seed: u8) -> VerifyingKey {
 
 /// A compact ES256 JWS over `header` and `payload` as given (any bytes).
 pub fn jws(header: &[u8], payload: &[u8], key: &SigningKey) -> String {
-    let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+    signed(
+        &format!("{}.{}", B64.encode(header), B64.encode(payload)),
+        key,
+    )
+}
+
+/// `input` (a JWS signing input) with its ES256 signature appended.
+pub fn signed(input: &str, key: &SigningKey) -> String {
     let sig: Signature = key.sign(input.as_bytes());
     format!("{input}.{}", B64.encode(sig.to_bytes()))
 }

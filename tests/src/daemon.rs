@@ -250,6 +250,18 @@ impl Daemon {
             .expect("run tessera")
     }
 
+    /// Run the `tessera` CLI against this daemon, its admin commands over the bus at `bus`.
+    pub fn cli_on_bus(&self, bus: &str, args: &[&str]) -> std::process::Output {
+        Command::new(bin("tessera"))
+            .arg("--bus")
+            .arg(bus)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tessera")
+    }
+
     /// Run the `tessera` CLI against this daemon with `input` on its standard input.
     pub fn cli_stdin(&self, args: &[&str], input: &[u8]) -> std::process::Output {
         use std::io::Write;

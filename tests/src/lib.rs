@@ -195,6 +195,23 @@ pub fn exe_dir() -> tempfile::TempDir {
     d
 }
 
+/// `tessera audit verify PATH`: its exit code and its output (stdout then stderr).
+pub fn audit_verify(path: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin("tessera"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .expect("run tessera audit verify");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A small runtime for driving the async SDK client from a test.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, shared_tempdir, Backend, Daemon};
+use tessera_e2e::{audit_verify, bin, shared_tempdir, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
 
@@ -27,22 +27,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn audit_verify(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(bin("tessera"))
-        .args(["audit", "verify"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 fn lines(p: &Path) -> Vec<String> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tessera::{ProblemType, TokenOptions};
 use tessera_e2e::daemon::Options;
-use tessera_e2e::{bin, Backend, Daemon};
+use tessera_e2e::{rt, Backend, Daemon};
 
 const AUD: &str = "https://api.example.com";
 
@@ -21,13 +21,6 @@ fn agent() -> (String, String) {
             "[selectors]\nuid = {uid}\n[policy]\naudiences = [\"{AUD}\"]\nscopes = [\"read\"]\nrate = 1000000\n"
         ),
     )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn run(cmd: &mut Command) {
@@ -76,17 +69,34 @@ impl Drop for Mount {
 }
 
 fn audit_verify(dir: &Path) {
-    let out = Command::new(bin("tessera"))
-        .args(["audit", "verify"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "audit verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out) = tessera_e2e::audit_verify(dir);
+    assert_eq!(code, Some(0), "audit verify: {out}");
+}
+
+/// Tokens the trail says were issued.
+fn issued_in_trail(d: &Daemon) -> usize {
+    d.audit_records()
+        .iter()
+        .filter(|r| r["event"] == "token.issued")
+        .count()
+}
+
+/// A refusal of `kind`: 503 with Retry-After (the device or disk may come back).
+fn assert_unavailable(e: &tessera::Error, kind: ProblemType) {
+    assert_eq!(e.problem(), Some(kind), "{e}");
+    let tessera::Error::Problem(p) = e else {
+        panic!("not a problem: {e}")
+    };
+    assert_eq!(p.status, 503, "{e}");
+    assert!(p.retry_after.is_some(), "503 without Retry-After: {e}");
+}
+
+/// Options with the one agent these tests use.
+fn with_agent() -> Options {
+    Options {
+        agents: vec![agent()],
+        ..Default::default()
+    }
 }
 
 fn no_panic(d: &Daemon) {
@@ -116,13 +126,7 @@ fn fill(dir: &Path) -> PathBuf {
 /// is freed. The trail verifies and holds exactly the tokens delivered.
 #[test]
 fn a_full_audit_filesystem_refuses_then_recovers() {
-    let mut d = Daemon::prepare(
-        Backend::pkcs11(),
-        Options {
-            agents: vec![agent()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::prepare(Backend::pkcs11(), with_agent());
     let _mount = Mount::tmpfs(&d.audit_dir(), "512k");
     d.spawn();
     d.wait_ready();
@@ -148,14 +152,7 @@ fn a_full_audit_filesystem_refuses_then_recovers() {
                 Err(e) => e,
             };
             refused += 1;
-            assert_eq!(e.problem(), Some(ProblemType::AuditUnavailable), "{e}");
-            match &e {
-                tessera::Error::Problem(p) => {
-                    assert_eq!(p.status, 503);
-                    assert!(p.retry_after.is_some(), "503 without Retry-After");
-                }
-                other => panic!("{other}"),
-            }
+            assert_unavailable(&e, ProblemType::AuditUnavailable);
         }
         assert_eq!(refused, 5, "tokens kept coming on a full filesystem");
         std::fs::remove_file(filler).unwrap();
@@ -174,12 +171,11 @@ fn a_full_audit_filesystem_refuses_then_recovers() {
     d.stop();
     no_panic(&d);
     audit_verify(&d.audit_dir());
-    let issued = d
-        .audit_records()
-        .iter()
-        .filter(|r| r["event"] == "token.issued")
-        .count();
-    assert_eq!(issued, delivered, "every delivered token, and only those");
+    assert_eq!(
+        issued_in_trail(&d),
+        delivered,
+        "every delivered token, and only those"
+    );
     // A restart finds no torn tail to repair.
     d.spawn();
     d.wait_ready();
@@ -195,13 +191,7 @@ fn a_full_audit_filesystem_refuses_then_recovers() {
 /// A state dir on a read-only mount: the daemon refuses to start with a message naming it,
 /// exits non-zero (systemd restarts it), and starts normally once the mount is writable.
 fn read_only_state_dir_at_start(backend: Backend) {
-    let mut d = Daemon::start_with(
-        backend,
-        Options {
-            agents: vec![agent()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::start_with(backend, with_agent());
     d.stop();
     // The daemon's log cannot live in a read-only state dir.
     let logs = tempfile::tempdir().unwrap();
@@ -235,13 +225,7 @@ tessera_e2e::both_backends!(read_only_state_dir_at_start);
 /// quickly (systemd's restart policy retries), and nothing written that a later start trips on.
 #[test]
 fn a_missing_tpm_at_start_is_a_clear_error() {
-    let mut d = Daemon::prepare(
-        Backend::tpm(),
-        Options {
-            agents: vec![agent()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::prepare(Backend::tpm(), with_agent());
     let Backend::Tpm(tpm) = &mut d.backend else {
         unreachable!()
     };
@@ -271,13 +255,7 @@ fn a_missing_tpm_at_start_is_a_clear_error() {
 /// token is in a trail that verifies.
 #[test]
 fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
-    let mut d = Daemon::start_with(
-        Backend::tpm(),
-        Options {
-            agents: vec![agent()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::start_with(Backend::tpm(), with_agent());
     let keys = d.device_keys();
     let delivered = std::sync::atomic::AtomicUsize::new(0);
     let unavailable = std::sync::atomic::AtomicUsize::new(0);
@@ -302,15 +280,7 @@ fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
                                 delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                             Err(e) => {
-                                assert_eq!(
-                                    e.problem(),
-                                    Some(ProblemType::BackendUnavailable),
-                                    "{e}"
-                                );
-                                if let tessera::Error::Problem(p) = &e {
-                                    assert_eq!(p.status, 503);
-                                    assert!(p.retry_after.is_some());
-                                }
+                                assert_unavailable(&e, ProblemType::BackendUnavailable);
                                 unavailable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
@@ -356,13 +326,8 @@ fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
     d.stop();
     no_panic(&d);
     audit_verify(&d.audit_dir());
-    let issued = d
-        .audit_records()
-        .iter()
-        .filter(|r| r["event"] == "token.issued")
-        .count();
     assert_eq!(
-        issued,
+        issued_in_trail(&d),
         delivered.load(std::sync::atomic::Ordering::Relaxed),
         "every delivered token, and only those, is in the trail"
     );
@@ -375,13 +340,7 @@ fn a_tpm_killed_mid_request_and_restarted_is_reconnected() {
 /// a restart of the daemon (systemd: `systemctl restart tesserad`), the same key.
 #[test]
 fn an_unreadable_softhsm_token_dir_refuses_and_destroys_nothing() {
-    let mut d = Daemon::start_with(
-        Backend::pkcs11(),
-        Options {
-            agents: vec![agent()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::start_with(Backend::pkcs11(), with_agent());
     let keys = d.device_keys();
     let Backend::Pkcs11(hsm) = &d.backend else {
         unreachable!()
@@ -396,11 +355,7 @@ fn an_unreadable_softhsm_token_dir_refuses_and_destroys_nothing() {
                 .token(&TokenOptions::new(AUD))
                 .await
                 .expect_err("a token while the token directory is gone");
-            assert_eq!(e.problem(), Some(ProblemType::BackendUnavailable), "{e}");
-            if let tessera::Error::Problem(p) = &e {
-                assert_eq!(p.status, 503);
-                assert!(p.retry_after.is_some());
-            }
+            assert_unavailable(&e, ProblemType::BackendUnavailable);
         }
         c.whoami().await.unwrap()
     });
@@ -448,21 +403,11 @@ fn a_read_only_registry_refuses_admin_changes_and_recovers() {
     let mut d = Daemon::start_with(
         Backend::pkcs11(),
         Options {
-            agents: vec![agent()],
             bus: bus.address.clone(),
-            ..Default::default()
+            ..with_agent()
         },
     );
-    let tessera = |args: &[&str]| {
-        Command::new(bin("tessera"))
-            .arg("--bus")
-            .arg(&bus.address)
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let tessera = |args: &[&str]| d.cli_on_bus(&bus.address, args);
     let keys = d.device_keys();
     registry_immutable(&d, true);
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -69,7 +69,11 @@ fn start_load(d: &Daemon, limit: usize) -> Load {
                         let Ok(t) = client.token(&opts).await else {
                             return;
                         };
-                        delivered.lock().unwrap().push(jti_of(&t.token));
+                        let jti = tessera_e2e::jwt_claims(&t.token)["jti"]
+                            .as_str()
+                            .expect("jti")
+                            .to_string();
+                        delivered.lock().unwrap().push(jti);
                         n.fetch_add(1, Ordering::Relaxed);
                     }
                 }));
@@ -85,18 +89,6 @@ fn start_load(d: &Daemon, limit: usize) -> Load {
         issued,
         thread,
     }
-}
-
-fn jti_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).expect("a JWS");
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .expect("base64url"),
-    )
-    .expect("JSON claims");
-    claims["jti"].as_str().expect("jti").to_string()
 }
 
 /// Every token a client received (up to the signal) is in the trail: answered means audited.

@@ -330,16 +330,7 @@ fn fleet_ca_csr_round_trip() {
     );
     let dir = d.state_dir().join("fleet");
     std::fs::create_dir_all(&dir).unwrap();
-    let cli = |args: &[&str]| {
-        Command::new(bin("tessera"))
-            .arg("--bus")
-            .arg(&bus.address)
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| d.cli_on_bus(&bus.address, args);
     let csr = dir.join("host.csr");
     // Not an admin: refused by the shipped bus policy, exit 3.
     let o = {

@@ -416,6 +416,23 @@ pub fn key_from_certificate_pem(pem: &str) -> Result<VerifyingKey, AttestationEr
 mod tests {
     use super::*;
 
+    /// EK certificates in evidence come from outside: x509-cert's chain reader overflowed on an
+    /// empty one and looped forever on a truncated body (both found by fuzzing).
+    #[test]
+    fn a_bad_certificate_pem_is_an_error_not_a_panic_or_a_hang() {
+        let truncated = "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n------END CERTIFBT2oBYE/pEk9\nEg==\n-----END CERTIFICATE-----\n------END CERTIFICAT";
+        for pem in ["", "\n", truncated] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(key_from_certificate_pem(pem).is_err());
+            });
+            let refused = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no answer within 10 s for {pem:?}"));
+            assert!(refused, "{pem:?}");
+        }
+    }
+
     fn ecc_public(attrs: u32, key: &VerifyingKey) -> Vec<u8> {
         let p = key.to_encoded_point(false);
         let mut v = Vec::new();

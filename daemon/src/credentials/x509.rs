@@ -365,31 +365,6 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<Certificate>, X509Error> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_empty_pem_input_is_an_error_not_an_overflow() {
-        for pem in ["", "\n", "\r\n\n"] {
-            assert!(super::certs_from_pem(pem).is_err(), "{pem:?}");
-        }
-    }
-
-    /// The fuzzer's 146-byte input that kept der 0.7's PEM reader looping forever.
-    #[test]
-    fn a_truncated_pem_body_is_an_error_not_a_hang() {
-        let pem = "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n------END CERTIFBT2oBYE/pEk9\nEg==\n-----END CERTIFICATE-----\n------END CERTIFICAT";
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(super::certs_from_pem(pem).is_err());
-        });
-        let refused = rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("certs_from_pem did not return within 10 s");
-        assert!(refused);
-        assert!(super::certs_from_pem(
-            "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n"
-        )
-        .is_err());
-    }
-
     use super::*;
     use p256::ecdsa::signature::hazmat::PrehashSigner;
     use p256::ecdsa::SigningKey;
