@@ -496,3 +496,76 @@ export declare function b64Sha256(text: string): string;
 
 /** A URI as DPoP compares it: normalised, without query and fragment. */
 export declare function normalHtu(uri: string | URL, what?: string): string;
+
+// ---------------------------------------------------------------------------------------------
+// Federation: a fresh assertion traded for a token service's access token (RFC 7523 / 8693)
+
+export declare const JWT_BEARER: 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+export declare const TOKEN_EXCHANGE: 'urn:ietf:params:oauth:grant-type:token-exchange';
+export declare const JWT_TOKEN_TYPE: 'urn:ietf:params:oauth:token-type:jwt';
+export declare const ANTHROPIC_TOKEN_ENDPOINT: 'https://api.anthropic.com/v1/oauth/token';
+export declare const ANTHROPIC_AUDIENCE: 'https://api.anthropic.com';
+/** A cached token is refreshed this long before it expires; a failure then returns it still. */
+export declare const ADVISORY_REFRESH_MS: 120000;
+/** From this long before expiry a failed refresh is thrown. */
+export declare const MANDATORY_REFRESH_MS: 30000;
+
+/** The token endpoint refused (RFC 6749 §5.2), could not be reached, or answered nonsense. */
+export declare class ExchangeError extends TesseraError {
+  status?: number;
+  error?: string;
+  description?: string;
+  body?: unknown;
+}
+
+export interface AccessToken {
+  accessToken: string;
+  tokenType?: string;
+  /** Milliseconds since the epoch, from `expires_in`. */
+  expiresAt?: number;
+  response: Record<string, unknown>;
+}
+
+export interface ExchangerOptions extends AgentOption {
+  /** https (or http to loopback). */
+  tokenEndpoint: string;
+  /** The assertion's `aud` (default: the token endpoint); the agent's policy must allow it. */
+  audience?: string;
+  grant?: 'jwt-bearer' | 'token-exchange';
+  /** Extra request members: scope, audience, resource, federation_rule_id... */
+  params?: Record<string, string>;
+  /** A JSON body (the Claude API) instead of a form. */
+  json?: boolean;
+  client?: Client;
+  /** PEM roots instead of Node's. */
+  ca?: string | Buffer;
+  /** Milliseconds. */
+  timeout?: number;
+}
+
+export interface AnthropicExchangerOptions extends AgentOption {
+  federationRuleId: string;
+  organizationId: string;
+  serviceAccountId: string;
+  workspaceId?: string;
+  tokenEndpoint?: string;
+  client?: Client;
+  ca?: string | Buffer;
+}
+
+/** An access token for this process's agent from one token endpoint, cached and refreshed. */
+export declare class Exchanger {
+  constructor(options: ExchangerOptions);
+  static anthropic(options: AnthropicExchangerOptions): Exchanger;
+  readonly tokenEndpoint: string;
+  readonly audience: string;
+  requestBody(assertion: string): Record<string, string>;
+  /** One exchange with a fresh assertion (no cache). */
+  exchange(): Promise<AccessToken>;
+  /** The cached token while it has more than 120 s left, else a new one. */
+  accessToken(): Promise<AccessToken>;
+  invalidate(): void;
+}
+
+/** RFC 6749 §5.1 / §5.2: the token endpoint's answer read, or its refusal thrown. */
+export declare function parseAnswer(status: number, body: Buffer, now?: number): AccessToken;

@@ -2,8 +2,8 @@
 //! admins (audit; agent administration over D-Bus).
 //!
 //! Exit codes: 0 ok; 1 error; 2 usage or not confirmed; 3 refused by the daemon (policy,
-//! unknown caller, revoked, access denied); 4 daemon unreachable or unavailable; 5
-//! verification failed; 6 no such agent.
+//! unknown caller, revoked, access denied) or by a token endpoint (`exchange`); 4 daemon or
+//! token endpoint unreachable or unavailable; 5 verification failed; 6 no such agent.
 
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 mod agent;
 mod certs;
+mod federation;
 mod host;
 mod status;
 mod tls_proxy;
@@ -164,6 +165,15 @@ enum Cmd {
         #[arg(long)]
         ak: PathBuf,
     },
+    /// What federated relying parties trust (the agents' public key set).
+    Federation {
+        #[command(subcommand)]
+        cmd: federation::FederationSub,
+    },
+    /// Trade a fresh assertion of this agent for an access token at an RFC 7523 / RFC 8693
+    /// token endpoint (or the Claude API's); prints the access token (the whole answer with
+    /// --json). Server certificates are checked against the system roots (SSL_CERT_FILE).
+    Exchange(federation::ExchangeArgs),
     /// The host CA for fleets (admin, over D-Bus).
     Host {
         #[command(subcommand)]
@@ -350,8 +360,8 @@ enum AuditSub {
     },
 }
 
-const EXIT_REFUSED: u8 = 3;
-const EXIT_UNAVAILABLE: u8 = 4;
+pub(crate) const EXIT_REFUSED: u8 = 3;
+pub(crate) const EXIT_UNAVAILABLE: u8 = 4;
 pub(crate) const EXIT_UNVERIFIED: u8 = 5;
 
 pub(crate) fn client_error(e: &Error) -> ExitCode {
@@ -391,6 +401,8 @@ async fn run(cli: Cli) -> ExitCode {
     let client = Client::with_socket(&cli.socket);
     let bus = admin_bus(&cli);
     match cli.cmd {
+        Cmd::Federation { cmd } => federation::federation(&client, cmd).await,
+        Cmd::Exchange(args) => federation::run(&client, args, cli.json).await,
         Cmd::Health => match client.health().await {
             Ok(h) if cli.json => {
                 print_json(&h);

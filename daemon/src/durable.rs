@@ -21,3 +21,29 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// [`write_atomic`] relative to an open directory: the temp file is made new (`O_EXCL`, no
+/// symlink followed) beside `name`, then renamed over it; nothing resolves a path again.
+pub fn write_atomic_at(dir: &std::os::fd::OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let tmp = format!(".{name}.{}.tmp", hex::encode(rand::random::<[u8; 6]>()));
+    let fd = rustix::fs::openat(
+        dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    // Served by a web server running as someone else: readable whatever the daemon's umask.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o644))?;
+    let mut f = fs::File::from(fd);
+    let written = f
+        .write_all(data)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| Ok(rustix::fs::renameat(dir, tmp.as_str(), dir, name)?));
+    if let Err(e) = written {
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), rustix::fs::AtFlags::empty());
+        return Err(e);
+    }
+    rustix::fs::fsync(dir)?;
+    Ok(())
+}

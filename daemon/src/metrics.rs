@@ -104,6 +104,27 @@ pub fn issued(kind: &str, agent: &str) {
         .inc();
 }
 
+/// The credential types counted in `credentials_issued`.
+pub const CREDENTIAL_TYPES: [&str; 6] = [
+    "token",
+    "proof",
+    "wit",
+    "certificate",
+    "jwt-svid",
+    "tls-signature",
+];
+
+/// Drop a revoked agent's `credentials_issued` series: otherwise every agent ever enrolled
+/// stays in the scrape and in memory (the soak's churn).
+pub fn forget_agent(agent: &str) {
+    for kind in CREDENTIAL_TYPES {
+        METRICS.issued.remove(&vec![
+            ("type".to_string(), kind.to_string()),
+            ("agent".to_string(), agent.to_string()),
+        ]);
+    }
+}
+
 /// One refusal (`problem`: the stable slug) at `door` ("socket", "dbus", "spiffe").
 pub fn refused(problem: &str, door: &str) {
     METRICS

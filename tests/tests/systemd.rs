@@ -71,6 +71,46 @@ fn units_verify_cleanly_and_score_2_or_lower() {
     assert!(out.status.success(), "threshold check: {text}");
 }
 
+/// The federation examples (a path unit and its sync service) load cleanly; the sync command
+/// itself is the admin's, so the copy checked runs `/bin/true`.
+#[test]
+fn federation_example_units_verify_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = units_dir().join("examples");
+    for unit in ["tessera-oidc-sync.path", "tessera-oidc-sync.service"] {
+        let text = std::fs::read_to_string(examples.join(unit)).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("ExecStart=") {
+                    "ExecStart=/bin/true".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(dir.path().join(unit), text + "\n").unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("tessera-oidc-sync.path"))
+        .arg(dir.path().join("tessera-oidc-sync.service"))
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+    let dropin = std::fs::read_to_string(examples.join("tesserad-federation.conf")).unwrap();
+    assert!(dropin.contains("[Service]\nReadWritePaths=/srv/tessera-oidc"));
+}
+
 fn read_notify(sock: &UnixDatagram, want: &str, within: Duration, seen: &mut Vec<String>) {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; 4096];

@@ -6,6 +6,8 @@
 //! - [`verify`]: relying-party checks: bearer tokens, DPoP-bound tokens with their proofs,
 //!   WIMSE WIT+WPT pairs and RFC 9421 signatures.
 //! - `reqwest` (feature `reqwest`): send a request with a DPoP-bound token and a fresh proof.
+//! - `exchange` (feature `exchange`): trade a fresh assertion for a cloud token service's access
+//!   token (RFC 7523 / RFC 8693, the Claude API), cached and refreshed ahead of expiry.
 //! - [`attestation`]: check key attestation evidence (the agent key was made inside a TPM).
 //! - [`key_policy`]: whether a tessera certificate certifies a hardware or a software key.
 //!
@@ -20,6 +22,8 @@
 pub mod attestation;
 mod client;
 mod error;
+#[cfg(feature = "exchange")]
+pub mod exchange;
 pub mod key_policy;
 pub mod pem;
 #[cfg(feature = "reqwest")]

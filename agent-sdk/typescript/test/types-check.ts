@@ -11,6 +11,8 @@ import {
   BackendUnavailable,
   Client,
   DEFAULT_SOCKET,
+  ExchangeError,
+  Exchanger,
   JwksCache,
   MalformedRequest,
   PROBLEM_CLASSES,
@@ -23,6 +25,8 @@ import {
   VerifyError,
   b64Sha256,
   createTesseraFetch,
+  parseAnswer,
+  type AccessToken,
   problemFrom,
   tesseraFetch,
   verify,
@@ -153,3 +157,24 @@ async function verifying(token: string): Promise<void> {
 }
 
 void [clientCalls, problems, fetching, verifying];
+
+async function exchangeCalls(client: Client): Promise<void> {
+  const x = new Exchanger({ tokenEndpoint: 'https://as.example/token', client, params: { scope: 'a' } });
+  const t: AccessToken = await x.accessToken();
+  const left: number | undefined = t.expiresAt;
+  const claude = Exchanger.anthropic({ federationRuleId: 'f', organizationId: 'o', serviceAccountId: 's' });
+  const body: Record<string, string> = claude.requestBody('a.b.c');
+  const parsed: AccessToken = parseAnswer(200, Buffer.from('{"access_token":"x"}'));
+  void [left, body, parsed];
+  try {
+    await x.exchange();
+  } catch (e) {
+    if (e instanceof ExchangeError) {
+      const code: string | undefined = e.error;
+      void code;
+    }
+  }
+  // @ts-expect-error tokenEndpoint is required
+  new Exchanger({});
+}
+void exchangeCalls;

@@ -95,6 +95,7 @@ impl AgentSet {
         changed: &[Agent],
         keep: impl Fn(&Agent) -> bool,
         newest_first: bool,
+        limit: Option<usize>,
     ) -> AgentSet {
         let rows: HashSet<i64> = changed.iter().map(|a| a.row).collect();
         let mut all: Vec<Arc<Agent>> = self
@@ -108,6 +109,9 @@ impl AgentSet {
             all.sort_by_key(|a| std::cmp::Reverse(a.row));
         } else {
             all.sort_by_key(|a| a.row);
+        }
+        if let Some(n) = limit {
+            all.truncate(n);
         }
         AgentSet::of(all)
     }
@@ -186,6 +190,7 @@ mod tests {
             &[agent(2, None, None), three, agent(9, Some(1000), None)],
             |a| a.row != 2,
             false,
+            None,
         );
         let rows: Vec<i64> = next.iter().map(|a| a.row).collect();
         assert_eq!(rows, vec![1, 3, 4, 5, 9]);
@@ -197,8 +202,13 @@ mod tests {
         let c = Caller::from_bus(1, 1000, 1000);
         let rows: Vec<i64> = next.candidates(&c, None).map(|a| a.row).collect();
         assert_eq!(rows, vec![1, 4, 9]);
-        let rev = next.apply(&[], |_| true, true);
+        let rev = next.apply(&[], |_| true, true, None);
         let rows: Vec<i64> = rev.iter().map(|a| a.row).collect();
         assert_eq!(rows, vec![9, 5, 4, 3, 1]);
+        // A window keeps the newest only (memory for revoked agents is bounded).
+        let rev = next.apply(&[agent(10, Some(7), None)], |_| true, true, Some(3));
+        let rows: Vec<i64> = rev.iter().map(|a| a.row).collect();
+        assert_eq!(rows, vec![10, 9, 5]);
+        assert!(rev.by_row(1).is_none());
     }
 }

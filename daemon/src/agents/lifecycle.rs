@@ -28,6 +28,10 @@ use crate::keystore::{new_key_id, KeyStoreError};
 
 pub const AGENT_KEY_PREFIX: &str = "agent";
 
+/// The longest `sub` every federation relying party takes (Google maps it into
+/// `google.subject`, at most 127 bytes); a longer SPIFFE ID is enrolled with a warning.
+pub const MAX_PORTABLE_SUBJECT: usize = 127;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{0}")]
@@ -155,9 +159,22 @@ impl Agents {
             AdminError::NotFound(format!("agent {name} vanished during enrolment"))
         })?;
         let generation = self.apply(std::slice::from_ref(&agent)); // model: E4
-        self.audit_admin(Event::new("agent.enrolled").agent(name, &spiffe_id).details(json!({
+        let mut details = json!({
             "by": by, "source": source, "selectors": selectors, "policy": policy, "kid": kid,
-        })))
+        });
+        if spiffe_id.len() > MAX_PORTABLE_SUBJECT {
+            let warning = format!(
+                "the SPIFFE ID is {} bytes: relying parties that limit `sub` to {MAX_PORTABLE_SUBJECT} bytes (Google) will refuse its tokens; shorten id_template or the name",
+                spiffe_id.len()
+            );
+            tracing::warn!(agent = name, spiffe_id, "{warning}");
+            details["warning"] = json!(warning);
+        }
+        self.audit_admin(
+            Event::new("agent.enrolled")
+                .agent(name, &spiffe_id)
+                .details(details),
+        )
         .await;
         self.publish(generation, name, EventKind::Enrolled);
         Ok(agent)

@@ -9,6 +9,7 @@
 pub mod certificate;
 pub mod checkpoint;
 pub mod evidence;
+pub mod federation;
 pub mod hostca;
 pub mod httpsig;
 pub mod issuer;
@@ -77,6 +78,8 @@ pub struct Credentials {
     changes: tokio::sync::watch::Sender<u64>,
     /// Credentials issued per minute over the last hour (for `Status()`).
     activity: status::Activity,
+    /// `[federation] publish_dir`, opened and checked at start.
+    publisher: std::sync::OnceLock<federation::Publisher>,
 }
 
 /// The rate bucket of an agent's TLS server signatures (key ids hold no `#`).
@@ -259,7 +262,40 @@ impl Credentials {
                 first: 1,
             }),
             changes: tokio::sync::watch::Sender::new(0),
+            publisher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keep `[federation] publish_dir` current from now on (set once, at start).
+    pub fn set_publisher(&self, p: federation::Publisher) {
+        if self.publisher.set(p).is_err() {
+            tracing::warn!("federation publisher set twice; the first stays");
+        }
+    }
+
+    /// Rewrite the published discovery document and key set if they changed. A failure is
+    /// logged and audited; relying parties keep the previous files (never a torn one).
+    pub async fn publish_trust(&self) {
+        let Some(p) = self.publisher.get() else {
+            return;
+        };
+        let Some(issuer) = self.settings().federation_issuer.clone() else {
+            return;
+        };
+        match p.publish(&issuer, &self.jwks()) {
+            Ok(true) => tracing::debug!(issuer, "federation key set published"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot publish the federation key set");
+                let _ = self
+                    .audit
+                    .record(
+                        Event::new("federation.publish_failed")
+                            .details(json!({"error": e.to_string()})),
+                    )
+                    .await;
+            }
+        }
     }
 
     /// The agents this pipeline issues for (their lifecycle is the doors' to drive).
@@ -291,13 +327,15 @@ impl Credentials {
                     Ok(ev) => ev,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         me.bundles_changed();
+                        me.publish_trust().await;
                         me.refresh_crl_logged().await;
                         continue;
                     }
                     Err(_) => break,
                 };
-                // Every agent change may change the JWT bundle.
+                // Every agent change may change the JWT bundle and the published key set.
                 me.bundles_changed();
+                me.publish_trust().await;
                 if matches!(
                     ev.kind,
                     EventKind::Suspended | EventKind::Revoked { .. } | EventKind::Updated
@@ -316,6 +354,7 @@ impl Credentials {
                     if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
                         me.forget_rate(&a.key_id);
                     }
+                    crate::metrics::forget_agent(&ev.name);
                     if me.crl_generation() < ev.generation {
                         me.refresh_crl_logged().await;
                     }
@@ -329,6 +368,8 @@ impl Credentials {
     pub async fn revoke(&self, name: &str, reason: &str, by: &str) -> Result<(), AdminError> {
         let res = self.agents.revoke(name, reason, by).await;
         self.ensure_crl_current().await;
+        // The key leaves the published set before the admin hears "revoked".
+        self.publish_trust().await;
         res
     }
 
@@ -336,6 +377,7 @@ impl Credentials {
     pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
         let res = self.agents.revoke_all(reason, by).await;
         self.ensure_crl_current().await;
+        self.publish_trust().await;
         res
     }
 
@@ -742,17 +784,10 @@ impl Credentials {
                     (None, Some((x5t, _))) => Some(json!({ "x5t#S256": x5t })),
                     (None, None) => None,
                 };
-                let host_id = self.settings().ids.host_id();
+                let iss = self.settings().token_issuer();
                 let issued = match self
                     .issuer
-                    .jwt(
-                        &host_id,
-                        &agent,
-                        &req.audience,
-                        &req.scopes,
-                        ttl.as_secs(),
-                        cnf,
-                    )
+                    .jwt(&iss, &agent, &req.audience, &req.scopes, ttl.as_secs(), cnf)
                     .await
                 {
                     Ok(t) => t,
@@ -928,6 +963,7 @@ impl Credentials {
 
     /// Count a credential in the agent's issued counters.
     pub(crate) fn count_issued(&self, agent: &Agent, kind: &str, at: i64) {
+        debug_assert!(crate::metrics::CREDENTIAL_TYPES.contains(&kind), "{kind}");
         self.activity.note(at);
         crate::metrics::issued(kind, &agent.name);
         let mut counts = self.issued.lock().unwrap_or_else(|p| p.into_inner());

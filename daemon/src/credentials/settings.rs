@@ -27,6 +27,17 @@ pub struct Settings {
     /// A signed audit checkpoint after this many records or this long, whichever is first.
     pub checkpoint_every: u64,
     pub checkpoint_interval: Duration,
+    /// `[federation] issuer` with `{host}` filled in: `iss` of agent tokens when set.
+    pub federation_issuer: Option<String>,
+}
+
+impl Settings {
+    /// `iss` of agent tokens: the federation issuer when configured, else the host's SPIFFE ID.
+    pub fn token_issuer(&self) -> String {
+        self.federation_issuer
+            .clone()
+            .unwrap_or_else(|| self.ids.host_id())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -400,7 +400,10 @@ impl Credentials {
         if !aud_ok {
             return Err(reject("the audience is not in aud"));
         }
-        if claims.get("iss").and_then(Value::as_str) != Some(&self.settings().ids.host_id()) {
+        // JWT-SVIDs name the host; agent tokens name the federation issuer when one is set.
+        let settings = self.settings();
+        let iss = claims.get("iss").and_then(Value::as_str);
+        if iss != Some(&settings.ids.host_id()) && iss != Some(&settings.token_issuer()) {
             return Err(reject("iss is not this host"));
         }
         // The key speaks only for its own agent.

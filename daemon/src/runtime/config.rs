@@ -59,6 +59,8 @@ pub struct Config {
     pub spiffe: SpiffeConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub federation: credentials::federation::FederationConfig,
 }
 
 /// `[metrics]`: the Prometheus scrape endpoint, off unless `listen` is set (or systemd passes
@@ -325,6 +327,16 @@ impl Config {
                     .into(),
             ));
         }
+        // The federation token profile (and every relying party's limit): exp - iat <= 1 h.
+        if self.tokens.max_ttl.0 > Duration::from_secs(3600) {
+            return Err(invalid(format!(
+                "tokens.max_ttl ({}) must be at most 1h",
+                format_duration(self.tokens.max_ttl.0)
+            )));
+        }
+        self.federation
+            .issuer_for(&self.host_name())
+            .map_err(invalid)?;
         if self.tokens.default_ttl.0 < Duration::from_secs(1) {
             return Err(invalid("tokens.default_ttl must be at least 1s".into()));
         }
@@ -444,6 +456,8 @@ impl Config {
             identify_deadline: self.limits.request_deadline.0,
             checkpoint_every: self.audit.checkpoint_every,
             checkpoint_interval: self.audit.checkpoint_interval.0,
+            // Checked by `validate`: an invalid issuer never gets this far.
+            federation_issuer: self.federation.issuer_for(&self.host_name()).ok().flatten(),
         }
     }
 

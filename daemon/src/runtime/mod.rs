@@ -234,10 +234,14 @@ impl Daemon {
             if new.state_dir != old.state_dir || new.socket != old.socket {
                 tracing::warn!("state_dir and socket changes take effect at the next restart");
             }
+            if new.federation.publish_dir != old.federation.publish_dir {
+                tracing::warn!("federation.publish_dir changes take effect at the next restart");
+            }
             let mut merged = new;
             merged.state_dir = old.state_dir.clone();
             merged.socket = old.socket.clone();
             merged.backend = old.backend.clone();
+            merged.federation.publish_dir = old.federation.publish_dir.clone();
             self.agents.set_settings(merged.agents_settings());
             self.credentials.set_settings(merged.credentials_settings());
             *self.doors.write().unwrap_or_else(|p| p.into_inner()) = merged.door_settings();
@@ -247,6 +251,8 @@ impl Daemon {
         let r = self.agents.reconcile_agents_dir(&dir).await?;
         // Files removed meanwhile revoked their agents: the CRL is current before we report.
         self.credentials.ensure_crl_current().await;
+        // So is the published key set (and the discovery document, if the issuer changed).
+        self.credentials.publish_trust().await;
         tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = ?r.errors, "reloaded");
         Ok(r)
     }
@@ -362,6 +368,12 @@ pub async fn start(
         }
         let r = agents.reconcile_agents_dir(&cfg.agents_dir).await?;
         tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
+        if let Some(dir) = &cfg.federation.publish_dir {
+            let p = crate::credentials::federation::Publisher::open(dir)?;
+            creds.set_publisher(p);
+            creds.publish_trust().await;
+            tracing::info!(dir = %dir.display(), "federation key set published");
+        }
         // Anchor what start-up wrote (and re-anchor after accepted tampering).
         creds
             .checkpoint()

@@ -19,6 +19,11 @@ const AUD: &str = "https://api.example.com";
 const CLIENTS: usize = 64;
 const STEADY: usize = 8;
 const SAMPLE: Duration = Duration::from_secs(10);
+/// Lifetime of every credential the clients ask for. The daemon keeps state per live
+/// credential (bound tokens by hash, certificate records) until it expires: that state is
+/// bounded by rate x lifetime and steady once one lifetime has passed, which must be well
+/// inside the warm-up for "flat" to mean "no leak".
+const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 
 fn agent_toml(session: bool) -> String {
     format!(
@@ -134,13 +139,22 @@ fn soak(name: &str, backend: Backend, minutes: f64, out: &Path) -> (String, bool
                     let agent = format!("steady{}", n % STEADY);
                     let r = match n % 4 {
                         0 => c
-                            .certificate(&CertificateOptions::default().agent(&agent))
+                            .certificate(
+                                &CertificateOptions::default()
+                                    .agent(&agent)
+                                    .ttl(CREDENTIAL_TTL),
+                            )
                             .await
                             .map(|_| ()),
                         1 => {
                             async {
                                 let t = c
-                                    .token(&TokenOptions::new(AUD).agent(&agent).bind_dpop())
+                                    .token(
+                                        &TokenOptions::new(AUD)
+                                            .agent(&agent)
+                                            .ttl(CREDENTIAL_TTL)
+                                            .bind_dpop(),
+                                    )
                                     .await?;
                                 let mut o = DpopOptions::new("GET", format!("{AUD}/v1/x"))
                                     .access_token(t.token);
@@ -150,7 +164,7 @@ fn soak(name: &str, backend: Backend, minutes: f64, out: &Path) -> (String, bool
                             .await
                         }
                         _ => c
-                            .token(&TokenOptions::new(AUD).agent(&agent))
+                            .token(&TokenOptions::new(AUD).agent(&agent).ttl(CREDENTIAL_TTL))
                             .await
                             .map(|_| ()),
                     };

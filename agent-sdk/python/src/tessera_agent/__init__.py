@@ -38,10 +38,14 @@ from .errors import (
     UnknownCaller,
     VerificationError,
 )
+from .exchange import AccessToken, ExchangeError, Exchanger
 from .verify import DpopNonces, ReplayCache, VerifiedAgent, Verifier, jwk_thumbprint
 
 __all__ = [
     "PROBLEMS",
+    "AccessToken",
+    "ExchangeError",
+    "Exchanger",
     "AgentRevoked",
     "AgentSuspended",
     "AmbiguousCaller",

@@ -187,11 +187,18 @@ impl Registry {
         Ok(out)
     }
 
-    /// Revoked records, newest first (to tell a revoked caller it is revoked).
-    pub fn revoked(&self) -> Result<Vec<Agent>, RegistryError> {
-        let mut v = self.query("WHERE status = 'revoked'", [])?;
-        v.reverse();
-        Ok(v)
+    /// The newest `limit` revoked records, newest first (to tell a revoked caller it is
+    /// revoked). Older ones stay on disk for history; memory holds a bounded window.
+    pub fn revoked(&self, limit: usize) -> Result<Vec<Agent>, RegistryError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM agents WHERE status = 'revoked' ORDER BY row DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], raw_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(decode(r?)?);
+        }
+        Ok(out)
     }
 
     pub fn pending(&self) -> Result<Vec<Agent>, RegistryError> {
