@@ -137,6 +137,7 @@ export class Exchanger {
    * @returns {Record<string, string>}
    */
   requestBody(assertion) {
+    /** @type {Record<string, string>} */
     const body =
       this.grant === 'token-exchange'
         ? { grant_type: TOKEN_EXCHANGE, subject_token: assertion, subject_token_type: JWT_TOKEN_TYPE }
