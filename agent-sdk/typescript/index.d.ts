@@ -280,6 +280,8 @@ export declare class TargetNotAllowed extends TesseraProblem {}
 /** 403: a proof's `access_token`/`ath` is not a token of this agent bound to its proof key. */
 export declare class TokenNotAccepted extends TesseraProblem {}
 export declare class TlsRoleNotAllowed extends TesseraProblem {}
+/** 403: an RSA agent asked for what only P-256 keys do (proofs, WITs, bound tokens, TLS, certificates). */
+export declare class KeyTypeUnsupported extends TesseraProblem {}
 /** 500. */
 export declare class InternalError extends TesseraProblem {}
 
@@ -289,7 +291,7 @@ export type ProblemSlug =
   | 'malformed-request' | 'body-too-large' | 'rate-limited' | 'backend-unavailable'
   | 'audit-unavailable' | 'not-found' | 'method-not-allowed' | 'request-timeout' | 'use-socket'
   | 'binding-required' | 'target-not-allowed' | 'token-not-accepted' | 'tls-role-not-allowed'
-  | 'internal';
+  | 'key-type-unsupported' | 'internal';
 
 /** Problem slug → class. */
 export declare const PROBLEM_CLASSES: Readonly<Record<ProblemSlug, typeof TesseraProblem>>;
@@ -503,6 +505,9 @@ export declare function normalHtu(uri: string | URL, what?: string): string;
 export declare const JWT_BEARER: 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 export declare const TOKEN_EXCHANGE: 'urn:ietf:params:oauth:grant-type:token-exchange';
 export declare const JWT_TOKEN_TYPE: 'urn:ietf:params:oauth:token-type:jwt';
+export declare const CLIENT_ASSERTION_TYPE: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+/** The one audience Microsoft Entra federated identity credentials take. */
+export declare const ENTRA_AUDIENCE: 'api://AzureADTokenExchange';
 export declare const ANTHROPIC_TOKEN_ENDPOINT: 'https://api.anthropic.com/v1/oauth/token';
 export declare const ANTHROPIC_AUDIENCE: 'https://api.anthropic.com';
 /** A cached token is refreshed this long before it expires; a failure then returns it still. */
@@ -531,7 +536,8 @@ export interface ExchangerOptions extends AgentOption {
   tokenEndpoint: string;
   /** The assertion's `aud` (default: the token endpoint); the agent's policy must allow it. */
   audience?: string;
-  grant?: 'jwt-bearer' | 'token-exchange';
+  /** `client-assertion`: client_credentials with the assertion as `client_assertion` (Entra). */
+  grant?: 'jwt-bearer' | 'token-exchange' | 'client-assertion';
   /** Extra request members: scope, audience, resource, federation_rule_id... */
   params?: Record<string, string>;
   /** A JSON body (the Claude API) instead of a form. */

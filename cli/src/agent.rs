@@ -64,6 +64,10 @@ pub enum AgentSub {
         /// Only sender-constrained (DPoP-bound) tokens, never bearer tokens.
         #[arg(long)]
         require_binding: bool,
+        /// The identity key: p256 (ES256, the default) or rsa2048 (RS256 tokens and JWT-SVIDs
+        /// only, for relying parties that take nothing else). Fixed at enrolment.
+        #[arg(long, value_parser = ["p256", "rsa2048"])]
+        key: Option<String>,
     },
     /// All live agents.
     List,
@@ -278,6 +282,7 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 max_cert_ttl,
                 rate,
                 require_binding,
+                key,
             } => {
                 let mut sel: HashMap<&str, Value<'_>> = HashMap::new();
                 if let Some(v) = uid {
@@ -305,6 +310,9 @@ pub async fn run(cmd: AgentSub, bus: &str, as_json: bool) -> ExitCode {
                 }
                 if require_binding {
                     pol.insert("require_binding", true.into());
+                }
+                if let Some(k) = &key {
+                    pol.insert("key", Value::from(k.as_str()));
                 }
                 let path = mgr.enroll(&name, sel, pol).await?;
                 let props = agent_props(&conn, &path).await?;

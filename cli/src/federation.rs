@@ -43,6 +43,8 @@ pub enum GrantArg {
     JwtBearer,
     /// RFC 8693 token exchange (`subject_token`).
     TokenExchange,
+    /// RFC 7523 §2.2 client authentication: `client_credentials` with `client_assertion`.
+    ClientAssertion,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,6 +55,10 @@ pub enum Preset {
     Anthropic,
     /// RFC 8693 token exchange, form-encoded (`audience`, `resource`, `scope` via --param).
     Rfc8693,
+    /// Microsoft Entra federated identity credential: client_credentials with the assertion as
+    /// client_assertion, audience api://AzureADTokenExchange (an RS256 agent, key = "rsa2048");
+    /// give client_id and scope with --param and the tenant's /oauth2/v2.0/token endpoint.
+    Entra,
 }
 
 #[derive(Args)]
@@ -115,6 +121,17 @@ fn options(a: ExchangeArgs) -> Result<ExchangeOptions, String> {
             o
         }
         Some(Preset::Rfc8693) => ExchangeOptions::token_exchange(""),
+        Some(Preset::Entra) => {
+            for k in ["client_id", "scope"] {
+                if !params.iter().any(|(p, _)| p == k) {
+                    return Err(format!("--preset entra needs --param {k}=…"));
+                }
+            }
+            let mut o = ExchangeOptions::jwt_bearer("");
+            o.grant = Grant::ClientAssertion;
+            o.audience = Some(exchange::ENTRA_AUDIENCE.into());
+            o
+        }
         None => ExchangeOptions::jwt_bearer(""),
     };
     if let Some(e) = a.token_endpoint {
@@ -123,6 +140,7 @@ fn options(a: ExchangeArgs) -> Result<ExchangeOptions, String> {
     match a.grant {
         Some(GrantArg::JwtBearer) => o.grant = Grant::JwtBearer,
         Some(GrantArg::TokenExchange) => o.grant = Grant::TokenExchange,
+        Some(GrantArg::ClientAssertion) => o.grant = Grant::ClientAssertion,
         None => {}
     }
     if a.audience.is_some() {
@@ -235,6 +253,28 @@ mod tests {
         assert_eq!(o.token_endpoint, exchange::ANTHROPIC_TOKEN_ENDPOINT);
         assert_eq!(o.assertion_audience(), exchange::ANTHROPIC_AUDIENCE);
         assert_eq!(o.body, BodyFormat::Json);
+        let o = opts(&[
+            "--preset",
+            "entra",
+            "--token-endpoint",
+            "https://login.example/t/oauth2/v2.0/token",
+            "--param",
+            "client_id=app",
+            "--param",
+            "scope=https://graph.microsoft.com/.default",
+        ])
+        .unwrap();
+        assert_eq!(o.grant, Grant::ClientAssertion);
+        assert_eq!(o.assertion_audience(), exchange::ENTRA_AUDIENCE);
+        assert!(opts(&[
+            "--preset",
+            "entra",
+            "--token-endpoint",
+            "https://l/t",
+            "--param",
+            "client_id=a"
+        ])
+        .is_err());
         assert!(opts(&["--param", "x"]).is_err(), "no endpoint");
         assert!(opts(&["--token-endpoint", "https://a/t", "--param", "novalue"]).is_err());
     }

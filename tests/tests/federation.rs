@@ -161,7 +161,7 @@ fn an_agent_exchanges_its_assertion_at_an_authlib_token_endpoint() {
     assert_eq!(doc["jwks_uri"], format!("{ISSUER}/jwks.json"));
     assert_eq!(
         doc["id_token_signing_alg_values_supported"],
-        json!(["ES256"])
+        json!(["ES256", "RS256"])
     );
     assert_eq!(doc["subject_types_supported"], json!(["public"]));
     assert_eq!(doc["response_types_supported"], json!(["id_token"]));

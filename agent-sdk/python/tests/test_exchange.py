@@ -15,6 +15,13 @@ def test_bodies_follow_the_grant():
     assert te.request_body("A.B.C") == {
         "grant_type": TOKEN_EXCHANGE, "subject_token": "A.B.C", "subject_token_type": JWT_TOKEN_TYPE,
     }
+    ca = Exchanger("https://login.example/token", grant="client-assertion", params={"client_id": "app"}, client=object())
+    assert ca.request_body("A.B.C") == {
+        "grant_type": "client_credentials",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": "A.B.C",
+        "client_id": "app",
+    }
     c = Exchanger.anthropic("fdrl_1", "org", "svac_1", client=object())
     assert c.audience == "https://api.anthropic.com"
     assert c.token_endpoint == "https://api.anthropic.com/v1/oauth/token"

@@ -30,6 +30,9 @@ pub enum ProblemType {
     TokenNotAccepted,
     /// `POST /v1/tls/sign` as a TLS server without policy `tls_server = true`.
     TlsRoleNotAllowed,
+    /// An RSA agent (`key = "rsa2048"`) asked for something only P-256 keys do: proofs, WITs,
+    /// bound tokens, TLS signatures, certificates.
+    KeyTypeUnsupported,
     Internal,
     /// A type this SDK version does not know.
     Other(String),
@@ -40,7 +43,7 @@ pub const PROBLEM_URI_PREFIX: &str = "urn:tessera:problem:";
 
 impl ProblemType {
     /// Every type the daemon sends; the one list both sides use.
-    pub const KNOWN: [ProblemType; 22] = [
+    pub const KNOWN: [ProblemType; 23] = [
         ProblemType::UnknownCaller,
         ProblemType::AmbiguousCaller,
         ProblemType::CallerGone,
@@ -62,6 +65,7 @@ impl ProblemType {
         ProblemType::TargetNotAllowed,
         ProblemType::TokenNotAccepted,
         ProblemType::TlsRoleNotAllowed,
+        ProblemType::KeyTypeUnsupported,
         ProblemType::Internal,
     ];
 
@@ -97,6 +101,7 @@ impl ProblemType {
             ProblemType::TargetNotAllowed => "target-not-allowed",
             ProblemType::TokenNotAccepted => "token-not-accepted",
             ProblemType::TlsRoleNotAllowed => "tls-role-not-allowed",
+            ProblemType::KeyTypeUnsupported => "key-type-unsupported",
             ProblemType::Internal => "internal",
             ProblemType::Other(uri) => uri.strip_prefix(PROBLEM_URI_PREFIX).unwrap_or(uri),
         }
@@ -121,7 +126,8 @@ impl ProblemType {
             | ProblemType::BindingRequired
             | ProblemType::TargetNotAllowed
             | ProblemType::TokenNotAccepted
-            | ProblemType::TlsRoleNotAllowed => 403,
+            | ProblemType::TlsRoleNotAllowed
+            | ProblemType::KeyTypeUnsupported => 403,
             ProblemType::AmbiguousCaller => 409,
             ProblemType::MalformedRequest => 400,
             ProblemType::BodyTooLarge => 413,
@@ -157,6 +163,7 @@ impl ProblemType {
             ProblemType::TargetNotAllowed => "Proof target not allowed by policy",
             ProblemType::TokenNotAccepted => "Token not bound to this agent's proof key",
             ProblemType::TlsRoleNotAllowed => "Agent policy does not allow this TLS role",
+            ProblemType::KeyTypeUnsupported => "Not available for this agent's key type",
             ProblemType::Internal | ProblemType::Other(_) => "Internal error",
         }
     }

@@ -27,6 +27,9 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The one audience Microsoft Entra federated identity credentials take.
+pub const ENTRA_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 /// Refresh this long before expiry; a failure then still hands out the cached token.
 pub const ADVISORY_REFRESH: Duration = Duration::from_secs(120);
@@ -64,6 +67,9 @@ pub enum Grant {
     JwtBearer,
     /// RFC 8693.
     TokenExchange,
+    /// RFC 7523 §2.2: the assertion authenticates the client of a `client_credentials` grant
+    /// (`client_assertion`; Microsoft Entra federated identity credentials).
+    ClientAssertion,
 }
 
 /// How the request body is written.
@@ -166,6 +172,11 @@ impl ExchangeOptions {
                 ("grant_type".into(), TOKEN_EXCHANGE.into()),
                 ("subject_token".into(), assertion.into()),
                 ("subject_token_type".into(), JWT_TOKEN_TYPE.into()),
+            ],
+            Grant::ClientAssertion => vec![
+                ("grant_type".into(), "client_credentials".into()),
+                ("client_assertion_type".into(), CLIENT_ASSERTION_TYPE.into()),
+                ("client_assertion".into(), assertion.into()),
             ],
         };
         // A parameter given twice (or overriding a grant member) is the caller's choice.
@@ -515,6 +526,13 @@ mod tests {
             .request_body("A.B.C");
         let form: Vec<(String, String)> = url::form_urlencoded::parse(&b).into_owned().collect();
         assert!(form.contains(&("subject_token".into(), "A.B.C".into())));
+        let mut ca = ExchangeOptions::jwt_bearer("https://login.example/token");
+        ca.grant = Grant::ClientAssertion;
+        let (b, _) = ca.param("client_id", "app").request_body("A.B.C");
+        let f: Vec<(String, String)> = url::form_urlencoded::parse(&b).into_owned().collect();
+        assert!(f.contains(&("grant_type".into(), "client_credentials".into())));
+        assert!(f.contains(&("client_assertion".into(), "A.B.C".into())));
+        assert!(f.contains(&("client_assertion_type".into(), CLIENT_ASSERTION_TYPE.into())));
         assert!(form.contains(&("subject_token_type".into(), JWT_TOKEN_TYPE.into())));
         assert!(form.contains(&("grant_type".into(), TOKEN_EXCHANGE.into())));
         let o = ExchangeOptions::anthropic("fdrl_1", "org", "svac_1", Some("wrkspc_1"));

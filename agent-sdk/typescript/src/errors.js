@@ -114,6 +114,7 @@ export class BindingRequired extends TesseraProblem {}
 export class TargetNotAllowed extends TesseraProblem {}
 export class TokenNotAccepted extends TesseraProblem {}
 export class TlsRoleNotAllowed extends TesseraProblem {}
+export class KeyTypeUnsupported extends TesseraProblem {}
 export class InternalError extends TesseraProblem {}
 
 /** Problem slug → class. */
@@ -139,6 +140,7 @@ export const PROBLEM_CLASSES = Object.freeze({
   'target-not-allowed': TargetNotAllowed,
   'token-not-accepted': TokenNotAccepted,
   'tls-role-not-allowed': TlsRoleNotAllowed,
+  'key-type-unsupported': KeyTypeUnsupported,
   internal: InternalError,
 });
 

@@ -14,6 +14,9 @@ import { TesseraError } from './errors.js';
 export const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 export const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 export const JWT_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:jwt';
+export const CLIENT_ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+/** The one audience Microsoft Entra federated identity credentials take. */
+export const ENTRA_AUDIENCE = 'api://AzureADTokenExchange';
 export const ANTHROPIC_TOKEN_ENDPOINT = 'https://api.anthropic.com/v1/oauth/token';
 export const ANTHROPIC_AUDIENCE = 'https://api.anthropic.com';
 export const ADVISORY_REFRESH_MS = 120_000;
@@ -76,7 +79,8 @@ export function parseAnswer(status, body, now = Date.now()) {
 /** An access token from one token endpoint, for this process's agent. */
 export class Exchanger {
   /**
-   * @param {{tokenEndpoint: string, audience?: string, grant?: 'jwt-bearer' | 'token-exchange',
+   * @param {{tokenEndpoint: string, audience?: string,
+   *   grant?: 'jwt-bearer' | 'token-exchange' | 'client-assertion',
    *   params?: Record<string, string>, json?: boolean, client?: Client, agent?: string,
    *   ca?: string | Buffer, timeout?: number}} options `audience`: the assertion's `aud`
    *   (default: the token endpoint); `ca`: PEM roots instead of Node's; `timeout` in ms.
@@ -138,10 +142,14 @@ export class Exchanger {
    */
   requestBody(assertion) {
     /** @type {Record<string, string>} */
-    const body =
-      this.grant === 'token-exchange'
-        ? { grant_type: TOKEN_EXCHANGE, subject_token: assertion, subject_token_type: JWT_TOKEN_TYPE }
-        : { grant_type: JWT_BEARER, assertion };
+    let body;
+    if (this.grant === 'token-exchange') {
+      body = { grant_type: TOKEN_EXCHANGE, subject_token: assertion, subject_token_type: JWT_TOKEN_TYPE };
+    } else if (this.grant === 'client-assertion') {
+      body = { grant_type: 'client_credentials', client_assertion_type: CLIENT_ASSERTION_TYPE, client_assertion: assertion };
+    } else {
+      body = { grant_type: JWT_BEARER, assertion };
+    }
     return { ...body, ...this.params };
   }
 

@@ -72,17 +72,33 @@ function publicP256(jwk, what) {
   return { kty: 'EC', crv: 'P-256', x: k.x, y: k.y };
 }
 
+/**
+ * An RSA public JWK (an agent with `key = "rsa2048"`, RS256 tokens) reduced to its public members.
+ * @param {Record<string, unknown>} k
+ * @param {string} what for messages
+ * @returns {{kty: 'RSA', n: string, e: string}}
+ */
+function publicRsa(k, what) {
+  for (const m of PRIVATE_MEMBERS) {
+    if (Object.hasOwn(k, m)) throw new Error(`${what} holds the private member "${m}"`);
+  }
+  if (typeof k.n !== 'string' || typeof k.e !== 'string') throw new Error(`${what} is not an RSA public key`);
+  return { kty: 'RSA', n: k.n, e: k.e };
+}
+
 /** Imported keys by JWK object, so a key set's keys are imported once. */
 const importedKeys = new WeakMap();
 
 /**
- * @param {any} jwk a public P-256 JWK from a key set
+ * @param {any} jwk a public key from a key set: P-256 (ES256), or RSA (RS256, agent tokens only)
  * @returns {Promise<import('jose').CryptoKey>}
  */
 async function importKey(jwk) {
   let p = importedKeys.get(jwk);
   if (!p) {
-    p = importJWK(publicP256(jwk, `JWK ${jwk.kid}`), ALG);
+    p = jwk && jwk.kty === 'RSA'
+      ? importJWK(publicRsa(jwk, `JWK ${jwk.kid}`), 'RS256')
+      : importJWK(publicP256(jwk, `JWK ${jwk.kid}`), ALG);
     importedKeys.set(jwk, p);
     p.catch(() => importedKeys.delete(jwk));
   }
@@ -293,14 +309,18 @@ async function checkToken(token, opts) {
   // token (explicit typing, RFC 8725 §3.11).
   if (h.typ !== 'JWT') throw new VerifyError('rejected', `typ ${JSON.stringify(h.typ ?? null)} is not JWT`);
   // Refused before any key is looked up: `none` and HMAC would turn a public key into a secret.
-  if (h.alg !== ALG) throw new VerifyError('rejected', `alg ${JSON.stringify(h.alg ?? null)} is not ${ALG}`);
+  // ES256, or RS256 from an agent with an RSA key: the key found by kid must be of that kind
+  // (jose refuses a key of the other type for the algorithm).
+  if (h.alg !== ALG && h.alg !== 'RS256') {
+    throw new VerifyError('rejected', `alg ${JSON.stringify(h.alg ?? null)} is not ${ALG} or RS256`);
+  }
   if (typeof h.kid !== 'string' || !h.kid) throw new VerifyError('no-kid', 'token has no kid');
   const key = await keyFor(opts.jwks, /** @type {{kid: string}} */ (h), token);
   const tolerance = opts.clockTolerance ?? DEFAULT_TOLERANCE;
   let payload;
   try {
     ({ payload } = await jwtVerify(token, key, {
-      algorithms: [ALG],
+      algorithms: [/** @type {string} */ (h.alg)],
       typ: 'JWT',
       audience: opts.audience,
       issuer: opts.issuer,

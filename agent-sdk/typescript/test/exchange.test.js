@@ -14,6 +14,13 @@ test('bodies follow the grant', () => {
   assert.deepEqual(te.requestBody('A.B.C'), {
     grant_type: TOKEN_EXCHANGE, subject_token: 'A.B.C', subject_token_type: JWT_TOKEN_TYPE,
   });
+  const ca = new Exchanger({ tokenEndpoint: 'https://login.example/token', grant: 'client-assertion', params: { client_id: 'app' } });
+  assert.deepEqual(ca.requestBody('A.B.C'), {
+    grant_type: 'client_credentials',
+    client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer',
+    client_assertion: 'A.B.C',
+    client_id: 'app',
+  });
   const c = Exchanger.anthropic({ federationRuleId: 'fdrl_1', organizationId: 'o', serviceAccountId: 'svac_1' });
   assert.equal(c.audience, 'https://api.anthropic.com');
   assert.equal(c.tokenEndpoint, 'https://api.anthropic.com/v1/oauth/token');

@@ -145,7 +145,18 @@ impl Agents {
         })?;
         fault::point("enroll-after-record");
         // model: E2
-        let created = match self.keystore.create(&key_id).await {
+        let made = if policy.rsa_key() {
+            self.keystore
+                .create_rsa(&key_id)
+                .await
+                .map(|k| crate::keystore::rsa::jwk_of(&k))
+        } else {
+            self.keystore
+                .create(&key_id)
+                .await
+                .map(|k| jwk_of(&k.public))
+        };
+        let (kid, jwk) = match made {
             Ok(k) => k,
             Err(e) => {
                 self.with_registry(|r| r.delete_pending(row))?;
@@ -153,7 +164,6 @@ impl Agents {
             }
         };
         fault::point("enroll-after-key");
-        let (kid, jwk) = jwk_of(&created.public);
         self.with_registry(|r| r.activate(row, &kid, &jwk))?; // model: E3
         let agent = self.with_registry(|r| r.get_live(name))?.ok_or_else(|| {
             AdminError::NotFound(format!("agent {name} vanished during enrolment"))
@@ -192,6 +202,13 @@ impl Agents {
         self.validate_spec(name, &selectors, &policy)?;
         let _guard = self.admin.lock().await;
         let a = self.live_by_name(name)?;
+        // The key was made at enrolment: a different kind would mean another key.
+        if a.policy.rsa_key() != policy.rsa_key() {
+            return Err(AdminError::InvalidArgs(format!(
+                "agent {name}: policy key is fixed at enrolment ({}); to re-key, revoke the agent, then enrol it again",
+                a.policy.key.as_deref().unwrap_or("p256")
+            )));
+        }
         let generation = {
             // Under the gate: no credential checked against the old policy leaves after this.
             let _gate = self.gate.write().await;

@@ -43,9 +43,18 @@ pub struct Policy {
     /// "software" (a daemon-made software key per rotation, handed to the workload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509_svid: Option<String>,
+    /// The identity key: "p256" (default, ES256) or "rsa2048" (RS256, for relying parties that
+    /// take nothing else). Fixed at enrolment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Policy {
+    /// Whether the agent's identity key is RSA-2048 (`key = "rsa2048"`).
+    pub fn rsa_key(&self) -> bool {
+        self.key.as_deref() == Some("rsa2048")
+    }
+
     /// Whether the agent opted in to software X.509-SVIDs.
     pub fn software_x509_svid(&self) -> bool {
         self.x509_svid.as_deref() == Some("software")
@@ -86,6 +95,28 @@ impl Policy {
         if let Some(k) = &self.x509_svid {
             if k != "off" && k != "software" {
                 return Err("policy x509_svid is \"off\" or \"software\"".into());
+            }
+        }
+        if let Some(k) = &self.key {
+            if k != "p256" && k != "rsa2048" {
+                return Err("policy key is \"p256\" or \"rsa2048\"".into());
+            }
+        }
+        // RSA agents get tokens, JWT-SVIDs and attestation only (DESIGN, keys).
+        if self.rsa_key() {
+            let p256_only = [
+                (self.require_binding, "require_binding"),
+                (self.tls_server, "tls_server"),
+                (
+                    self.proof_key.as_deref() == Some("session"),
+                    "proof_key = \"session\"",
+                ),
+                (self.software_x509_svid(), "x509_svid = \"software\""),
+            ];
+            if let Some((_, what)) = p256_only.iter().find(|(on, _)| *on) {
+                return Err(format!(
+                    "policy {what} needs a P-256 key: key = \"rsa2048\" agents get tokens, JWT-SVIDs and attestation only"
+                ));
             }
         }
         if let Some(t) = self.session_key_ttl {

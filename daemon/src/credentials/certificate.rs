@@ -171,6 +171,9 @@ impl Credentials {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
         };
+        if let Err(p) = crate::credentials::p256_only(&agent, "certificates") {
+            return Err(self.deny(caller, Some(&agent), p, summary).await);
+        }
         let session = match key {
             None | Some("identity") => false,
             Some("session") if uses_session_key(&agent) => true,

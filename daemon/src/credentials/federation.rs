@@ -87,7 +87,7 @@ pub fn discovery_document(issuer: &str) -> Value {
     json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/jwks.json"),
-        "id_token_signing_alg_values_supported": ["ES256"],
+        "id_token_signing_alg_values_supported": ["ES256", "RS256"],
         "subject_types_supported": ["public"],
         "response_types_supported": ["id_token"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "scope"],

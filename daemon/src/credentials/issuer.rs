@@ -75,12 +75,22 @@ impl Issuer {
         agent: &Agent,
         claims: Claims,
     ) -> Result<IssuedToken, KeyStoreError> {
-        let signing_input = jwt::signing_input(agent.kid.as_deref().unwrap_or_default(), &claims);
-        let sig = self
-            .keystore
-            .sign(&agent.key_id, jwt::digest(&signing_input))
-            .await?;
-        let token = jwt::compact(&signing_input, &sig);
+        let kid = agent.kid.as_deref().unwrap_or_default();
+        let token = if agent.policy.rsa_key() {
+            let signing_input = jwt::signing_input("RS256", kid, &claims);
+            let sig = self
+                .keystore
+                .sign_rsa(&agent.key_id, jwt::digest(&signing_input))
+                .await?;
+            jwt::compact_raw(&signing_input, &sig)
+        } else {
+            let signing_input = jwt::signing_input("ES256", kid, &claims);
+            let sig = self
+                .keystore
+                .sign(&agent.key_id, jwt::digest(&signing_input))
+                .await?;
+            jwt::compact(&signing_input, &sig)
+        };
         Ok(IssuedToken {
             token,
             jti: claims.jti,

@@ -43,9 +43,10 @@ impl Claims {
     }
 }
 
-/// `base64url(header).base64url(claims)` with header `{"alg":"ES256","typ":"JWT","kid":..}`.
-pub fn signing_input(kid: &str, c: &Claims) -> String {
-    let header = json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+/// `base64url(header).base64url(claims)` with header `{"alg":<alg>,"typ":"JWT","kid":..}`;
+/// `alg` is "ES256", or "RS256" for an RSA agent.
+pub fn signing_input(alg: &str, kid: &str, c: &Claims) -> String {
+    let header = json!({"alg": alg, "typ": "JWT", "kid": kid});
     let mut claims = json!({
         "iss": c.iss,
         "sub": c.sub,
@@ -110,6 +111,11 @@ pub fn dpop_signing_input(jwk: &Value, c: &DpopClaims) -> String {
 /// What ES256 signs: SHA-256 of the signing input.
 pub fn digest(signing_input: &str) -> [u8; 32] {
     Sha256::digest(signing_input.as_bytes()).into()
+}
+
+/// The compact JWS with a raw signature (RS256: the RSASSA-PKCS1-v1_5 signature bytes).
+pub fn compact_raw(signing_input: &str, sig: &[u8]) -> String {
+    format!("{signing_input}.{}", B64.encode(sig))
 }
 
 /// The compact JWS: signing input, then the JOSE (r‖s) signature.

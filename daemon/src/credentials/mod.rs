@@ -82,6 +82,21 @@ pub struct Credentials {
     publisher: std::sync::OnceLock<federation::Publisher>,
 }
 
+/// RSA agents (`key = "rsa2048"`) get tokens, JWT-SVIDs and attestation only: everything
+/// else is made for P-256 keys (DESIGN, keys).
+pub(crate) fn p256_only(agent: &Agent, what: &str) -> Result<(), Problem> {
+    if agent.policy.rsa_key() {
+        return Err(Problem::new(
+            Kind::KeyTypeUnsupported,
+            format!(
+                "agent {} has an RSA key (policy key = \"rsa2048\"): {what} need a P-256 key",
+                agent.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The rate bucket of an agent's TLS server signatures (key ids hold no `#`).
 fn server_bucket(key_id: &str) -> String {
     format!("{key_id}#tls-server")

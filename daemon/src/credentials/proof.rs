@@ -189,8 +189,10 @@ pub fn binding(agent: &Agent, bind: Option<&str>) -> Result<Bind, Problem> {
             ),
         )),
         None => Ok(Bind::None),
-        Some("dpop") => Ok(Bind::Dpop),
-        Some("mtls") => Ok(Bind::Mtls),
+        Some(b @ ("dpop" | "mtls")) => {
+            crate::credentials::p256_only(agent, "bound tokens")?;
+            Ok(if b == "dpop" { Bind::Dpop } else { Bind::Mtls })
+        }
         Some(other) => Err(Problem::new(
             Kind::MalformedRequest,
             format!(
@@ -351,6 +353,9 @@ impl Credentials {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
         };
+        if let Err(p) = crate::credentials::p256_only(&agent, "proofs") {
+            return Err(self.deny(caller, Some(&agent), p, summary).await);
+        }
         let made = match req.kind.as_str() {
             "dpop" => self.check_dpop(&agent, &req).map(Checked::Dpop),
             "wpt" => self.check_wpt(&agent, &req).map(Checked::Wpt),
@@ -503,6 +508,9 @@ impl Credentials {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
         };
+        if let Err(p) = crate::credentials::p256_only(&agent, "WITs") {
+            return Err(self.deny(caller, Some(&agent), p, summary).await);
+        }
         if let Err(p) = self.may_issue(&agent) {
             return Err(self.deny(caller, Some(&agent), p, summary).await);
         }

@@ -370,9 +370,9 @@ impl Credentials {
             .find(|a| a.kid.as_deref() == Some(kid))
             .and_then(|a| Some((a.id.clone(), a.jwk.clone()?)))
             .ok_or_else(|| reject("no key with this kid in the bundle (unknown, or revoked)"))?;
-        let key = tessera::attestation::key_from_jwk(&jwk)
-            .map_err(|_| Problem::new(Kind::Internal, "a bundle key is not a P-256 key"))?;
-        let (header, claims) = super::proof::verify_compact(svid, &key).map_err(reject)?;
+        // ES256 or RS256, as the agent's key says.
+        let (header, claims) = tessera::verify::verify_with_jwk(svid, &jwk)
+            .map_err(|e| reject(&format!("signature: {e}")))?;
         // Every token the daemon signs is typed (DESIGN "Typing"): a proof, WIT or checkpoint
         // signed by an agent key is not a JWT-SVID.
         if header.get("typ").and_then(Value::as_str) != Some("JWT") {

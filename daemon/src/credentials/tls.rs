@@ -89,6 +89,9 @@ impl Credentials {
             Ok(a) => a,
             Err(p) => return Err(self.deny(caller, None, p, summary).await),
         };
+        if let Err(p) = crate::credentials::p256_only(&agent, "TLS signatures") {
+            return Err(self.deny(caller, Some(&agent), p, summary).await);
+        }
         let checked = (|| {
             if req.scheme != SCHEME {
                 return Err(Problem::new(

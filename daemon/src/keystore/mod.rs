@@ -11,6 +11,7 @@
 pub mod ecdsa;
 pub mod owner;
 pub mod pkcs11;
+pub mod rsa;
 pub mod session;
 pub mod tpm;
 
@@ -150,6 +151,23 @@ impl KeyStoreError {
     }
 }
 
+/// The public half of an RSA key: big-endian modulus and public exponent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RsaPublic {
+    pub n: Vec<u8>,
+    pub e: Vec<u8>,
+}
+
+/// The length of the RSA keys tessera makes (`key = "rsa2048"`).
+pub const RSA_BITS: usize = 2048;
+
+/// The DER DigestInfo prefix of a SHA-256 digest (RFC 8017 §9.2, note 1): what RSASSA-PKCS1-v1_5
+/// signs around the digest when the device is handed the encoded message (PKCS#11 `CKM_RSA_PKCS`).
+pub const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+
 /// A freshly created key: its id and public half.
 #[derive(Debug, Clone)]
 pub struct CreatedKey {
@@ -196,6 +214,11 @@ pub trait KeyStore {
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError>;
     /// Evidence that key `id` was made inside the device, bound to `nonce`.
     fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError>;
+    /// Create a non-exportable RSA-2048 key under `id` that signs (RSASSA-PKCS1-v1_5 with
+    /// SHA-256) and does nothing else. Fails with `KeyExists` if `id` is taken.
+    fn create_rsa(&mut self, id: &str) -> Result<RsaPublic, KeyStoreError>;
+    /// RSASSA-PKCS1-v1_5 over a SHA-256 digest: the raw signature (the modulus length).
+    fn sign_rsa(&mut self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, KeyStoreError>;
     /// Another handle on the same device that can sign in parallel with this one (a PKCS#11
     /// session of its own), or `None` where the device takes one command at a time (TPM).
     fn worker(&mut self) -> Result<Option<Box<dyn KeyStore + Send>>, KeyStoreError> {

@@ -17,7 +17,7 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::session::SessionKeys;
-use super::{BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError};
+use super::{BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError, RsaPublic};
 
 /// Requests waiting for the device at most; beyond that callers get `Busy`.
 pub const QUEUE_DEPTH: usize = 256;
@@ -28,6 +28,8 @@ enum Request {
     Create(String, Reply<CreatedKey>),
     Public(String, Reply<VerifyingKey>),
     Sign(String, [u8; 32], Reply<Signature>),
+    CreateRsa(String, Reply<RsaPublic>),
+    SignRsa(String, [u8; 32], Reply<Vec<u8>>),
     Destroy(String, Reply<()>),
     List(Reply<Vec<String>>),
     Attest(String, Vec<u8>, Reply<KeyEvidence>),
@@ -206,6 +208,14 @@ impl KeyStoreHandle {
         let id = id.to_string();
         self.call(|r| Request::Sign(id, digest, r)).await
     }
+    pub async fn create_rsa(&self, id: &str) -> Result<RsaPublic, KeyStoreError> {
+        let id = id.to_string();
+        self.admin_call(|r| Request::CreateRsa(id, r)).await
+    }
+    pub async fn sign_rsa(&self, id: &str, digest: [u8; 32]) -> Result<Vec<u8>, KeyStoreError> {
+        let id = id.to_string();
+        self.call(|r| Request::SignRsa(id, digest, r)).await
+    }
     pub async fn destroy(&self, id: &str) -> Result<(), KeyStoreError> {
         let id = id.to_string();
         self.admin_call(|r| Request::Destroy(id, r)).await
@@ -270,6 +280,14 @@ fn serve(store: &mut dyn KeyStore, req: Request) {
         }
         Request::Sign(id, d, r) => {
             let _ = r.send(store.sign(&id, &d));
+            "sign"
+        }
+        Request::CreateRsa(id, r) => {
+            let _ = r.send(store.create_rsa(&id));
+            "create"
+        }
+        Request::SignRsa(id, d, r) => {
+            let _ = r.send(store.sign_rsa(&id, &d));
             "sign"
         }
         Request::Destroy(id, r) => {

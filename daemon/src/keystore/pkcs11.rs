@@ -28,6 +28,7 @@ use p256::ecdsa::{Signature, VerifyingKey};
 
 use super::{
     ecdsa, validate_key_id, BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError,
+    RsaPublic, RSA_BITS, SHA256_DIGEST_INFO,
 };
 
 /// DER OID of prime256v1 (CKA_EC_PARAMS).
@@ -252,6 +253,54 @@ impl Pkcs11KeyStore {
             .ok_or_else(|| KeyStoreError::KeyNotFound(id.to_string()))
     }
 
+    /// `KeyExists` when objects with this id are on the token (or in the cache).
+    fn ensure_absent(&self, id: &str) -> Result<(), KeyStoreError> {
+        let exists = if self.cached(id).is_some() {
+            true
+        } else if self.known_absent(id) {
+            false
+        } else {
+            !self.find(id, ObjectClass::PRIVATE_KEY)?.is_empty()
+                || !self.find(id, ObjectClass::PUBLIC_KEY)?.is_empty()
+        };
+        if exists {
+            return Err(KeyStoreError::KeyExists(id.to_string()));
+        }
+        Ok(())
+    }
+
+    fn read_rsa_public(&self, handle: ObjectHandle) -> Result<RsaPublic, KeyStoreError> {
+        let attrs = self
+            .session
+            .get_attributes(
+                handle,
+                &[AttributeType::Modulus, AttributeType::PublicExponent],
+            )
+            .map_err(|e| ck_err("C_GetAttributeValue(CKA_MODULUS)", e))?;
+        let (mut n, mut e) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                _ => {}
+            }
+        }
+        match (n, e) {
+            (Some(n), Some(e)) if n.len() == RSA_BITS / 8 && !e.is_empty() => {
+                // Minimal big-endian (JWK `e` has no leading zeros).
+                let first = e.iter().position(|b| *b != 0).unwrap_or(e.len() - 1);
+                Ok(RsaPublic {
+                    n,
+                    e: e[first..].to_vec(),
+                })
+            }
+            _ => Err(KeyStoreError::Device {
+                op: "read CKA_MODULUS",
+                detail: "token returned no 2048-bit RSA public key".into(),
+            }),
+        }
+    }
+
     fn read_public(&self, handle: ObjectHandle) -> Result<VerifyingKey, KeyStoreError> {
         let attrs = self
             .session
@@ -287,17 +336,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn create(&mut self, id: &str) -> Result<CreatedKey, KeyStoreError> {
         validate_key_id(id)?;
-        let exists = if self.cached(id).is_some() {
-            true
-        } else if self.known_absent(id) {
-            false
-        } else {
-            !self.find(id, ObjectClass::PRIVATE_KEY)?.is_empty()
-                || !self.find(id, ObjectClass::PUBLIC_KEY)?.is_empty()
-        };
-        if exists {
-            return Err(KeyStoreError::KeyExists(id.to_string()));
-        }
+        self.ensure_absent(id)?;
         let label = format!("{LABEL_PREFIX}{id}").into_bytes();
         let common = [
             Attribute::Token(true),
@@ -340,6 +379,80 @@ impl KeyStore for Pkcs11KeyStore {
             id: id.to_string(),
             public,
         })
+    }
+
+    fn create_rsa(&mut self, id: &str) -> Result<RsaPublic, KeyStoreError> {
+        validate_key_id(id)?;
+        self.ensure_absent(id)?;
+        let label = format!("{LABEL_PREFIX}{id}").into_bytes();
+        let common = [
+            Attribute::Token(true),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label),
+        ];
+        let mut pub_t = common.to_vec();
+        pub_t.extend([
+            Attribute::Private(false),
+            Attribute::ModulusBits((RSA_BITS as std::os::raw::c_ulong).into()),
+            Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+        ]);
+        let mut priv_t = common.to_vec();
+        // Sign only: no decryption, no unwrapping (CKM_RSA_PKCS could otherwise decrypt).
+        priv_t.extend([
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::SignRecover(false),
+        ]);
+        let (pubh, privh) = self
+            .session
+            .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &pub_t, &priv_t)
+            .map_err(|e| ck_err("C_GenerateKeyPair", e))?;
+        self.cache().keys.insert(
+            id.to_string(),
+            KeyHandles {
+                private: Some(privh),
+                public: Some(pubh),
+            },
+        );
+        self.read_rsa_public(pubh)
+    }
+
+    fn sign_rsa(&mut self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, KeyStoreError> {
+        validate_key_id(id)?;
+        // CKM_RSA_PKCS pads what it is given: the DigestInfo of the SHA-256 digest, built here.
+        let mut info = SHA256_DIGEST_INFO.to_vec();
+        info.extend_from_slice(digest);
+        let h = self.cached_private_handle(id)?;
+        let raw = match self.session.sign(&Mechanism::RsaPkcs, h, &info) {
+            Ok(raw) => raw,
+            Err(e) if stale(&e) => {
+                self.suspect(id);
+                let h = self.cached_private_handle(id)?;
+                self.session
+                    .sign(&Mechanism::RsaPkcs, h, &info)
+                    .map_err(|e| ck_err("C_Sign", e))?
+            }
+            Err(e) => return Err(ck_err("C_Sign", e)),
+        };
+        if raw.len() != RSA_BITS / 8 {
+            return Err(KeyStoreError::Device {
+                op: "C_Sign",
+                detail: format!(
+                    "expected a {}-byte RSA signature, got {}",
+                    RSA_BITS / 8,
+                    raw.len()
+                ),
+            });
+        }
+        Ok(raw)
     }
 
     fn public_key(&mut self, id: &str) -> Result<VerifyingKey, KeyStoreError> {
@@ -441,10 +554,18 @@ impl KeyStore for Pkcs11KeyStore {
     fn list(&mut self) -> Result<Vec<String>, KeyStoreError> {
         let mut keys: HashMap<String, KeyHandles> = HashMap::new();
         let mut ambiguous = HashSet::new();
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        // P-256 keys and RSA agent keys (`key = "rsa2048"`): a kind left out here would look
+        // missing to reconciliation and to the cache.
+        let kinds = [
+            (ObjectClass::PRIVATE_KEY, KeyType::EC),
+            (ObjectClass::PUBLIC_KEY, KeyType::EC),
+            (ObjectClass::PRIVATE_KEY, KeyType::RSA),
+            (ObjectClass::PUBLIC_KEY, KeyType::RSA),
+        ];
+        for (class, kind) in kinds {
             let handles = self
                 .session
-                .find_objects(&[Attribute::Class(class), Attribute::KeyType(KeyType::EC)])
+                .find_objects(&[Attribute::Class(class), Attribute::KeyType(kind)])
                 .map_err(|e| ck_err("C_FindObjects", e))?;
             for h in handles {
                 let attrs = self

@@ -81,6 +81,10 @@ TokenNotAccepted = _problem(
     "TokenNotAccepted", "token-not-accepted", "The token is not this agent's, bound to its proof key (403)."
 )
 TlsRoleNotAllowed = _problem("TlsRoleNotAllowed", "tls-role-not-allowed", "The policy does not allow this TLS role (403).")
+KeyTypeUnsupported = _problem(
+    "KeyTypeUnsupported", "key-type-unsupported",
+    "An RSA agent asked for what only P-256 keys do: proofs, WITs, bound tokens, TLS, certificates (403).",
+)
 Internal = _problem("Internal", "internal", "The daemon failed (500).")
 
 
@@ -120,6 +124,7 @@ PROBLEMS: dict[str, type[Problem]] = {
         TargetNotAllowed,
         TokenNotAccepted,
         TlsRoleNotAllowed,
+        KeyTypeUnsupported,
         Internal,
     )
 }

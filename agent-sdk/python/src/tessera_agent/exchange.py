@@ -3,6 +3,8 @@ process (the daemon makes no outbound calls).
 
 - RFC 7523 JWT bearer grant (`assertion`), form-encoded: ``Exchanger(token_endpoint)``;
 - RFC 8693 token exchange (`subject_token`): ``Exchanger(token_endpoint, grant="token-exchange")``;
+- RFC 7523 §2.2 client authentication (`client_credentials` with `client_assertion`, Microsoft
+  Entra; an RS256 agent): ``Exchanger(token_endpoint, grant="client-assertion", audience=ENTRA_AUDIENCE)``;
 - the Claude API (JSON body with `federation_rule_id`, `organization_id`, `service_account_id`,
   `workspace_id`): ``Exchanger.anthropic(rule, org, service_account)``.
 
@@ -27,6 +29,8 @@ from .errors import TesseraError
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ENTRA_AUDIENCE = "api://AzureADTokenExchange"
 ANTHROPIC_TOKEN_ENDPOINT = "https://api.anthropic.com/v1/oauth/token"
 ANTHROPIC_AUDIENCE = "https://api.anthropic.com"
 ADVISORY_REFRESH = 120.0
@@ -70,8 +74,8 @@ class Exchanger:
         verify: Any = True,
         timeout: float = 30.0,
     ) -> None:
-        if grant not in ("jwt-bearer", "token-exchange"):
-            raise ValueError("grant is 'jwt-bearer' or 'token-exchange'")
+        if grant not in ("jwt-bearer", "token-exchange", "client-assertion"):
+            raise ValueError("grant is 'jwt-bearer', 'token-exchange' or 'client-assertion'")
         self.token_endpoint = token_endpoint
         self.audience = audience or token_endpoint
         self.grant = grant
@@ -106,6 +110,12 @@ class Exchanger:
     def request_body(self, assertion: str) -> dict[str, str]:
         if self.grant == "jwt-bearer":
             body = {"grant_type": JWT_BEARER, "assertion": assertion}
+        elif self.grant == "client-assertion":
+            body = {
+                "grant_type": "client_credentials",
+                "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                "client_assertion": assertion,
+            }
         else:
             body = {"grant_type": TOKEN_EXCHANGE, "subject_token": assertion, "subject_token_type": JWT_TOKEN_TYPE}
         body.update(self.params)

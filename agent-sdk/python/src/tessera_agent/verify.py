@@ -1,8 +1,8 @@
 """The relying party's side: is this request from an agent, which one, and may it do this?
 
 Signatures are checked by PyJWT; this module only decides which keys, claims and proofs count.
-ES256 only: an `alg` other than ES256 (`none`, HS256 with a public key as secret, ...) is refused
-before any key is looked at.
+ES256, and RS256 for tokens of agents with RSA keys (the published key decides which): any other
+`alg` (`none`, HS256 with a public key as secret, ...) is refused before any key is looked at.
 """
 
 from __future__ import annotations
@@ -268,28 +268,37 @@ def _refusing(error: str) -> Callable[[_F], _F]:
     return wrap
 
 
-def _header(token: str, what: str, error: str) -> dict[str, Any]:
+def _header(token: str, what: str, error: str, algs: tuple[str, ...] = (ALG,)) -> dict[str, Any]:
     try:
         h = jwt.get_unverified_header(token)
     except jwt.PyJWTError as e:
         raise VerificationError(error, f"{what} is not a JWT: {e}") from e
-    if h.get("alg") != ALG:
-        raise VerificationError(error, f"{what} alg {h.get('alg')!r} is not {ALG}")
+    if h.get("alg") not in algs:
+        raise VerificationError(error, f"{what} alg {h.get('alg')!r} is not {' or '.join(algs)}")
     return h
 
 
-def _public_key(jwk: Mapping[str, Any], error: str) -> Any:
-    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or "d" in jwk:
+def _alg_of(jwk: Mapping[str, Any]) -> str:
+    """The algorithm a published key is used with: RS256 for RSA agent keys, else ES256."""
+    return "RS256" if jwk.get("kty") == "RSA" else ALG
+
+
+def _public_key(jwk: Mapping[str, Any], error: str, alg: str = ALG) -> Any:
+    private = any(m in jwk for m in ("d", "p", "q", "dp", "dq", "qi"))
+    if alg == "RS256":
+        if jwk.get("kty") != "RSA" or private:
+            raise VerificationError(error, "key is not a public RSA key")
+    elif jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or private:
         raise VerificationError(error, "key is not a public P-256 key")
     try:
-        return jwt.PyJWK(dict(jwk), algorithm=ALG).key
+        return jwt.PyJWK(dict(jwk), algorithm=alg).key
     except (jwt.PyJWTError, ValueError, TypeError) as e:
         raise VerificationError(error, f"unusable key: {e}") from e
 
 
-def _decode(token: str, key: Any, error: str, **kwargs: Any) -> dict[str, Any]:
+def _decode(token: str, key: Any, error: str, alg: str = ALG, **kwargs: Any) -> dict[str, Any]:
     try:
-        return jwt.decode(token, key, algorithms=[ALG], **kwargs)
+        return jwt.decode(token, key, algorithms=[alg], **kwargs)
     except jwt.PyJWTError as e:
         raise VerificationError(error, str(e)) from e
 
@@ -354,7 +363,8 @@ class Verifier:
     @_refusing("invalid_token")
     def verify_token(self, token: str) -> dict[str, Any]:
         """The claims of an agent token, or `VerificationError("invalid_token", ...)`."""
-        h = _header(token, "token", "invalid_token")
+        # Agent tokens are ES256, or RS256 from agents with RSA keys (the key decides).
+        h = _header(token, "token", "invalid_token", (ALG, "RS256"))
         # Typed: a DPoP proof, WIT or WPT signed by a key this trusts is not a token.
         if h.get("typ") != "JWT":
             raise VerificationError("invalid_token", f"typ {h.get('typ')!r} is not JWT")
@@ -364,11 +374,15 @@ class Verifier:
         jwk = self._keys.find(kid, _TOKEN_KEY_USES)
         if jwk is None:
             raise VerificationError("invalid_token", "unknown key (agent revoked or not of this trust domain)")
+        alg = _alg_of(jwk)
+        if h.get("alg") != alg:
+            raise VerificationError("invalid_token", f"alg {h.get('alg')!r} does not match the key ({alg})")
         require = ["exp", "iat", "iss", "sub", "aud", "jti"]
         claims = _decode(
             token,
-            _public_key(jwk, "invalid_token"),
+            _public_key(jwk, "invalid_token", alg),
             "invalid_token",
+            alg,
             audience=self.audience,
             issuer=self.issuer,
             leeway=self.leeway,

@@ -382,6 +382,7 @@ mod tests {
             proof_key: None,
             session_key_ttl: None,
             x509_svid: None,
+            key: None,
         }
     }
 

@@ -116,6 +116,7 @@ impl From<Problem> for TesseraError {
             Kind::MalformedRequest | Kind::BodyTooLarge => TesseraError::InvalidArgs(msg),
             Kind::NotFound
             | Kind::TlsRoleNotAllowed
+            | Kind::KeyTypeUnsupported
             | Kind::MethodNotAllowed
             | Kind::RequestTimeout
             | Kind::Internal

@@ -22,7 +22,9 @@ mod templates;
 
 use attest::read_ek_certificates;
 use blobs::{read_blob, write_blob};
-pub use templates::{agent_key_template, attestation_key_template, primary_template};
+pub use templates::{
+    agent_key_template, attestation_key_template, primary_template, rsa_agent_key_template,
+};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,12 +39,14 @@ use tss_esapi::{
     interface_types::{
         algorithm::{HashingAlgorithm, PublicAlgorithm},
         ecc::EccCurve,
+        key_bits::RsaKeyBits,
         resource_handles::Hierarchy,
         session_handles::AuthSession,
     },
     structures::{
         Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyDerivationFunctionScheme,
-        Private, Public, PublicBuilder, PublicEccParametersBuilder, Signature as TpmSignature,
+        Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa,
+        PublicRsaParametersBuilder, RsaExponent, RsaScheme, Signature as TpmSignature,
         SignatureScheme, SymmetricDefinitionObject,
     },
     traits::{Marshall, UnMarshall},
@@ -52,7 +56,7 @@ use tss_esapi::{
 
 use super::{
     ecdsa, validate_key_id, BackendKind, CreatedKey, KeyEvidence, KeyStore, KeyStoreError,
-    TpmCertify, MAX_NONCE,
+    RsaPublic, TpmCertify, MAX_NONCE,
 };
 
 /// Loaded agent keys kept at most; with the primary this fills swtpm's 3 slots.
@@ -131,6 +135,30 @@ fn verifying_key_of(public: &Public) -> Result<VerifyingKey, KeyStoreError> {
         _ => Err(KeyStoreError::Device {
             op: "public key",
             detail: "TPM object is not an ECC key".into(),
+        }),
+    }
+}
+
+fn rsa_public_of(public: &Public) -> Result<RsaPublic, KeyStoreError> {
+    match public {
+        Public::Rsa {
+            unique, parameters, ..
+        } => {
+            // 0 is the TPM's shorthand for 65537.
+            let e = match parameters.exponent().value() {
+                0 => 65537u32,
+                v => v,
+            };
+            let e = e.to_be_bytes();
+            let first = e.iter().position(|b| *b != 0).unwrap_or(e.len() - 1);
+            Ok(RsaPublic {
+                n: unique.value().to_vec(),
+                e: e[first..].to_vec(),
+            })
+        }
+        _ => Err(KeyStoreError::Device {
+            op: "public key",
+            detail: "TPM object is not an RSA key".into(),
         }),
     }
 }
@@ -446,6 +474,16 @@ impl KeyStore for TpmKeyStore {
     fn attest(&mut self, id: &str, nonce: &[u8]) -> Result<KeyEvidence, KeyStoreError> {
         self.on_device(|s| s.certify(id, nonce))
     }
+
+    fn create_rsa(&mut self, id: &str) -> Result<RsaPublic, KeyStoreError> {
+        validate_key_id(id)?;
+        self.on_device(|s| s.create_rsa_key(id))
+    }
+
+    fn sign_rsa(&mut self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, KeyStoreError> {
+        validate_key_id(id)?;
+        self.on_device(|s| s.sign_rsa_digest(id, digest))
+    }
 }
 
 /// The device operations [`KeyStore`] runs through [`TpmKeyStore::on_device`].
@@ -464,6 +502,42 @@ impl TpmKeyStore {
             id: id.to_string(),
             public,
         })
+    }
+
+    fn create_rsa_key(&mut self, id: &str) -> Result<RsaPublic, KeyStoreError> {
+        if self.pub_path(id).exists() || self.priv_path(id).exists() {
+            return Err(KeyStoreError::KeyExists(id.to_string()));
+        }
+        self.evict_to(self.max_loaded.saturating_sub(1))?;
+        let template = rsa_agent_key_template().map_err(|e| tpm_err("key template", e))?;
+        let (out_public, _) =
+            self.create_saved(template, &self.pub_path(id), &self.priv_path(id))?;
+        rsa_public_of(&out_public)
+    }
+
+    fn sign_rsa_digest(&mut self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, KeyStoreError> {
+        let h = self.handle(id)?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(|e| tpm_err("hashcheck ticket", e))?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
+        let scheme = SignatureScheme::RsaSsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        match self
+            .ctx()?
+            .sign(h, digest, scheme, ticket)
+            .map_err(|e| tpm_err("sign", e))?
+        {
+            TpmSignature::RsaSsa(s) => Ok(s.signature().value().to_vec()),
+            _ => Err(KeyStoreError::Device {
+                op: "sign",
+                detail: "TPM returned a non-RSASSA signature".into(),
+            }),
+        }
     }
 
     fn sign_digest(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {

@@ -38,6 +38,36 @@ pub fn agent_key_template() -> Result<Public, tss_esapi::Error> {
     ecdsa_key_template(false)
 }
 
+/// RSA agent keys (`key = "rsa2048"`): RSA-2048, exponent 65537, fixedTPM, fixedParent,
+/// sensitiveDataOrigin, userWithAuth, sign only, with RSASSA-PKCS1-v1_5/SHA-256 fixed in the
+/// template so the key cannot be used with any other scheme.
+pub fn rsa_agent_key_template() -> Result<Public, tss_esapi::Error> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(false)
+        .with_restricted(false)
+        .with_decrypt(false)
+        .with_sign_encrypt(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_rsa_parameters(
+            PublicRsaParametersBuilder::new_unrestricted_signing_key(
+                RsaScheme::RsaSsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                RsaKeyBits::Rsa2048,
+                RsaExponent::ZERO_EXPONENT,
+            )
+            .build()?,
+        )
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+}
+
 /// The attestation key: a restricted ECDSA P-256 signing key, so it signs only structures
 /// the TPM itself produced (quotes, certifications), never an outside digest that could
 /// pass for one.
