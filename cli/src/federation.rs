@@ -134,8 +134,14 @@ fn options(a: ExchangeArgs) -> Result<ExchangeOptions, String> {
         }
         None => ExchangeOptions::jwt_bearer(""),
     };
-    if let Some(e) = a.token_endpoint {
-        o.token_endpoint = e;
+    match a.token_endpoint {
+        Some(e) => o.token_endpoint = e,
+        None if o.token_endpoint.is_empty() => {
+            return Err(
+                "--token-endpoint URL is needed (only --preset anthropic has a default)".into(),
+            )
+        }
+        None => {}
     }
     match a.grant {
         Some(GrantArg::JwtBearer) => o.grant = Grant::JwtBearer,
@@ -276,6 +282,10 @@ mod tests {
         ])
         .is_err());
         assert!(opts(&["--param", "x"]).is_err(), "no endpoint");
+        assert!(
+            opts(&["--preset", "rfc8693"]).is_err(),
+            "no endpoint for rfc8693"
+        );
         assert!(opts(&["--token-endpoint", "https://a/t", "--param", "novalue"]).is_err());
     }
 }

@@ -28,6 +28,9 @@ def test_bodies_follow_the_grant():
     assert c.json_body and c.request_body("A.B.C")["federation_rule_id"] == "fdrl_1"
     with pytest.raises(ValueError):
         Exchanger("https://as.example/token", grant="password", client=object())
+    with pytest.raises(ValueError):
+        Exchanger("http://as.example/token", client=object())
+    Exchanger("http://127.0.0.1:9/token", client=object())
 
 
 def test_answers_and_refusals_are_read():
@@ -36,6 +39,9 @@ def test_answers_and_refusals_are_read():
     with pytest.raises(ExchangeError) as e:
         parse_answer(400, b'{"error":"invalid_grant","error_description":"jti replayed"}')
     assert (e.value.error, e.value.description, e.value.status) == ("invalid_grant", "jti replayed", 400)
+    for huge in (b"1e999", b"1e300", b"-5"):
+        t = parse_answer(200, b'{"access_token":"at","expires_in":' + huge + b"}", now=0.0)
+        assert t.expires_at is None or t.expires_at <= 30 * 24 * 3600.0, huge
     for bad in (b"{}", b"<html>"):
         with pytest.raises(ExchangeError):
             parse_answer(200, bad)

@@ -35,6 +35,8 @@ pub const ENTRA_AUDIENCE: &str = "api://AzureADTokenExchange";
 pub const ADVISORY_REFRESH: Duration = Duration::from_secs(120);
 /// Refresh this long before expiry; a failure then is an error.
 pub const MANDATORY_REFRESH: Duration = Duration::from_secs(30);
+/// The longest access-token lifetime believed from `expires_in` (seconds).
+pub const MAX_LIFETIME: u64 = 30 * 24 * 3600;
 /// The largest token endpoint answer read.
 const MAX_ANSWER: usize = 1 << 20;
 /// Connect, TLS, request and answer together.
@@ -179,11 +181,10 @@ impl ExchangeOptions {
                 ("client_assertion".into(), assertion.into()),
             ],
         };
-        // A parameter given twice (or overriding a grant member) is the caller's choice.
-        for (k, v) in &self.params {
-            fields.retain(|(f, _)| f != k);
-            fields.push((k.clone(), v.clone()));
-        }
+        // A parameter naming a grant member replaces it; parameters given several times
+        // (RFC 8693 `resource`, `audience`) are all sent.
+        fields.retain(|(f, _)| !self.params.iter().any(|(k, _)| k == f));
+        fields.extend(self.params.iter().cloned());
         match self.body {
             BodyFormat::Form => {
                 let mut s = url::form_urlencoded::Serializer::new(String::new());
@@ -294,14 +295,18 @@ pub fn parse_answer(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ExchangeError::Answer("no access_token".into()))?
         .to_string();
-    let expires_at = match &v["expires_in"] {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-            .map(|s| now + Duration::from_secs(s)),
-        Value::String(s) => s.parse::<u64>().ok().map(|s| now + Duration::from_secs(s)),
+    let secs = match &v["expires_in"] {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        Value::String(s) => s.parse::<u64>().ok(),
         _ => None,
     };
+    // An endpoint's number is not trusted to be sane: at most MAX_LIFETIME is believed (and a
+    // huge one must not overflow the clock).
+    let expires_at = secs.and_then(|s| now.checked_add(Duration::from_secs(s.min(MAX_LIFETIME))));
     Ok(AccessToken {
         access_token,
         token_type: v["token_type"].as_str().map(str::to_string),
@@ -572,6 +577,16 @@ mod tests {
                 assert_eq!(description.as_deref(), Some("jti replayed"));
             }
             other => panic!("{other:?}"),
+        }
+        for huge in [
+            &b"1e300"[..],
+            b"18446744073709551615",
+            b"\"99999999999999999999\"",
+        ] {
+            let body = [&br#"{"access_token":"at","expires_in":"#[..], huge, b"}"].concat();
+            let t = parse_answer(200, &body, now).unwrap();
+            let limit = now + Duration::from_secs(MAX_LIFETIME);
+            assert!(t.expires_at.is_none_or(|e| e <= limit), "{huge:?}");
         }
         assert!(parse_answer(200, b"{}", now).is_err());
         assert!(parse_answer(200, b"<html>", now).is_err());

@@ -22,6 +22,8 @@ export const ANTHROPIC_AUDIENCE = 'https://api.anthropic.com';
 export const ADVISORY_REFRESH_MS = 120_000;
 export const MANDATORY_REFRESH_MS = 30_000;
 const MAX_ANSWER_BYTES = 1024 * 1024;
+/** The longest `expires_in` believed, seconds. */
+const MAX_LIFETIME = 30 * 24 * 3600;
 
 /** The token endpoint refused, could not be reached, or answered something unreadable. */
 export class ExchangeError extends TesseraError {
@@ -71,7 +73,9 @@ export function parseAnswer(status, body, now = Date.now()) {
   return {
     accessToken: v.access_token,
     tokenType: typeof v.token_type === 'string' ? v.token_type : undefined,
-    expiresAt: v.expires_in !== undefined && Number.isFinite(expiresIn) ? now + expiresIn * 1000 : undefined,
+    expiresAt: v.expires_in !== undefined && Number.isFinite(expiresIn) && expiresIn >= 0
+      ? now + Math.min(expiresIn, MAX_LIFETIME) * 1000
+      : undefined,
     response: v,
   };
 }

@@ -37,6 +37,10 @@ test('answers and refusals are read', () => {
     () => parseAnswer(400, Buffer.from('{"error":"invalid_grant","error_description":"jti replayed"}')),
     (e) => e instanceof ExchangeError && e.error === 'invalid_grant' && e.description === 'jti replayed',
   );
+  for (const huge of ['1e308', '1e999']) {
+    const h = parseAnswer(200, Buffer.from(`{"access_token":"at","expires_in":${huge}}`), 0);
+    assert.ok(h.expiresAt === undefined || h.expiresAt <= 30 * 24 * 3600 * 1000, huge);
+  }
   assert.throws(() => parseAnswer(200, Buffer.from('{}')), ExchangeError);
   assert.throws(() => parseAnswer(200, Buffer.from('<html>')), ExchangeError);
 });

@@ -106,7 +106,8 @@ impl AgentSet {
             .collect();
         all.extend(changed.iter().filter(|a| keep(a)).cloned().map(Arc::new));
         if newest_first {
-            all.sort_by_key(|a| std::cmp::Reverse(a.row));
+            // Newest revocation first (a record is revoked in place: its row is its enrolment).
+            all.sort_by_key(|a| std::cmp::Reverse((a.revoked_at.unwrap_or(0), a.row)));
         } else {
             all.sort_by_key(|a| a.row);
         }
@@ -210,5 +211,11 @@ mod tests {
         let rows: Vec<i64> = rev.iter().map(|a| a.row).collect();
         assert_eq!(rows, vec![10, 9, 5]);
         assert!(rev.by_row(1).is_none());
+        // Ordered by revocation, not enrolment: an old agent revoked just now is kept.
+        let mut old = agent(1, Some(7), None);
+        old.revoked_at = Some(100);
+        let rev = rev.apply(&[old], |_| true, true, Some(3));
+        let rows: Vec<i64> = rev.iter().map(|a| a.row).collect();
+        assert_eq!(rows, vec![1, 10, 9]);
     }
 }

@@ -201,11 +201,17 @@ impl Publisher {
         })
     }
 
-    /// Write the discovery document for `issuer` and `jwks` when either differs from what was
-    /// last written (always at the first call). Each file is replaced whole.
-    pub fn publish(&self, issuer: &str, jwks: &Value) -> Result<bool, PublishError> {
-        let body = serde_json::to_vec_pretty(jwks).unwrap_or_default();
+    /// Write the discovery document for `issuer` and the key set `jwks()` gives when either
+    /// differs from what was last written (always at the first call). Each file is replaced
+    /// whole. The key set is read under the same lock as the write, so a writer that read an
+    /// older set can never replace a newer one. Blocking (fsync): call off the reactor.
+    pub fn publish(
+        &self,
+        issuer: &str,
+        jwks: impl FnOnce() -> Value,
+    ) -> Result<bool, PublishError> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let body = serde_json::to_vec_pretty(&jwks()).unwrap_or_default();
         if written
             .as_ref()
             .is_some_and(|(i, b)| i == issuer && *b == body)
@@ -246,6 +252,19 @@ fn open_subdir(dir: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
     if made {
         // Traversable by the web server whatever the daemon's umask.
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
+    }
+    // One found there must meet the same bar as publish_dir itself: someone else's
+    // `.well-known` could swap the discovery document (and its jwks_uri) at will.
+    let st = rustix::fs::fstat(&fd)?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{name} is owned by uid {} with mode {:o}: it must be the daemon's and not group/world-writable",
+                st.st_uid,
+                st.st_mode & 0o7777
+            ),
+        ));
     }
     Ok(fd)
 }
@@ -319,13 +338,17 @@ mod tests {
         let link = base.join("link");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(Publisher::open(&link).is_err(), "a symlink is refused");
+        // Someone else's writable .well-known inside is refused too.
+        std::fs::create_dir(dir.join(".well-known")).unwrap();
+        let mode = |m| std::fs::Permissions::from_mode(m);
+        std::fs::set_permissions(dir.join(".well-known"), mode(0o777)).unwrap();
         let p = Publisher::open(&dir).unwrap();
         let set = json!({"keys": []});
-        assert!(p.publish("https://i.example/h", &set).unwrap());
-        assert!(
-            !p.publish("https://i.example/h", &set).unwrap(),
-            "unchanged"
-        );
+        assert!(p.publish("https://i.example/h", || set.clone()).is_err());
+        std::fs::set_permissions(dir.join(".well-known"), mode(0o755)).unwrap();
+        assert!(p.publish("https://i.example/h", || set.clone()).unwrap());
+        let again = p.publish("https://i.example/h", || set.clone()).unwrap();
+        assert!(!again, "unchanged");
         let doc: Value = serde_json::from_slice(
             &std::fs::read(dir.join(".well-known/openid-configuration")).unwrap(),
         )

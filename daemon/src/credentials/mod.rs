@@ -79,7 +79,7 @@ pub struct Credentials {
     /// Credentials issued per minute over the last hour (for `Status()`).
     activity: status::Activity,
     /// `[federation] publish_dir`, opened and checked at start.
-    publisher: std::sync::OnceLock<federation::Publisher>,
+    publisher: std::sync::OnceLock<Arc<federation::Publisher>>,
 }
 
 /// RSA agents (`key = "rsa2048"`) get tokens, JWT-SVIDs and attestation only: everything
@@ -281,24 +281,48 @@ impl Credentials {
         })
     }
 
-    /// Keep `[federation] publish_dir` current from now on (set once, at start).
-    pub fn set_publisher(&self, p: federation::Publisher) {
+    /// Keep `[federation] publish_dir` current from now on (set once, at start), after a
+    /// first publication that must succeed (a directory the unit cannot write fails the start,
+    /// not every later revocation).
+    pub async fn set_publisher(
+        &self,
+        p: federation::Publisher,
+    ) -> Result<(), federation::PublishError> {
+        let p = Arc::new(p);
+        self.publish_with(&p).await?;
         if self.publisher.set(p).is_err() {
             tracing::warn!("federation publisher set twice; the first stays");
+        }
+        Ok(())
+    }
+
+    /// One publication on a blocking thread (it fsyncs), the key set read under its lock.
+    async fn publish_with(
+        &self,
+        p: &Arc<federation::Publisher>,
+    ) -> Result<bool, federation::PublishError> {
+        let Some(issuer) = self.settings().federation_issuer.clone() else {
+            return Ok(false);
+        };
+        let (p, agents) = (p.clone(), self.agents.clone());
+        match tokio::task::spawn_blocking(move || p.publish(&issuer, || jwks_of(&agents))).await {
+            Ok(r) => r,
+            Err(e) => Err(federation::PublishError::Unfit {
+                path: String::new(),
+                why: format!("publishing task failed: {e}"),
+            }),
         }
     }
 
     /// Rewrite the published discovery document and key set if they changed. A failure is
-    /// logged and audited; relying parties keep the previous files (never a torn one).
+    /// logged and audited; relying parties keep the previous files (never a torn one), and
+    /// the flusher tries again every few seconds.
     pub async fn publish_trust(&self) {
         let Some(p) = self.publisher.get() else {
             return;
         };
-        let Some(issuer) = self.settings().federation_issuer.clone() else {
-            return;
-        };
-        match p.publish(&issuer, &self.jwks()) {
-            Ok(true) => tracing::debug!(issuer, "federation key set published"),
+        match self.publish_with(p).await {
+            Ok(true) => tracing::debug!("federation key set published"),
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, "cannot publish the federation key set");
@@ -343,6 +367,11 @@ impl Credentials {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         me.bundles_changed();
                         me.publish_trust().await;
+                        // Revocations among the events missed: forget what each kept.
+                        for a in me.agents.revoked().iter() {
+                            me.forget_rate(&a.key_id);
+                            crate::metrics::forget_agent(&a.name);
+                        }
                         me.refresh_crl_logged().await;
                         continue;
                     }
@@ -614,6 +643,7 @@ impl Credentials {
             "proof_key": a.policy.proof_key.as_deref().unwrap_or("hardware"),
             "tls_server": a.policy.tls_server,
             "x509_svid": a.policy.x509_svid.as_deref().unwrap_or("off"),
+            "key": a.policy.key.as_deref().unwrap_or("p256"),
         })
     }
 
@@ -1038,12 +1068,12 @@ impl Credentials {
 
     /// RFC 7517 key set of every live agent key (a revoked key is gone at once).
     pub fn jwks(&self) -> Value {
-        let keys: Vec<Value> = self
-            .agents
-            .live()
-            .iter()
-            .filter_map(|a| a.jwk.clone())
-            .collect();
-        json!({ "keys": keys })
+        jwks_of(&self.agents)
     }
+}
+
+/// RFC 7517 key set of every live agent key.
+fn jwks_of(agents: &Agents) -> Value {
+    let keys: Vec<Value> = agents.live().iter().filter_map(|a| a.jwk.clone()).collect();
+    json!({ "keys": keys })
 }

@@ -370,8 +370,7 @@ pub async fn start(
         tracing::info!(enrolled = ?r.enrolled, updated = ?r.updated, revoked = ?r.revoked, errors = r.errors.len(), "agents_dir reconciled");
         if let Some(dir) = &cfg.federation.publish_dir {
             let p = crate::credentials::federation::Publisher::open(dir)?;
-            creds.set_publisher(p);
-            creds.publish_trust().await;
+            creds.set_publisher(p).await?;
             tracing::info!(dir = %dir.display(), "federation key set published");
         }
         // Anchor what start-up wrote (and re-anchor after accepted tampering).
@@ -559,6 +558,11 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, opts: StartOptions) ->
                 }
                 if let Err(e) = svc.flush_counters() {
                     tracing::warn!(error = %e, "cannot write issue counters");
+                }
+                // A publication that failed (full disk, a read-only mount) is tried again;
+                // an unchanged key set costs no write.
+                if n.is_multiple_of(5) {
+                    svc.publish_trust().await;
                 }
                 n += 1;
                 // Counted refusals reach the audit within a minute even if nobody asks again.

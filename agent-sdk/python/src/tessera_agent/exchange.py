@@ -35,6 +35,8 @@ ANTHROPIC_TOKEN_ENDPOINT = "https://api.anthropic.com/v1/oauth/token"
 ANTHROPIC_AUDIENCE = "https://api.anthropic.com"
 ADVISORY_REFRESH = 120.0
 MANDATORY_REFRESH = 30.0
+MAX_LIFETIME = 30 * 24 * 3600.0  # the longest `expires_in` believed
+MAX_ANSWER = 1 << 20  # the largest token endpoint answer read
 
 
 class ExchangeError(TesseraError):
@@ -74,6 +76,7 @@ class Exchanger:
         verify: Any = True,
         timeout: float = 30.0,
     ) -> None:
+        _check_endpoint(token_endpoint)
         if grant not in ("jwt-bearer", "token-exchange", "client-assertion"):
             raise ValueError("grant is 'jwt-bearer', 'token-exchange' or 'client-assertion'")
         self.token_endpoint = token_endpoint
@@ -125,15 +128,22 @@ class Exchanger:
         """One exchange with a fresh assertion (no cache)."""
         assertion = self._client.token(self.audience, agent=self.agent).token
         body = self.request_body(assertion)
+        if self.json_body:
+            kw: dict[str, Any] = {"content": json.dumps(body).encode(),
+                                  "headers": {"content-type": "application/json", "accept": "application/json"}}
+        else:
+            kw = {"data": body, "headers": {"accept": "application/json"}}
         try:
-            if self.json_body:
-                resp = self._http.post(self.token_endpoint, content=json.dumps(body).encode(),
-                                       headers={"content-type": "application/json", "accept": "application/json"})
-            else:
-                resp = self._http.post(self.token_endpoint, data=body, headers={"accept": "application/json"})
+            with self._http.stream("POST", self.token_endpoint, **kw) as resp:
+                data = b""
+                for chunk in resp.iter_bytes():
+                    data += chunk
+                    if len(data) > MAX_ANSWER:
+                        raise ExchangeError(f"token endpoint answer over {MAX_ANSWER} bytes", status=resp.status_code)
+                status = resp.status_code
         except httpx.HTTPError as e:
             raise ExchangeError(f"cannot reach the token endpoint: {e}") from e
-        return parse_answer(resp.status_code, resp.content)
+        return parse_answer(status, data)
 
     def access_token(self) -> AccessToken:
         """The cached token while it has more than ADVISORY_REFRESH left, else a new one."""
@@ -160,6 +170,17 @@ class Exchanger:
         self._http.close()
 
 
+def _check_endpoint(url: str) -> None:
+    """https, or http to a loopback address (local test servers): the assertion is a bearer
+    credential for up to an hour and must not cross a network in the clear."""
+    u = httpx.URL(url)
+    loopback = u.host in ("127.0.0.1", "::1", "localhost")
+    if u.scheme != "https" and not (u.scheme == "http" and loopback):
+        raise ValueError(f"token endpoint {url!r} must be https (or http to loopback)")
+    if u.userinfo or u.fragment:
+        raise ValueError(f"token endpoint {url!r} must not carry user info or a fragment")
+
+
 def parse_answer(status: int, body: bytes, now: float | None = None) -> AccessToken:
     """RFC 6749 §5.1 (the token and its lifetime) or §5.2 (the refusal)."""
     try:
@@ -177,7 +198,10 @@ def parse_answer(status: int, body: bytes, now: float | None = None) -> AccessTo
         raise ExchangeError("token endpoint answered without an access_token", status=status, body=v)
     expires_in = v.get("expires_in")
     try:
-        expires_at = (now if now is not None else time.time()) + float(expires_in) if expires_in is not None else None
+        secs = float(expires_in) if expires_in is not None else None
     except (TypeError, ValueError):
-        expires_at = None
+        secs = None
+    if secs is not None and not (secs >= 0 and secs != float("inf")):
+        secs = None  # negative, NaN or infinite: not a lifetime
+    expires_at = None if secs is None else (now if now is not None else time.time()) + min(secs, MAX_LIFETIME)
     return AccessToken(v["access_token"], v.get("token_type"), expires_at, v)

@@ -191,7 +191,8 @@ impl Registry {
     /// revoked). Older ones stay on disk for history; memory holds a bounded window.
     pub fn revoked(&self, limit: usize) -> Result<Vec<Agent>, RegistryError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM agents WHERE status = 'revoked' ORDER BY row DESC LIMIT ?1"
+            "SELECT {COLUMNS} FROM agents WHERE status = 'revoked'
+             ORDER BY revoked_at DESC, row DESC LIMIT ?1"
         ))?;
         let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], raw_row)?;
         let mut out = Vec::new();

@@ -61,6 +61,7 @@ pub enum TesseraError {
     BindingRequired(String),
     TargetNotAllowed(String),
     TokenNotAccepted(String),
+    KeyTypeUnsupported(String),
     Failed(String),
 }
 
@@ -110,13 +111,13 @@ impl From<Problem> for TesseraError {
             Kind::BindingRequired => TesseraError::BindingRequired(msg),
             Kind::TargetNotAllowed => TesseraError::TargetNotAllowed(msg),
             Kind::TokenNotAccepted => TesseraError::TokenNotAccepted(msg),
+            Kind::KeyTypeUnsupported => TesseraError::KeyTypeUnsupported(msg),
             Kind::RateLimited => TesseraError::RateLimited(msg),
             Kind::BackendUnavailable => TesseraError::Backend(msg),
             Kind::AuditUnavailable => TesseraError::AuditUnavailable(msg),
             Kind::MalformedRequest | Kind::BodyTooLarge => TesseraError::InvalidArgs(msg),
             Kind::NotFound
             | Kind::TlsRoleNotAllowed
-            | Kind::KeyTypeUnsupported
             | Kind::MethodNotAllowed
             | Kind::RequestTimeout
             | Kind::Internal
