@@ -224,25 +224,46 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// libraries of `target/pyenv` (made by `scripts/setup`), feeding it `input` as JSON.
 /// Returns its JSON answer and whether it exited 0.
 pub fn python_check(name: &str, input: &serde_json::Value) -> (bool, serde_json::Value) {
-    use std::io::Write;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var_os("TESSERA_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/pyenv/bin/python"));
-    let mut child = std::process::Command::new(&python)
-        .arg(root.join("tests/python").join(name))
+    script_check(&python, &root.join("tests/python").join(name), input)
+}
+
+/// [`python_check`] for a Node.js script (`tests/node/NAME`), which imports the TypeScript SDK
+/// from the repository.
+pub fn node_check(name: &str, input: &serde_json::Value) -> (bool, serde_json::Value) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    script_check(
+        std::path::Path::new("node"),
+        &root.join("tests/node").join(name),
+        input,
+    )
+}
+
+/// Run `interpreter script`, feed it `input` as JSON, parse the JSON it prints.
+fn script_check(
+    interpreter: &std::path::Path,
+    script: &std::path::Path,
+    input: &serde_json::Value,
+) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    let name = script.display();
+    let mut child = std::process::Command::new(interpreter)
+        .arg(script)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{} (run scripts/setup): {e}", python.display()));
+        .unwrap_or_else(|e| panic!("{} (run scripts/setup): {e}", interpreter.display()));
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(input.to_string().as_bytes())
         .expect("write stdin");
-    let out = child.wait_with_output().expect("python output");
+    let out = child.wait_with_output().expect("script output");
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "{name}: {}{}",

@@ -361,29 +361,8 @@ fn an_agent_exchanges_its_assertion_at_an_authlib_token_endpoint() {
     });
     let (ok, py) = tessera_e2e::python_check("exchange_sdk.py", &input);
     assert!(ok, "{py}");
-    let node = {
-        use std::io::Write;
-        let mut child = Command::new("node")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("node/exchange_sdk.mjs"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("node");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let (ok, node) = tessera_e2e::node_check("exchange_sdk.mjs", &input);
+    assert!(ok, "{node}");
     for (sdk, v, refused) in [
         ("python", &py, "AudienceNotAllowed"),
         ("node", &node, "invalid_request"),

@@ -136,33 +136,11 @@ fn rsa_agents(backend: Backend) {
     assert_eq!(v["key_type"], "RSAPublicKey");
     assert_eq!(v["sdk_sub"], sub.as_str(), "the Python SDK verifies it");
     // The TypeScript SDK's verify() (jose).
-    let out = {
-        use std::io::Write;
-        let mut child = Command::new("node")
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/verify_rs256.mjs"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("node");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(
-                json!({"token": token, "jwks": jwks, "aud": AUD})
-                    .to_string()
-                    .as_bytes(),
-            )
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, v) = tessera_e2e::node_check(
+        "verify_rs256.mjs",
+        &json!({"token": token, "jwks": jwks, "aud": AUD}),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(ok, "{v}");
     assert_eq!(v["sub"], sub.as_str(), "the TypeScript SDK verifies it");
 
     // What the device says about the key.

@@ -232,8 +232,22 @@ impl Pkcs11KeyStore {
         Ok(h)
     }
 
-    fn sign_with(&self, h: ObjectHandle, digest: &[u8; 32]) -> Result<Vec<u8>, CkError> {
-        self.session.sign(&Mechanism::Ecdsa, h, digest)
+    /// `C_Sign` with key `id`'s private half. The object may have gone away behind our back
+    /// (another application destroyed it): never sign with a stale handle; look the key up
+    /// once more, and report it gone if it is.
+    fn sign_with(&self, id: &str, mech: &Mechanism, data: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        let h = self.cached_private_handle(id)?;
+        match self.session.sign(mech, h, data) {
+            Ok(raw) => Ok(raw),
+            Err(e) if stale(&e) => {
+                self.suspect(id);
+                let h = self.cached_private_handle(id)?;
+                self.session
+                    .sign(mech, h, data)
+                    .map_err(|e| ck_err("C_Sign", e))
+            }
+            Err(e) => Err(ck_err("C_Sign", e)),
+        }
     }
 
     fn find(&self, id: &str, class: ObjectClass) -> Result<Vec<ObjectHandle>, KeyStoreError> {
@@ -430,18 +444,7 @@ impl KeyStore for Pkcs11KeyStore {
         // CKM_RSA_PKCS pads what it is given: the DigestInfo of the SHA-256 digest, built here.
         let mut info = SHA256_DIGEST_INFO.to_vec();
         info.extend_from_slice(digest);
-        let h = self.cached_private_handle(id)?;
-        let raw = match self.session.sign(&Mechanism::RsaPkcs, h, &info) {
-            Ok(raw) => raw,
-            Err(e) if stale(&e) => {
-                self.suspect(id);
-                let h = self.cached_private_handle(id)?;
-                self.session
-                    .sign(&Mechanism::RsaPkcs, h, &info)
-                    .map_err(|e| ck_err("C_Sign", e))?
-            }
-            Err(e) => return Err(ck_err("C_Sign", e)),
-        };
+        let raw = self.sign_with(id, &Mechanism::RsaPkcs, &info)?;
         if raw.len() != RSA_BITS / 8 {
             return Err(KeyStoreError::Device {
                 op: "C_Sign",
@@ -481,18 +484,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn sign(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
         validate_key_id(id)?;
-        let h = self.cached_private_handle(id)?;
-        let raw = match self.sign_with(h, digest) {
-            Ok(raw) => raw,
-            // The object went away behind our back (another application destroyed it): never
-            // sign with a stale handle; look the key up once more, and report it gone if it is.
-            Err(e) if stale(&e) => {
-                self.suspect(id);
-                let h = self.cached_private_handle(id)?;
-                self.sign_with(h, digest).map_err(|e| ck_err("C_Sign", e))?
-            }
-            Err(e) => return Err(ck_err("C_Sign", e)),
-        };
+        let raw = self.sign_with(id, &Mechanism::Ecdsa, digest)?;
         if raw.len() != 64 {
             return Err(KeyStoreError::Device {
                 op: "C_Sign",

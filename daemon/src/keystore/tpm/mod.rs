@@ -516,22 +516,10 @@ impl TpmKeyStore {
     }
 
     fn sign_rsa_digest(&mut self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, KeyStoreError> {
-        let h = self.handle(id)?;
-        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-            tag: TPM2_ST_HASHCHECK,
-            hierarchy: TPM2_RH_NULL,
-            digest: Default::default(),
-        })
-        .map_err(|e| tpm_err("hashcheck ticket", e))?;
-        let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
         let scheme = SignatureScheme::RsaSsa {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
-        match self
-            .ctx()?
-            .sign(h, digest, scheme, ticket)
-            .map_err(|e| tpm_err("sign", e))?
-        {
+        match self.sign_with_scheme(id, digest, scheme)? {
             TpmSignature::RsaSsa(s) => Ok(s.signature().value().to_vec()),
             _ => Err(KeyStoreError::Device {
                 op: "sign",
@@ -541,6 +529,19 @@ impl TpmKeyStore {
     }
 
     fn sign_digest(&mut self, id: &str, digest: &[u8; 32]) -> Result<Signature, KeyStoreError> {
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        ecdsa_of("sign", self.sign_with_scheme(id, digest, scheme)?)
+    }
+
+    /// TPM2_Sign of an outside digest (a null hashcheck ticket: the key is unrestricted).
+    fn sign_with_scheme(
+        &mut self,
+        id: &str,
+        digest: &[u8; 32],
+        scheme: SignatureScheme,
+    ) -> Result<TpmSignature, KeyStoreError> {
         let h = self.handle(id)?;
         let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
             tag: TPM2_ST_HASHCHECK,
@@ -549,14 +550,9 @@ impl TpmKeyStore {
         })
         .map_err(|e| tpm_err("hashcheck ticket", e))?;
         let digest = Digest::try_from(digest.to_vec()).map_err(|e| tpm_err("digest", e))?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-        };
-        let sig = self
-            .ctx()?
+        self.ctx()?
             .sign(h, digest, scheme, ticket)
-            .map_err(|e| tpm_err("sign", e))?;
-        ecdsa_of("sign", sig)
+            .map_err(|e| tpm_err("sign", e))
     }
 
     fn destroy_key(&mut self, id: &str) -> Result<(), KeyStoreError> {
