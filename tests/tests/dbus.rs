@@ -120,6 +120,7 @@ fn revoke_cuts_off_exactly_that_agent(backend: Backend) {
         assert_eq!(v["Status"], "active");
     }
     assert_eq!(env.agents().len(), 2);
+    assert!(exported(&env, "alpha") && exported(&env, "beta"));
     let alpha_kid = env
         .agents()
         .into_iter()
@@ -191,6 +192,8 @@ fn revoke_cuts_off_exactly_that_agent(backend: Backend) {
         }
     }
     assert_eq!(env.d.device_keys().len(), 1);
+    // Its object went with its key (one object synced, not all of them); beta's stays.
+    assert!(!exported(&env, "alpha") && exported(&env, "beta"));
     // The other agent carries on; revoking again is fine; the name can be enrolled anew.
     assert_eq!(token_via(&b, &env.d.socket)["status"], 200);
     env.ok(&["agent", "revoke", "alpha"]);
@@ -206,6 +209,7 @@ fn revoke_cuts_off_exactly_that_agent(backend: Backend) {
         AUD,
     ]);
     assert_eq!(token_via(&a, &env.d.socket)["status"], 200);
+    assert!(exported(&env, "alpha"), "the new alpha is exported");
     let new_kid = env
         .agents()
         .into_iter()
@@ -347,6 +351,30 @@ fn backend_again(b: &Backend) -> Backend {
 
 tessera_e2e::both_backends!(non_admins_are_refused_twice);
 
+/// Whether the daemon exports `name`'s agent object, asked with gdbus (GLib) as root.
+fn exported(env: &Env, name: &str) -> bool {
+    Command::new("gdbus")
+        .args([
+            "call",
+            "--system",
+            "--dest",
+            "org.tessera.Tessera1",
+            "--object-path",
+        ])
+        .arg(format!("/org/tessera/Tessera1/agent/{name}"))
+        .args([
+            "--method",
+            "org.freedesktop.DBus.Properties.Get",
+            "org.tessera.Tessera1.Agent",
+            "Name",
+        ])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &env.bus.address)
+        .output()
+        .expect("gdbus")
+        .status
+        .success()
+}
+
 fn suspend_resume_and_kill_switch(backend: Backend) {
     let env = start(backend, BusPolicy::Shipped, vec![]);
     env.ok(&[
@@ -371,6 +399,7 @@ fn suspend_resume_and_kill_switch(backend: Backend) {
     env.ok(&["agent", "suspend", "solo"]);
     let show: Value = serde_json::from_str(&env.ok(&["--json", "agent", "show", "solo"])).unwrap();
     assert_eq!(show["Status"], "suspended");
+    assert!(exported(&env, "solo"), "a suspended agent keeps its object");
     assert_eq!(show["Policy"]["max_ttl"], "10m");
     assert_eq!(show["Selectors"]["uid"], 0);
     let e = runtime
@@ -402,6 +431,7 @@ fn suspend_resume_and_kill_switch(backend: Backend) {
     assert_eq!(env.agents().len(), 2);
     env.ok(&["agent", "revoke", "--all", "--reason", "incident", "--yes"]);
     assert!(env.agents().is_empty());
+    assert!(!exported(&env, "solo") && !exported(&env, "second"));
     assert!(
         env.d.device_keys().is_empty(),
         "no agent key left in the device"

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::agents::{validate_name, AdminError, Agents, Policy, Selectors, Source, Status};
+use crate::agents::{validate_name, AdminError, Agent, Agents, Policy, Selectors, Source, Status};
 use crate::audit::Event;
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +174,13 @@ impl Agents {
             }
         }
 
+        // One read of the live agents rather than a lookup per file (10,000 files at start).
+        // A concurrent enrolment of the same name still meets the registry's unique index.
+        let live: std::collections::HashMap<String, Agent> = self
+            .with_registry(|r| r.live())?
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
         for (name, parsed) in &files {
             let Some(Spec {
                 selectors,
@@ -184,7 +191,7 @@ impl Agents {
                 continue;
             };
             let file = dir.join(format!("{name}.toml"));
-            let existing = self.with_registry(|r| r.get_live(name))?;
+            let existing = live.get(name).cloned();
             if existing.is_none() {
                 let latest = self.with_registry(|r| r.get_latest(name))?;
                 if let Some(prev) = latest.filter(|p| {

@@ -82,6 +82,11 @@ impl AgentSet {
         idx.into_iter().map(move |i| &*self.all[i])
     }
 
+    /// The agent of this name, if it is in the set (the newest, for the revoked set).
+    pub fn by_name(&self, name: &str) -> Option<&Agent> {
+        self.by_name.get(name).map(|i| &*self.all[*i])
+    }
+
     /// The agent with this registry row, if it is in the set.
     pub fn by_row(&self, row: i64) -> Option<&Agent> {
         self.by_row.get(&row).map(|i| &*self.all[*i])

@@ -83,7 +83,7 @@ active proctype lifecycle() {
     :: atomic { e == 8 -> e = 9 }
 #endif
     :: atomic { e == 9 -> rec = REVOKED; revoked_durable = true; e = 10 }  /* V3 mark_all_revoked */
-    :: atomic { e == 10 -> mem = REVOKED; writer = false; e = 11 }         /* V4 apply, audit, gate */
+    :: atomic { e == 10 -> mem = REVOKED; writer = false; e = 11 }         /* V4 apply, gate released (records after) */
     :: atomic { e == 11 -> dev_key = false; e = 12 }                       /* V5 destroy key */
     :: atomic { e == 12 -> destroyed_mark = true; e = 13 }                 /* V6 mark destroyed */
     :: atomic { e == 13 -> admin = false; e = E_DONE }                     /* V7 unlock */

@@ -326,10 +326,13 @@ impl Agents {
         destroyed
     }
 
-    /// Steps 1-2 of revocation for `agents`, under the issuance gate's write side: one durable
-    /// transaction, memory refreshed once, `agent.revoked` audited for each. Credentials whose
-    /// issuance passed its last liveness check before this are in the audit before these
-    /// records; none is released after (see [`Agents::issuance`]).
+    /// Steps 1-2 of revocation for `agents`: under the issuance gate's write side, one durable
+    /// transaction and memory refreshed once; then, with the gate released, `agent.revoked`
+    /// audited for each. Credentials whose issuance passed its last liveness check before the
+    /// gate was taken held its read side until their own records were written, so they are in
+    /// the audit before these records; none is released after (see [`Agents::issuance`]).
+    /// Writing the records after the gate lets refusals start at the transaction, not after
+    /// thousands of records (the kill switch).
     async fn mark_revoked(
         &self,
         agents: &[Agent],
@@ -337,7 +340,7 @@ impl Agents {
         by: &str,
         hold: bool,
     ) -> Result<u64, AdminError> {
-        let _gate = self.gate.write().await; // model: V2
+        let gate = self.gate.write().await; // model: V2
         let rows: Vec<i64> = agents.iter().map(|a| a.row).collect();
         self.with_registry(|r| r.mark_all_revoked(&rows, reason, hold))?; // model: V3
                                                                           // Memory follows the durable records at once, without re-reading every agent: these
@@ -360,6 +363,7 @@ impl Agents {
             })
             .collect();
         let generation = self.apply(&revoked); // model: V4
+        drop(gate);
         let mut records = tokio::task::JoinSet::new();
         for a in agents {
             let audit = self.audit.clone();

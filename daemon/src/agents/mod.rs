@@ -324,6 +324,11 @@ impl Agents {
         self.with_registry(|r| r.revoked_with_key())
     }
 
+    /// Whether `name` is a revoked agent whose key is still to be destroyed.
+    pub fn destroy_pending_named(&self, name: &str) -> Result<bool, RegistryError> {
+        self.with_registry(|r| r.revoked_with_key_named(name))
+    }
+
     /// A value of the registry's `meta` table (state other parts keep with the agents so it
     /// commits with the same durability).
     pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {

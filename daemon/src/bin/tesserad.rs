@@ -7,6 +7,16 @@ use clap::Parser;
 use tesserad::runtime::config::{Config, DEFAULT_CONFIG_PATH};
 use tesserad::runtime::dev::{self, DevBackend};
 
+/// jemalloc rather than glibc's malloc for the daemon's own allocations. Under load requests
+/// hop across a hundred blocking-pool threads; with glibc's per-thread arenas RSS kept
+/// creeping through a 10-minute soak while the live heap stayed under 10 MiB (heaptrack),
+/// and `MALLOC_ARENA_MAX=2` did not stop it. With jemalloc (freed pages handed back by its
+/// background thread) RSS levelled off and the soak's throughput rose by a fifth
+/// (BENCHMARKS.md, soak). The PKCS#11 module, SQLite and the TSS still use glibc's malloc.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tesserad",

@@ -211,6 +211,16 @@ impl Registry {
         self.query("WHERE status = 'revoked' AND key_state != 'destroyed'", [])
     }
 
+    /// Whether a revoked agent of this name still has a key to destroy (index `agents_name`).
+    pub fn revoked_with_key_named(&self, name: &str) -> Result<bool, RegistryError> {
+        Ok(!self
+            .query(
+                "WHERE name = ?1 AND status = 'revoked' AND key_state != 'destroyed'",
+                [name],
+            )?
+            .is_empty())
+    }
+
     pub fn get_live(&self, name: &str) -> Result<Option<Agent>, RegistryError> {
         Ok(self
             .query("WHERE name = ?1 AND status != 'revoked'", [name])?

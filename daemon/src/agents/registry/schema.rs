@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS agents (
   file_hash TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS agents_live_name ON agents(name) WHERE status != 'revoked';
+-- Lookups that would otherwise scan every agent ever enrolled: the latest record of a name
+-- (enrolment from agents_dir), and revoked agents whose key is still to be destroyed (read on
+-- every revocation). Additive: an older tesserad opens the file unchanged.
+CREATE INDEX IF NOT EXISTS agents_name ON agents(name);
+CREATE INDEX IF NOT EXISTS agents_destroy_pending ON agents(row) WHERE status = 'revoked' AND key_state != 'destroyed';
 CREATE TABLE IF NOT EXISTS certificates (
   serial TEXT PRIMARY KEY,
   agent_row INTEGER NOT NULL REFERENCES agents(row),

@@ -8,7 +8,7 @@ use zbus::message::Header;
 use zbus::zvariant::OwnedValue;
 use zbus::{interface, Connection};
 
-use super::{json_to_dict, sync_objects, Ctx, TesseraError};
+use super::{json_to_dict, sync_object, Ctx, TesseraError};
 use crate::agents::Agent;
 
 pub struct AgentObject {
@@ -159,7 +159,7 @@ impl AgentObject {
     ) -> Result<(), TesseraError> {
         let by = self.ctx.require_admin(conn, &hdr).await?;
         self.ctx.svc.revoke(&self.name, &reason, &by).await?;
-        sync_objects(conn, &self.ctx).await;
+        sync_object(conn, &self.ctx, &self.name).await;
         Ok(())
     }
 

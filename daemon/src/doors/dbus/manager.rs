@@ -8,7 +8,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue, Value};
 use zbus::{interface, Connection};
 
-use super::{agent_path, dict_to_json, sync_objects, Ctx, TesseraError};
+use super::{agent_path, dict_to_json, sync_object, sync_objects, Ctx, TesseraError};
 use crate::agents::{Policy, Selectors, Source};
 
 pub struct Manager(pub(super) Arc<Ctx>);
@@ -34,7 +34,7 @@ impl Manager {
             .agents()
             .enroll(&name, sel, pol, Source::Dbus, &by)
             .await?;
-        sync_objects(conn, &self.0).await;
+        sync_object(conn, &self.0, &a.name).await;
         OwnedObjectPath::try_from(agent_path(&a.name))
             .map_err(|e| TesseraError::Failed(e.to_string()))
     }
@@ -64,7 +64,7 @@ impl Manager {
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
         self.0.svc.revoke(&name, &reason, &by).await?;
-        sync_objects(conn, &self.0).await;
+        sync_object(conn, &self.0, &name).await;
         Ok(())
     }
 
@@ -76,7 +76,7 @@ impl Manager {
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
         self.0.svc.agents().set_suspended(&name, true, &by).await?;
-        sync_objects(conn, &self.0).await;
+        sync_object(conn, &self.0, &name).await;
         Ok(())
     }
 
@@ -88,7 +88,7 @@ impl Manager {
     ) -> Result<(), TesseraError> {
         let by = self.0.require_admin(conn, &hdr).await?;
         self.0.svc.agents().set_suspended(&name, false, &by).await?;
-        sync_objects(conn, &self.0).await;
+        sync_object(conn, &self.0, &name).await;
         Ok(())
     }
 

@@ -378,6 +378,35 @@ async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
     *exported = live;
 }
 
+/// Make one agent's object match its state: [`sync_objects`] for a change to one agent, O(1)
+/// in the number of agents (comparing every name cost milliseconds per change at 10,000).
+async fn sync_object(conn: &Connection, ctx: &Arc<Ctx>, name: &str) {
+    let mut exported = ctx.exported.lock().await;
+    let agents = ctx.svc.agents();
+    let wanted = agents.live().by_name(name).is_some()
+        || match agents.destroy_pending_named(name) {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "cannot read the agent's key state");
+                exported.contains(name)
+            }
+        };
+    let server = conn.object_server();
+    if wanted && !exported.contains(name) {
+        let obj = AgentObject::new(ctx.clone(), name.to_string());
+        match server.at(agent_path(name).as_str(), obj).await {
+            Ok(_) => {
+                exported.insert(name.to_string());
+            }
+            Err(e) => tracing::warn!(agent = %name, error = %e, "cannot export agent object"),
+        }
+    } else if !wanted && exported.remove(name) {
+        let _ = server
+            .remove::<AgentObject, _>(agent_path(name).as_str())
+            .await;
+    }
+}
+
 /// Connect to the configured bus, own the name (no replacement allowed), export the
 /// objects, and keep them and the signals in step with the service. `None` when `bus = "none"`.
 pub async fn start(
@@ -424,7 +453,7 @@ pub async fn start(
                 }
                 Err(_) => break,
             };
-            sync_objects(&c, &ctx).await;
+            sync_object(&c, &ctx, &ev.name).await;
             let Ok(iface) = c.object_server().interface::<_, Manager>(PATH).await else {
                 continue;
             };
