@@ -395,7 +395,7 @@ impl Credentials {
                         });
                 }
                 if let EventKind::Revoked { .. } = ev.kind {
-                    if let Some(a) = me.agents.revoked().iter().find(|a| a.name == ev.name) {
+                    if let Some(a) = me.agents.revoked().by_name(&ev.name) {
                         me.forget_rate(&a.key_id);
                     }
                     crate::metrics::forget_agent(&ev.name);

@@ -31,8 +31,8 @@ impl AgentObject {
                 .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
         }
         let agents = self.ctx.svc.agents();
-        if let Some(a) = agents.live().iter().find(|a| a.name == self.name) {
-            return Ok((**a).clone());
+        if let Some(a) = agents.live().by_name(&self.name) {
+            return Ok(a.clone());
         }
         agents
             .destroy_pending()
