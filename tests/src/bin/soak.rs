@@ -2,7 +2,8 @@
 //! daemon for tokens, certificates and DPoP proofs (hardware and session keys) while a churn
 //! task enrols and revokes agents through `agents_dir`. Every answer must be the expected one;
 //! the daemon's RSS and open descriptors are sampled every 10 s and must stay within 10 % of
-//! their median after a warm-up; the audit trail must verify at the end. Writes
+//! their median after a warm-up (before it, 1,088 agents are enrolled and revoked so that the
+//! daemon's bounded window of revoked agents is full); the audit trail must verify at the end. Writes
 //! `target/soak/<backend>.csv` and, with gnuplot, `target/soak/soak.png`; prints a Markdown
 //! summary for BENCHMARKS.md; exits non-zero when a check fails.
 
@@ -114,11 +115,53 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
+/// Revoked agents the daemon keeps in memory (so a revoked caller hears "revoked"): a bounded
+/// window, filled before the measured run. The churn alone (about 3 cycles a second) would
+/// take five of the ten minutes to fill it, and the soak would measure a cache filling to its
+/// bound rather than a leak.
+const WINDOW_FILL: usize = tesserad::agents::REMEMBERED_REVOKED + 64;
+
+/// Revoke the `warm*` agents enrolled at start (their files removed, then SIGHUP) and wait
+/// until the last of them is refused as revoked.
+fn fill_revoked_window(d: &Daemon) {
+    let dir = d.agents_dir();
+    for i in 0..WINDOW_FILL {
+        std::fs::remove_file(dir.join(format!("warm{i:05}.toml"))).expect("remove agent file");
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    let c = d.client();
+    let last = format!("warm{:05}", WINDOW_FILL - 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let t0 = Instant::now();
+    rt.block_on(async {
+        loop {
+            match c.token(&TokenOptions::new(AUD).agent(&last)).await {
+                Err(e) if e.problem() == Some(ProblemType::AgentRevoked) => return,
+                _ if t0.elapsed() > Duration::from_secs(600) => {
+                    panic!("{last} not revoked within 10 minutes")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    eprintln!(
+        "soak: {WINDOW_FILL} agents enrolled and revoked before the run ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 /// One backend: returns (summary row, whether every check held).
 fn soak(name: &str, backend: Backend, minutes: f64, out: &Path) -> (String, bool) {
-    let agents: Vec<(String, String)> = (0..STEADY)
+    let mut agents: Vec<(String, String)> = (0..STEADY)
         .map(|i| (format!("steady{i}"), agent_toml(i % 2 == 1)))
         .collect();
+    agents.extend((0..WINDOW_FILL).map(|i| (format!("warm{i:05}"), agent_toml(false))));
     // 64 clients of one uid: above the default per-uid connection cap (32), which is for
     // hostile local users, not for this load.
     let d = Daemon::start_with(
@@ -130,6 +173,7 @@ fn soak(name: &str, backend: Backend, minutes: f64, out: &Path) -> (String, bool
         },
     );
     let pid = d.pid();
+    fill_revoked_window(&d);
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     // Samples are taken with the clients paused and their connections closed: what is
