@@ -341,11 +341,6 @@ impl Agents {
 
     /// Write issue counters `(row, count, last issued at)`.
     pub fn set_issued(&self, counts: &[(i64, u64, u64)]) -> Result<(), RegistryError> {
-        self.with_registry(|r| {
-            for (row, count, last) in counts {
-                r.set_issued(*row, *count, *last as i64)?;
-            }
-            Ok(())
-        })
+        self.with_registry(|r| r.set_issued(counts))
     }
 }

@@ -344,11 +344,20 @@ impl Registry {
         Ok(())
     }
 
-    pub fn set_issued(&mut self, row: i64, count: u64, at: i64) -> Result<(), RegistryError> {
-        self.conn.execute(
-            "UPDATE agents SET issued_count = ?2, last_issued_at = ?3 WHERE row = ?1",
-            params![row, count as i64, at],
-        )?;
+    /// Issue counters `(row, count, last issued at)`, all in one transaction: one sync for
+    /// the lot. One commit each held the registry for a sync per agent, so after a busy
+    /// minute with 10,000 agents a `Revoke` waited seconds behind the counters (perf).
+    pub fn set_issued(&mut self, counts: &[(i64, u64, u64)]) -> Result<(), RegistryError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE agents SET issued_count = ?2, last_issued_at = ?3 WHERE row = ?1",
+            )?;
+            for (row, count, at) in counts {
+                stmt.execute(params![row, *count as i64, *at as i64])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -395,6 +404,42 @@ mod tests {
             x509_svid: None,
             key: None,
         }
+    }
+
+    #[test]
+    fn issue_counters_are_written_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("r.db")).unwrap();
+        let rows: Vec<i64> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let row = r
+                    .insert_pending(&NewAgent {
+                        name: n,
+                        spiffe_id: "spiffe://x/a",
+                        source: Source::Dbus,
+                        selectors: &sel(),
+                        policy: &pol(),
+                        key_id: &format!("agent-{n}"),
+                        file_hash: None,
+                    })
+                    .unwrap();
+                r.activate(row, n, &serde_json::json!({"kty": "EC"}))
+                    .unwrap();
+                row
+            })
+            .collect();
+        r.set_issued(&[(rows[0], 3, 100), (rows[1], 7, 200)])
+            .unwrap();
+        let live = r.live().unwrap();
+        let got: Vec<(u64, Option<i64>)> = live
+            .iter()
+            .map(|a| (a.issued_count, a.last_issued_at))
+            .collect();
+        assert_eq!(got, vec![(3, Some(100)), (7, Some(200))]);
+        // A row that is gone is no error (the agent was deleted meanwhile); nothing else moves.
+        r.set_issued(&[(rows[1], 8, 300), (9999, 1, 1)]).unwrap();
+        assert_eq!(r.live().unwrap()[1].issued_count, 8);
     }
 
     #[test]
