@@ -223,6 +223,11 @@ tessera_e2e::both_backends!(revoke_cuts_off_exactly_that_agent);
 
 /// `gdbus` (GLib, not our code) as `uid` calling a Credentials method.
 fn gdbus_as(env: &Env, uid: u32, method: &str, args: &[&str]) -> Output {
+    gdbus_at(env, uid, "/org/tessera/Tessera1", method, args)
+}
+
+/// `gdbus call` on the daemon's object `path`, as `uid`.
+fn gdbus_at(env: &Env, uid: u32, path: &str, method: &str, args: &[&str]) -> Output {
     Command::new("gdbus")
         .args([
             "call",
@@ -230,7 +235,7 @@ fn gdbus_as(env: &Env, uid: u32, method: &str, args: &[&str]) -> Output {
             "--dest",
             "org.tessera.Tessera1",
             "--object-path",
-            "/org/tessera/Tessera1",
+            path,
             "--method",
         ])
         .arg(method)
@@ -353,26 +358,15 @@ tessera_e2e::both_backends!(non_admins_are_refused_twice);
 
 /// Whether the daemon exports `name`'s agent object, asked with gdbus (GLib) as root.
 fn exported(env: &Env, name: &str) -> bool {
-    Command::new("gdbus")
-        .args([
-            "call",
-            "--system",
-            "--dest",
-            "org.tessera.Tessera1",
-            "--object-path",
-        ])
-        .arg(format!("/org/tessera/Tessera1/agent/{name}"))
-        .args([
-            "--method",
-            "org.freedesktop.DBus.Properties.Get",
-            "org.tessera.Tessera1.Agent",
-            "Name",
-        ])
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &env.bus.address)
-        .output()
-        .expect("gdbus")
-        .status
-        .success()
+    gdbus_at(
+        env,
+        0,
+        &format!("/org/tessera/Tessera1/agent/{name}"),
+        "org.freedesktop.DBus.Properties.Get",
+        &["org.tessera.Tessera1.Agent", "Name"],
+    )
+    .status
+    .success()
 }
 
 fn suspend_resume_and_kill_switch(backend: Backend) {

@@ -191,7 +191,7 @@ impl Agents {
                 continue;
             };
             let file = dir.join(format!("{name}.toml"));
-            let existing = live.get(name).cloned();
+            let existing = live.get(name);
             if existing.is_none() {
                 let latest = self.with_registry(|r| r.get_latest(name))?;
                 if let Some(prev) = latest.filter(|p| {

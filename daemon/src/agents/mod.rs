@@ -324,8 +324,8 @@ impl Agents {
         self.with_registry(|r| r.revoked_with_key())
     }
 
-    /// Whether `name` is a revoked agent whose key is still to be destroyed.
-    pub fn destroy_pending_named(&self, name: &str) -> Result<bool, RegistryError> {
+    /// The revoked agent `name` if its key is still to be destroyed.
+    pub fn destroy_pending_named(&self, name: &str) -> Result<Option<Agent>, RegistryError> {
         self.with_registry(|r| r.revoked_with_key_named(name))
     }
 

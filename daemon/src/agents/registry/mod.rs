@@ -211,14 +211,15 @@ impl Registry {
         self.query("WHERE status = 'revoked' AND key_state != 'destroyed'", [])
     }
 
-    /// Whether a revoked agent of this name still has a key to destroy (index `agents_name`).
-    pub fn revoked_with_key_named(&self, name: &str) -> Result<bool, RegistryError> {
-        Ok(!self
+    /// The revoked agent of this name whose key is still to be destroyed, if any (index
+    /// `agents_name`).
+    pub fn revoked_with_key_named(&self, name: &str) -> Result<Option<Agent>, RegistryError> {
+        Ok(self
             .query(
                 "WHERE name = ?1 AND status = 'revoked' AND key_state != 'destroyed'",
                 [name],
             )?
-            .is_empty())
+            .pop())
     }
 
     pub fn get_live(&self, name: &str) -> Result<Option<Agent>, RegistryError> {

@@ -35,10 +35,8 @@ impl AgentObject {
             return Ok(a.clone());
         }
         agents
-            .destroy_pending()
+            .destroy_pending_named(&self.name)
             .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?
-            .into_iter()
-            .find(|a| a.name == self.name)
             .ok_or_else(|| zbus::fdo::Error::UnknownObject(format!("agent {} is gone", self.name)))
     }
 }

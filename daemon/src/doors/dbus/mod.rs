@@ -365,17 +365,30 @@ async fn sync_objects(conn: &Connection, ctx: &Arc<Ctx>) {
     }
     let server = conn.object_server();
     for name in exported.iter().filter(|n| !live.contains(*n)) {
-        let _ = server
-            .remove::<AgentObject, _>(agent_path(name).as_str())
-            .await;
+        unexport(server, name).await;
     }
     for name in live.iter().filter(|n| !exported.contains(*n)) {
-        let obj = AgentObject::new(ctx.clone(), name.clone());
-        if let Err(e) = server.at(agent_path(name).as_str(), obj).await {
-            tracing::warn!(agent = %name, error = %e, "cannot export agent object");
-        }
+        export(server, ctx, name).await;
     }
     *exported = live;
+}
+
+/// Export `name`'s agent object; false (and a warning) if the bus refused it.
+async fn export(server: &zbus::ObjectServer, ctx: &Arc<Ctx>, name: &str) -> bool {
+    let obj = AgentObject::new(ctx.clone(), name.to_string());
+    match server.at(agent_path(name).as_str(), obj).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(agent = %name, error = %e, "cannot export agent object");
+            false
+        }
+    }
+}
+
+async fn unexport(server: &zbus::ObjectServer, name: &str) {
+    let _ = server
+        .remove::<AgentObject, _>(agent_path(name).as_str())
+        .await;
 }
 
 /// Make one agent's object match its state: [`sync_objects`] for a change to one agent, O(1)
@@ -385,7 +398,7 @@ async fn sync_object(conn: &Connection, ctx: &Arc<Ctx>, name: &str) {
     let agents = ctx.svc.agents();
     let wanted = agents.live().by_name(name).is_some()
         || match agents.destroy_pending_named(name) {
-            Ok(pending) => pending,
+            Ok(pending) => pending.is_some(),
             Err(e) => {
                 tracing::warn!(agent = %name, error = %e, "cannot read the agent's key state");
                 exported.contains(name)
@@ -393,17 +406,11 @@ async fn sync_object(conn: &Connection, ctx: &Arc<Ctx>, name: &str) {
         };
     let server = conn.object_server();
     if wanted && !exported.contains(name) {
-        let obj = AgentObject::new(ctx.clone(), name.to_string());
-        match server.at(agent_path(name).as_str(), obj).await {
-            Ok(_) => {
-                exported.insert(name.to_string());
-            }
-            Err(e) => tracing::warn!(agent = %name, error = %e, "cannot export agent object"),
+        if export(server, ctx, name).await {
+            exported.insert(name.to_string());
         }
     } else if !wanted && exported.remove(name) {
-        let _ = server
-            .remove::<AgentObject, _>(agent_path(name).as_str())
-            .await;
+        unexport(server, name).await;
     }
 }
 
