@@ -286,6 +286,68 @@ fn kill_switch_revokes_all_before_destroying(backend: Backend) {
 
 tessera_e2e::both_backends!(kill_switch_revokes_all_before_destroying);
 
+/// The kill switch refuses from its call, not from the commit of its transaction (which takes
+/// a while with thousands of agents): while that transaction waits on a registry another
+/// process has locked, a token request is refused at once. Before, it waited at the issuance
+/// gate and was served when the transaction failed. A kill switch whose transaction fails
+/// revokes no one and leaves every agent served.
+fn kill_switch_refuses_before_its_transaction_commits(backend: Backend) {
+    let (bus, d) = on_bus(backend, vec![("k".into(), agent_toml("uid = 0", ""))]);
+    let opts = TokenOptions {
+        agent: Some("k".into()),
+        ..TokenOptions::new(AUD)
+    };
+    token(&d, &opts).expect("token before the kill switch");
+    let db = rusqlite::Connection::open(d.state_dir().join("registry.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let kill = std::thread::scope(|s| {
+        let kill = s.spawn(|| {
+            cli(
+                &bus,
+                &d,
+                &["agent", "revoke", "--all", "--reason", "incident", "--yes"],
+            )
+        });
+        // Until the kill switch gives up on the locked registry (5 s), a refusal must come.
+        let refused = loop {
+            match token(&d, &opts) {
+                Err(e) => break Some(e),
+                Ok(_) if kill.is_finished() => break None,
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let Some(e) = refused else {
+            panic!(
+                "served throughout a kill switch's transaction: {:?}",
+                kill.join().unwrap()
+            );
+        };
+        assert_eq!(e.problem(), Some(ProblemType::AgentRevoked), "{e}");
+        // It gives up (SQLite's 5 s busy wait) while the registry is still locked.
+        let kill = kill.join().unwrap();
+        db.execute_batch("ROLLBACK").unwrap();
+        kill
+    });
+    assert!(
+        !kill.status.success(),
+        "the kill switch cannot commit while the registry is locked"
+    );
+    assert!(
+        !kill.stderr.is_empty(),
+        "a failed kill switch says why: {kill:?}"
+    );
+    token(&d, &opts).expect("a kill switch that failed leaves the agent served");
+    assert!(
+        !d.audit_records()
+            .iter()
+            .any(|r| r["event"] == "agent.revoked"),
+        "no one was revoked"
+    );
+    assert_eq!(d.device_keys().len(), 1, "no key was destroyed");
+}
+
+tessera_e2e::both_backends!(kill_switch_refuses_before_its_transaction_commits);
+
 /// (Item 15) Lowering `tokens.max_ttl` applies to agents enrolled before; sub-second and fractional
 /// TTLs are refused.
 #[test]

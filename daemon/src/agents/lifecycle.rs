@@ -410,11 +410,15 @@ impl Agents {
     /// The kill switch: every live agent revoked in one transaction (refused from then on),
     /// then every key destroyed, then one event per agent (one CRL). Returns who was revoked.
     pub async fn revoke_all(&self, reason: &str, by: &str) -> Result<Vec<String>, AdminError> {
+        // Refusals start here, before the admin lock, the registry read and the transaction.
+        let switch = super::KillSwitch::begin(&self.killing);
         let _guard = self.admin.lock().await;
         // From the registry, not memory: an agent made live durably whose memory update
         // failed must not escape the kill switch.
         let live = self.with_registry(|r| r.live())?;
         let generation = self.mark_revoked(&live, reason, by, true).await?;
+        // Memory says revoked now; agents enrolled after this call are served again.
+        drop(switch);
         let mut first_err = None;
         for a in &live {
             self.keystore.sessions().drop_agent(a.row);

@@ -19,7 +19,7 @@ pub mod record;
 pub mod registry;
 pub mod selectors;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -113,7 +113,30 @@ pub struct Agents {
     /// refreshes memory and audits them. So no credential of an agent leaves after its revoked
     /// record is durable, and every one that left is in the audit before `agent.revoked`.
     gate: tokio::sync::RwLock<()>,
+    /// Kill switches called whose revocations are not yet in memory. While one is, no
+    /// credential is released, without waiting for the gate: `RevokeAll` refuses from the
+    /// call, not from the commit of its transaction (which takes a while with thousands of
+    /// agents). Every agent live meanwhile is about to be revoked (enrolment waits for the
+    /// admin lock the kill switch takes next), so such a refusal is never wrong; if the
+    /// transaction fails, it only refused early, the safe side.
+    killing: AtomicUsize,
     events: broadcast::Sender<AgentEvent>,
+}
+
+/// A kill switch between its call and its revocations in memory (see `Agents::killing`).
+struct KillSwitch<'a>(&'a AtomicUsize);
+
+impl<'a> KillSwitch<'a> {
+    fn begin(count: &'a AtomicUsize) -> KillSwitch<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        KillSwitch(count)
+    }
+}
+
+impl Drop for KillSwitch<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Registry `meta` key of the SPIFFE bundle sequence.
@@ -149,6 +172,7 @@ impl Agents {
             audit,
             admin: tokio::sync::Mutex::new(()),
             gate: tokio::sync::RwLock::new(()),
+            killing: AtomicUsize::new(0),
             events,
         }))
     }
@@ -169,10 +193,22 @@ impl Agents {
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        let mut guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_mut() {
-            Some(r) => f(r),
-            None => Err(RegistryError::Closed),
+        let run = || {
+            let mut guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_mut() {
+                Some(r) => f(r),
+                None => Err(RegistryError::Closed),
+            }
+        };
+        // A registry call can block for seconds (an fsync, or SQLite's busy wait while another
+        // process holds the file's write lock) and callers wait on the mutex meanwhile: on the
+        // daemon's runtime, give the worker's other tasks to another thread first, or two such
+        // waits stall every connection (found by the kill-switch test with a locked registry).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
         }
     }
 
@@ -275,12 +311,20 @@ impl Agents {
         self.gate.read().await
     }
 
+    /// Whether a kill switch is under way: refuse before waiting for the gate.
+    pub fn killing(&self) -> bool {
+        self.killing.load(Ordering::SeqCst) > 0
+    }
+
     /// Whether a credential built for `agent` may still leave: it is active (not revoked or
-    /// suspended since it was matched). Call under [`Agents::issuance`].
+    /// suspended since it was matched) and no kill switch is under way. Call under
+    /// [`Agents::issuance`].
     pub fn may_release(&self, agent: &Agent) -> bool {
-        self.live()
-            .by_row(agent.row)
-            .is_some_and(|a| a.status == Status::Active)
+        !self.killing()
+            && self
+                .live()
+                .by_row(agent.row)
+                .is_some_and(|a| a.status == Status::Active)
     }
 
     /// Record an issued agent certificate, only while its agent is still live (so a racing

@@ -682,6 +682,19 @@ impl Credentials {
         what: &str,
     ) -> Result<(), Problem> {
         let refused = {
+            if self.agents.killing() {
+                // Not behind the gate, which the kill switch's transaction holds.
+                let p = Problem::new(
+                    Kind::AgentRevoked,
+                    format!(
+                        "every agent is being revoked (kill switch); no {what} was issued for {}",
+                        agent.name
+                    ),
+                );
+                return Err(self
+                    .deny(caller, Some(agent), p, json!({"credential": what}))
+                    .await);
+            }
             // Model steps (agents/lifecycle.pml): T2 gate read, T3 may_release, T4 the durable
             // record and release, T5 the gate dropped.
             let _gate = self.agents.issuance().await;
