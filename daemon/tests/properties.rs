@@ -262,3 +262,142 @@ fn the_problem_list_is_consistent() {
         ProblemType::Other(_)
     ));
 }
+
+mod agent_sets {
+    use proptest::prelude::*;
+    use tesserad::agents::index::{AgentSet, Order};
+    use tesserad::agents::record::{Agent, KeyState, Source, Status};
+    use tesserad::agents::selectors::Selectors;
+    use tesserad::caller::Caller;
+
+    /// One change: (row, name, uid, unit, revoked_at, kept in the set).
+    type Change = (i64, u8, Option<u32>, Option<u8>, i64, bool);
+
+    fn agent(&(row, name, uid, unit, at, _): &Change) -> Agent {
+        Agent {
+            row,
+            name: format!("n{name}"),
+            id: String::new(),
+            status: Status::Active,
+            source: Source::Dbus,
+            selectors: Selectors {
+                uid,
+                unit: unit.map(|u| format!("u{u}.service")),
+                ..Default::default()
+            },
+            policy: serde_json::from_value(serde_json::json!({"audiences": ["https://a"]}))
+                .unwrap(),
+            key_id: String::new(),
+            key_state: KeyState::Present,
+            kid: None,
+            jwk: None,
+            created_at: 0,
+            updated_at: 0,
+            revoked_at: Some(at),
+            revoke_reason: None,
+            issued_count: 0,
+            last_issued_at: None,
+            file_hash: None,
+        }
+    }
+
+    /// The oracle: a plain list, re-sorted and truncated after every change.
+    fn oracle_apply(all: &mut Vec<Agent>, batch: &[Change], order: Order, limit: Option<usize>) {
+        all.retain(|a| !batch.iter().any(|c| c.0 == a.row));
+        for c in batch {
+            all.retain(|a| a.row != c.0);
+            if c.5 {
+                all.push(agent(c));
+            }
+        }
+        match order {
+            Order::Enrolment => all.sort_by_key(|a| a.row),
+            Order::NewestRevocationFirst => {
+                all.sort_by_key(|a| std::cmp::Reverse((a.revoked_at, a.row)))
+            }
+        }
+        if let Some(n) = limit {
+            all.truncate(n);
+        }
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        (
+            1i64..24,
+            0u8..6,
+            prop::option::of(0u32..3),
+            prop::option::of(0u8..3),
+            0i64..8,
+            prop::bool::weighted(0.7),
+        )
+    }
+
+    fn rows<'a>(it: impl Iterator<Item = &'a Agent>) -> Vec<i64> {
+        it.map(|a| a.row).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+        /// The persistent, incrementally indexed set answers like a list rebuilt from scratch
+        /// after any sequence of changes: order, rows, names (the first in order wins), and
+        /// every caller's candidates, in both orders and with a window.
+        #[test]
+        fn agent_set_agrees_with_a_rebuilt_list(
+            batches in prop::collection::vec(prop::collection::vec(change(), 0..4), 1..12),
+            newest_first in any::<bool>(),
+            limit in prop::option::of(1usize..10),
+        ) {
+            let order = if newest_first { Order::NewestRevocationFirst } else { Order::Enrolment };
+            let mut set = AgentSet::new(vec![], order);
+            let mut all: Vec<Agent> = vec![];
+            for batch in &batches {
+                let changed: Vec<Agent> = batch.iter().map(agent).collect();
+                let keep: std::collections::HashMap<i64, bool> =
+                    batch.iter().map(|c| (c.0, c.5)).collect();
+                let before = set.clone();
+                set = set.apply(&changed, |a| keep[&a.row], limit);
+                oracle_apply(&mut all, batch, order, limit);
+                // The old set is unchanged by the new one (readers keep what they hold).
+                prop_assert_eq!(before.len(), before.iter().count());
+                prop_assert_eq!(rows(set.iter().map(|a| &**a)), rows(all.iter()));
+                prop_assert_eq!(set.len(), all.len());
+                for row in 0..25 {
+                    prop_assert_eq!(
+                        set.by_row(row).map(|a| a.row),
+                        all.iter().find(|a| a.row == row).map(|a| a.row)
+                    );
+                }
+                for name in 0..7u8 {
+                    let name = format!("n{name}");
+                    let expect = all.iter().find(|a| a.name == name).map(|a| a.row);
+                    prop_assert_eq!(set.by_name(&name).map(|a| a.row), expect);
+                }
+                for uid in 0..4u32 {
+                    for unit in [None, Some("u0.service"), Some("u1.service")] {
+                        let mut c = Caller::from_bus(1, uid, uid);
+                        c.unit = unit.map(str::to_string);
+                        c.cgroup = unit.map(|u| format!("/system.slice/{u}"));
+                        let files = |a: &&Agent| match (&a.selectors.uid, &a.selectors.unit) {
+                            (Some(u), _) => *u == uid,
+                            (None, Some(un)) => Some(un.as_str()) == unit,
+                            (None, None) => true,
+                        };
+                        prop_assert_eq!(
+                            rows(set.candidates(&c, None)),
+                            rows(all.iter().filter(files))
+                        );
+                        for name in 0..7u8 {
+                            let name = format!("n{name}");
+                            let expect = all.iter().find(|a| a.name == name).filter(files);
+                            prop_assert_eq!(
+                                rows(set.candidates(&c, Some(&name))),
+                                rows(expect.into_iter())
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ use tokio::sync::broadcast;
 use crate::audit::Audit;
 use crate::keystore::owner::KeyStoreHandle;
 pub use agents_dir::ReconcileReport;
-use index::AgentSet;
+use index::{AgentSet, Order};
 pub use lifecycle::{AdminError, RepairReport, AGENT_KEY_PREFIX};
 pub use policy::Policy;
 pub use record::{now_unix, validate_name, Agent, KeyState, Source, Status};
@@ -164,8 +164,11 @@ impl Agents {
         Ok(Arc::new(Agents {
             settings: RwLock::new(Arc::new(settings)),
             registry: Mutex::new(Some(registry)),
-            live: RwLock::new(Arc::new(AgentSet::new(live))),
-            revoked: RwLock::new(Arc::new(AgentSet::new(revoked))),
+            live: RwLock::new(Arc::new(AgentSet::new(live, Order::Enrolment))),
+            revoked: RwLock::new(Arc::new(AgentSet::new(
+                revoked,
+                Order::NewestRevocationFirst,
+            ))),
             generation: AtomicU64::new(1),
             sequence_base,
             keystore,
@@ -226,7 +229,10 @@ impl Agents {
     fn refresh(&self) -> Result<u64, RegistryError> {
         let (live, revoked) =
             self.with_registry(|r| Ok((r.live()?, r.revoked(REMEMBERED_REVOKED)?)))?;
-        let (live, revoked) = (AgentSet::new(live), AgentSet::new(revoked));
+        let (live, revoked) = (
+            AgentSet::new(live, Order::Enrolment),
+            AgentSet::new(revoked, Order::NewestRevocationFirst),
+        );
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
         let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -253,7 +259,7 @@ impl Agents {
     fn apply(&self, changed: &[Agent]) -> u64 {
         {
             let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
-            let next = live.apply(changed, Agent::is_live, false, None);
+            let next = live.apply(changed, Agent::is_live, None);
             *live = Arc::new(next);
         }
         {
@@ -261,7 +267,6 @@ impl Agents {
             let next = revoked.apply(
                 changed,
                 |a| a.status == Status::Revoked,
-                true,
                 Some(REMEMBERED_REVOKED),
             );
             *revoked = Arc::new(next);

@@ -417,17 +417,29 @@ fn many_agents(agents: usize, n: usize) {
         d.spawn();
         wait_socket(&mut d, Duration::from_secs(600));
         let start = t0.elapsed();
+        // What every agent costs at rest, apart from what a burst of requests leaves behind.
+        let rss_start = rss_kib(d.pid());
         let names = Arc::new(names);
         let _ = named_tokens(&d, &names, 4, 25);
         println!(
             "| {name} | {agents} | start with all enrolled (spawn -> socket answers) | {} ms |",
             start.as_millis()
         );
+        println!(
+            "| {name} | {agents} | tesserad RSS at start, before any request | {:.1} MiB |",
+            rss_start as f64 / 1024.0
+        );
         let many = named_tokens(&d, &names, 16, (n / 16).max(1));
         let rss = rss_kib(d.pid());
         println!(
             "| {name} | {agents} | tesserad RSS after the token run | {:.1} MiB |",
             rss as f64 / 1024.0
+        );
+        // jemalloc hands freed pages back over about ten seconds (its decay).
+        std::thread::sleep(Duration::from_secs(12));
+        println!(
+            "| {name} | {agents} | tesserad RSS 12 s after the token run | {:.1} MiB |",
+            rss_kib(d.pid()) as f64 / 1024.0
         );
         if pkcs11_share {
             // The module's in-process object cache: what opening the same token and listing
