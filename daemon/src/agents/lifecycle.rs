@@ -15,6 +15,8 @@
 //! Every state change bumps the generation and is published as an [`crate::agents::AgentEvent`]
 //! once it is durable and visible in memory.
 
+use std::collections::{BTreeSet, HashSet};
+
 use serde_json::json;
 
 use crate::agents::registry::{NewAgent, RegistryError};
@@ -471,7 +473,8 @@ impl Agents {
     pub async fn repair(&self) -> Result<RepairReport, AdminError> {
         let _guard = self.admin.lock().await;
         let mut report = RepairReport::default();
-        let in_store = self.keystore.list().await?;
+        // Sets, not lists: with 10,000 agents a scan per agent made the start quadratic.
+        let in_store: BTreeSet<String> = self.keystore.list().await?.into_iter().collect();
         // model: C1
         for p in self.with_registry(|r| r.pending())? {
             if in_store.contains(&p.key_id) {
@@ -497,10 +500,15 @@ impl Agents {
                 }
             }
         }
-        let in_store = self.keystore.list().await?;
+        let in_store: BTreeSet<String> = self.keystore.list().await?.into_iter().collect();
+        // Orphans: a live agent's key is not one, whatever else holds; only the rest is looked
+        // up one by one (one registry query per key made the start linear in queries).
+        let live = self.with_registry(|r| r.live())?;
+        let live_keys: HashSet<&str> = live.iter().map(|a| a.key_id.as_str()).collect();
+        let prefix = format!("{AGENT_KEY_PREFIX}-");
         for key in in_store
             .iter()
-            .filter(|k| k.starts_with(&format!("{AGENT_KEY_PREFIX}-")))
+            .filter(|k| k.starts_with(&prefix) && !live_keys.contains(k.as_str()))
         {
             let owner = self.with_registry(|r| r.referenced_key(key))?;
             if owner.as_ref().is_some_and(Agent::is_live) {
@@ -519,7 +527,7 @@ impl Agents {
             .await;
             report.keys_destroyed.push(key.clone());
         }
-        for a in self.with_registry(|r| r.live())? {
+        for a in live {
             if !in_store.contains(&a.key_id) {
                 tracing::error!(agent = %a.name, key_id = %a.key_id, "agent's key is missing from the key store");
                 self.audit_admin(
