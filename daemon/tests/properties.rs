@@ -355,11 +355,11 @@ mod agent_sets {
                 let changed: Vec<Agent> = batch.iter().map(agent).collect();
                 let keep: std::collections::HashMap<i64, bool> =
                     batch.iter().map(|c| (c.0, c.5)).collect();
-                let before = set.clone();
+                let (before, before_rows) = (set.clone(), rows(all.iter()));
                 set = set.apply(&changed, |a| keep[&a.row], limit);
                 oracle_apply(&mut all, batch, order, limit);
                 // The old set is unchanged by the new one (readers keep what they hold).
-                prop_assert_eq!(before.len(), before.iter().count());
+                prop_assert_eq!(rows(before.iter().map(|a| &**a)), before_rows);
                 prop_assert_eq!(rows(set.iter().map(|a| &**a)), rows(all.iter()));
                 prop_assert_eq!(set.len(), all.len());
                 for row in 0..25 {

@@ -1,5 +1,5 @@
 //! The in-memory set of agents the hot path reads, indexed so that matching a caller and
-//! checking an agent is O(1) in the number of agents: every agent has a `uid` or a `unit`
+//! checking an agent costs O(log n) in the number of agents, not O(n): every agent has a `uid` or a `unit`
 //! selector (enforced at enrolment), so a caller can only match agents filed under its uid or,
 //! for agents without a uid, under its unit.
 //!
@@ -33,7 +33,10 @@ impl Order {
         match self {
             Order::Enrolment => Pos(0, a.row),
             // A record is revoked in place: its row is its enrolment, its time the revocation.
-            Order::NewestRevocationFirst => Pos(-a.revoked_at.unwrap_or(0), -a.row),
+            Order::NewestRevocationFirst => Pos(
+                a.revoked_at.unwrap_or(0).saturating_neg(),
+                a.row.saturating_neg(),
+            ),
         }
     }
 }

@@ -241,6 +241,16 @@ pub(crate) fn keystore_problem(e: KeyStoreError) -> Problem {
     }
 }
 
+/// The answer while a kill switch is under way (between the call and its revocations in
+/// memory). Should its transaction fail, nobody was revoked after all and requests are
+/// served again (README, "Kill switch").
+fn kill_switch_refusal(agent: &str) -> Problem {
+    Problem::new(
+        Kind::AgentRevoked,
+        format!("every agent is being revoked (kill switch); nothing was issued for {agent}"),
+    )
+}
+
 impl Credentials {
     pub fn new(
         settings: Settings,
@@ -550,6 +560,8 @@ impl Credentials {
             .filter(|a| a.selectors.matches(caller))
             .collect();
         match matching.as_slice() {
+            // Before any signature or registry write: a kill switch refuses from its call.
+            [one] if self.agents.killing() => Err(kill_switch_refusal(&one.name)),
             [one] => Ok((*one).clone()),
             [] if caller.via_bus => {
                 // The bus cannot vouch for more than uid/gid: an agent that needs more is
@@ -684,13 +696,7 @@ impl Credentials {
         let refused = {
             if self.agents.killing() {
                 // Not behind the gate, which the kill switch's transaction holds.
-                let p = Problem::new(
-                    Kind::AgentRevoked,
-                    format!(
-                        "every agent is being revoked (kill switch); no {what} was issued for {}",
-                        agent.name
-                    ),
-                );
+                let p = kill_switch_refusal(&agent.name);
                 return Err(self
                     .deny(caller, Some(agent), p, json!({"credential": what}))
                     .await);
