@@ -1,7 +1,7 @@
 //! The in-memory set of agents the hot path reads, indexed so that matching a caller and
-//! checking an agent costs O(log n) in the number of agents, not O(n): every agent has a `uid` or a `unit`
-//! selector (enforced at enrolment), so a caller can only match agents filed under its uid or,
-//! for agents without a uid, under its unit.
+//! checking an agent costs O(log n) in the number of agents, not O(n): every agent has a
+//! `uid` or a `unit` selector (enforced at enrolment), so a caller can only match agents filed
+//! under its uid or, for agents without a uid, under its unit.
 //!
 //! The set and its indexes are persistent maps (`imbl`): a change makes a new set that shares
 //! all but O(log n) nodes with the old one, so revoking one of 10,000 agents does not rebuild
@@ -59,8 +59,29 @@ pub struct AgentSet {
     unindexed: OrdSet<Pos>,
 }
 
+/// Where an agent is filed: under its uid, else under its unit, else nowhere in particular.
+enum Filed<'a> {
+    Uid(u32),
+    Unit(&'a str),
+    Unindexed,
+}
+
+impl<'a> Filed<'a> {
+    fn of(a: &'a Agent) -> Filed<'a> {
+        match (&a.selectors.uid, &a.selectors.unit) {
+            (Some(uid), _) => Filed::Uid(*uid),
+            (None, Some(unit)) => Filed::Unit(unit),
+            (None, None) => Filed::Unindexed,
+        }
+    }
+}
+
 /// Take `pos` out of the set filed under `key`, dropping the key when nothing is left.
-fn unfile<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, OrdSet<Pos>>, key: &K, pos: &Pos) {
+fn unfile<K, Q>(map: &mut HashMap<K, OrdSet<Pos>>, key: &Q, pos: &Pos)
+where
+    K: std::hash::Hash + Eq + Clone + std::borrow::Borrow<Q>,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     if let Some(set) = map.get_mut(key) {
         set.remove(pos);
         if set.is_empty() {
@@ -88,17 +109,15 @@ impl AgentSet {
         let named = self.by_name.entry(a.name.clone()).or_default();
         let at = named.partition_point(|p| *p < pos);
         named.insert(at, pos);
-        match (&a.selectors.uid, &a.selectors.unit) {
-            (Some(uid), _) => {
-                self.by_uid.entry(*uid).or_default().insert(pos);
-            }
-            (None, Some(unit)) => {
-                self.by_unit.entry(unit.clone()).or_default().insert(pos);
-            }
-            (None, None) => {
-                self.unindexed.insert(pos);
-            }
-        }
+        match Filed::of(&a) {
+            Filed::Uid(uid) => self.by_uid.entry(uid).or_default().insert(pos),
+            Filed::Unit(unit) => self
+                .by_unit
+                .entry(unit.to_string())
+                .or_default()
+                .insert(pos),
+            Filed::Unindexed => self.unindexed.insert(pos),
+        };
         self.all.insert(pos, a);
     }
 
@@ -115,10 +134,10 @@ impl AgentSet {
                 self.by_name.remove(&a.name);
             }
         }
-        match (&a.selectors.uid, &a.selectors.unit) {
-            (Some(uid), _) => unfile(&mut self.by_uid, uid, &pos),
-            (None, Some(unit)) => unfile(&mut self.by_unit, unit, &pos),
-            (None, None) => {
+        match Filed::of(&a) {
+            Filed::Uid(uid) => unfile(&mut self.by_uid, &uid, &pos),
+            Filed::Unit(unit) => unfile(&mut self.by_unit, unit, &pos),
+            Filed::Unindexed => {
                 self.unindexed.remove(&pos);
             }
         }
@@ -136,10 +155,10 @@ impl AgentSet {
             Some(w) => {
                 if let Some(a) = self.by_name(w) {
                     // Filed under the caller's uid or unit, or it cannot be this caller.
-                    let filed = match (&a.selectors.uid, &a.selectors.unit) {
-                        (Some(uid), _) => *uid == caller.uid,
-                        (None, Some(unit)) => caller.system_unit() == Some(unit.as_str()),
-                        (None, None) => true,
+                    let filed = match Filed::of(a) {
+                        Filed::Uid(uid) => uid == caller.uid,
+                        Filed::Unit(unit) => caller.system_unit() == Some(unit),
+                        Filed::Unindexed => true,
                     };
                     if filed {
                         found.push(self.order.pos(a));

@@ -5,9 +5,9 @@
  * repair (`repair()`, C*). One agent; two admin calls and a token request run concurrently, so
  * every interleaving of them, with up to two crashes anywhere, is explored.
  *
- * Not modelled: the kill switch's early refusal (`Agents::killing`, checked at T0, before T2
- * and again at T3). It only turns a request away sooner and changes no state, so it cannot
- * break an invariant.
+ * Not modelled: the kill switch's early refusal (`Agents::killing`, checked at T0 and before
+ * T2). It only turns a request away sooner and changes no state, so it cannot break an
+ * invariant.
  *
  * Each step is one atomic action of the code, named in the code by a `model: <step>` comment.
  * Durable state (registry record, key state, the device) survives a crash; memory (the agent

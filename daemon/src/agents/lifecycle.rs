@@ -509,8 +509,9 @@ impl Agents {
             }
         }
         let in_store: BTreeSet<String> = self.keystore.list().await?.into_iter().collect();
-        // Orphans: a live agent's key is not one, whatever else holds; only the rest is looked
-        // up one by one (one registry query per key made the start linear in queries).
+        // Orphans: every key no live agent holds (`key_id` is unique, so a live owner's key is
+        // in `live_keys`); only those are looked up, for a revoked owner to mark (one registry
+        // query per key made the start linear in queries).
         let live = self.with_registry(|r| r.live())?;
         let live_keys: HashSet<&str> = live.iter().map(|a| a.key_id.as_str()).collect();
         let prefix = format!("{AGENT_KEY_PREFIX}-");
@@ -519,9 +520,6 @@ impl Agents {
             .filter(|k| k.starts_with(&prefix) && !live_keys.contains(k.as_str()))
         {
             let owner = self.with_registry(|r| r.referenced_key(key))?;
-            if owner.as_ref().is_some_and(Agent::is_live) {
-                continue;
-            }
             match self.keystore.destroy(key).await {
                 Ok(()) | Err(KeyStoreError::KeyNotFound(_)) => {}
                 Err(e) => {

@@ -322,14 +322,12 @@ impl Agents {
     }
 
     /// Whether a credential built for `agent` may still leave: it is active (not revoked or
-    /// suspended since it was matched) and no kill switch is under way. Call under
-    /// [`Agents::issuance`].
+    /// suspended since it was matched). Call under [`Agents::issuance`], after checking
+    /// [`Agents::killing`] (which refuses before the gate, where a kill switch holds it).
     pub fn may_release(&self, agent: &Agent) -> bool {
-        !self.killing()
-            && self
-                .live()
-                .by_row(agent.row)
-                .is_some_and(|a| a.status == Status::Active)
+        self.live()
+            .by_row(agent.row)
+            .is_some_and(|a| a.status == Status::Active)
     }
 
     /// Record an issued agent certificate, only while its agent is still live (so a racing
